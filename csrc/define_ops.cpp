@@ -1,0 +1,115 @@
+// Schemas of the define_ops custom ops (declared once here; CPU and CUDA code attach
+// implementations with TORCH_LIBRARY_IMPL) and the argument checks every backend shares.
+#include <ATen/core/Tensor.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include "common/step_params.h"
+
+namespace define_ops {
+
+namespace {
+void check_optional_vector(const std::optional<at::Tensor>& t, const char* name, int64_t size, const at::Tensor& x) {
+  if (!t.has_value()) return;
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == size, "define_ops::hgt_step: ", name, " must have shape [", size,
+                    "], got ", t->sizes());
+  TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), "define_ops::hgt_step: ", name, " has dtype ",
+                   t->scalar_type(), " but x has ", x.scalar_type());
+  TORCH_CHECK_VALUE(t->device() == x.device(), "define_ops::hgt_step: ", name, " is on ", t->device(),
+                    " but x is on ", x.device());
+}
+}  // namespace
+
+StepParams make_step_params(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& norm_bias,
+                            const std::optional<at::Tensor>& seed, int64_t e_width, int64_t e_in_chunks,
+                            int64_t e_out_chunks, bool shuffle, std::string_view activation, double dropout_p,
+                            double norm_eps) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "define_ops::hgt_step: x must be 2-D [T, a], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 3, "define_ops::hgt_step: weight must be 3-D [g, a/g, b/g], got shape ",
+                    weight.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "define_ops::hgt_step: x must be floating point, got ",
+                   x.scalar_type());
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "define_ops::hgt_step: weight has dtype ",
+                   weight.scalar_type(), " but x has ", x.scalar_type());
+  TORCH_CHECK_VALUE(weight.device() == x.device(), "define_ops::hgt_step: weight is on ", weight.device(),
+                    " but x is on ", x.device());
+  StepParams p;
+  p.tokens = x.size(0);
+  p.in_width = x.size(1);
+  p.groups = weight.size(0);
+  p.in_group = weight.size(1);
+  p.out_group = weight.size(2);
+  TORCH_CHECK_VALUE(p.groups >= 1 && p.in_group * p.groups == p.in_width,
+                    "define_ops::hgt_step: weight shape ", weight.sizes(), " does not match x width ", p.in_width,
+                    " (need weight [g, a/g, b/g] with g * a/g == a)");
+  p.out_h = p.groups * p.out_group;
+  check_optional_vector(bias, "bias", p.out_h, x);
+  TORCH_CHECK_VALUE(norm_weight.has_value() == norm_bias.has_value(),
+                    "define_ops::hgt_step: norm_weight and norm_bias must be given together");
+  check_optional_vector(norm_weight, "norm_weight", p.out_group, x);
+  check_optional_vector(norm_bias, "norm_bias", p.out_group, x);
+  p.bias = bias.has_value();
+  p.norm = norm_weight.has_value();
+  p.shuffle = shuffle && p.groups > 1;
+  p.activation = parse_activation(activation);
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "define_ops::hgt_step: dropout_p must be in [0, 1), got ",
+                    dropout_p);
+  p.dropout_p = dropout_p;
+  if (dropout_p > 0.0) {
+    TORCH_CHECK_VALUE(seed.has_value() && seed->numel() == 1 && seed->scalar_type() == at::kLong,
+                      "define_ops::hgt_step: dropout_p=", dropout_p, " needs a one-element int64 seed tensor");
+  }
+  TORCH_CHECK_VALUE(norm_eps > 0.0, "define_ops::hgt_step: norm_eps must be > 0, got ", norm_eps);
+  p.norm_eps = norm_eps;
+  p.e_width = e_width;
+  p.carry_e = e_out_chunks > 0;
+  p.out_width = p.out_h;
+  if (p.carry_e) {
+    TORCH_CHECK_VALUE(e_width >= 1 && e_width <= p.in_width, "define_ops::hgt_step: e_width=", e_width,
+                      " must be in [1, ", p.in_width, "] when e_out_chunks > 0");
+    TORCH_CHECK_VALUE(e_in_chunks >= 1, "define_ops::hgt_step: e_out_chunks=", e_out_chunks,
+                      " copies e from x, so e_in_chunks must be >= 1, got ", e_in_chunks);
+    TORCH_CHECK_VALUE(e_width % e_in_chunks == 0 && (p.in_width - e_width) % e_in_chunks == 0,
+                      "define_ops::hgt_step: x width ", p.in_width, " with e_width=", e_width,
+                      " cannot be split into e_in_chunks=", e_in_chunks, " chunks");
+    TORCH_CHECK_VALUE(e_width % e_out_chunks == 0 && p.out_h % e_out_chunks == 0,
+                      "define_ops::hgt_step: e_width=", e_width, " and output width ", p.out_h,
+                      " must both be divisible by e_out_chunks=", e_out_chunks);
+    p.in_layout = MixLayout{e_width / e_in_chunks, (p.in_width - e_width) / e_in_chunks};
+    p.out_layout = MixLayout{e_width / e_out_chunks, p.out_h / e_out_chunks};
+    p.out_width = p.out_h + e_width;
+  }
+  return p;
+}
+
+}  // namespace define_ops
+
+TORCH_LIBRARY(define_ops, m) {
+  // ids [*] int32/int64 → e [numel, n] = weight[ids] · scale, padding ids give zeros.
+  m.def("embedding_lookup(Tensor weight, Tensor ids, int? padding_idx, float scale) -> Tensor");
+  // Dense gradient of the table [V, n]; rows of padding ids get nothing.
+  m.def(
+      "embedding_lookup_backward(Tensor grad, Tensor ids, int num_embeddings, int? padding_idx, float scale) -> "
+      "Tensor");
+  // One HGT layer: grouped GEMM → +bias → shuffle → per-group LayerNorm → activation → dropout,
+  // written in the next layer's mix(e, h) layout. Returns (out, saved pre-norm values in GEMM
+  // order, mean, rstd); the last three are empty when the backward does not need them.
+  m.def(
+      "hgt_step(Tensor x, Tensor weight, Tensor? bias, Tensor? norm_weight, Tensor? norm_bias, Tensor? seed, "
+      "int e_width, int e_in_chunks, int e_out_chunks, bool shuffle, str activation, float dropout_p, "
+      "float norm_eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Its backward: (grad_x incl. the e pass-through, grad_weight, grad_bias, grad_norm_weight, grad_norm_bias).
+  m.def(
+      "hgt_step_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? norm_weight, "
+      "Tensor? norm_bias, Tensor? seed, Tensor saved, Tensor mean, Tensor rstd, int e_width, int e_in_chunks, "
+      "int e_out_chunks, bool shuffle, str activation, float dropout_p, float norm_eps) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+// `from define_ops import _C` loads this library so the registrations above run; the module
+// itself is empty (no pybind11: the ops are reached through torch.ops.define_ops).
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

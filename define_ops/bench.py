@@ -1,0 +1,147 @@
+"""Workloads shared by the benchmark suite and examples/layer_check.py: one DeFINE preset at one
+size on one provider, as a ``step()`` to time.
+
+Providers: ``reference`` (the authors' way, eager, torch dropout), ``reference_compiled``
+(torch.compile of it), our backends (``cpu``, ``cuda``, ``triton`` where they run), and
+``embedding`` (a plain ``nn.Embedding(V, m)`` step at the same token count).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from . import _backend, reference
+from .config import PRESET_TOKENS, DeFINEConfig
+from .layer import DeFINE
+
+QUICK_TOKENS = 128
+QUICK_VOCAB = 2_000
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def providers_for(dev: torch.device) -> list[str]:
+    ours = [b for b in ("cpu", "cuda", "triton") if b in _backend.available_backends(dev)]
+    if dev.type == "cpu":  # the Triton interpreter is a correctness tool, not a CPU backend
+        ours = [b for b in ours if b != "triton"]
+    return ["reference", "reference_compiled", *ours, "embedding"]
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Workload:
+    """One preset at one size on one provider: ``step()`` runs the timed work."""
+
+    preset: str
+    provider: str
+    mode: str  # "fwd" (eval, no grad: inference without the cache) or "fwd_bwd" (training step)
+    tokens: int
+    config: DeFINEConfig
+    dtype: torch.dtype
+    step: Callable[[], None]
+
+    def extra_info(self) -> dict:
+        c = self.config
+        flops = 2 * c.macs_per_token() * self.tokens * (3 if self.mode == "fwd_bwd" else 1)
+        return {
+            "preset": self.preset,
+            "provider": self.provider,
+            "mode": self.mode,
+            "tokens": self.tokens,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "device": device_name(),
+            "torch": torch.__version__,
+            "define_ops": _version(),
+            
+            "gflop": flops / 1e9,
+            "config": {k: v for k, v in c.to_dict().items()},
+        }
+
+
+def make_workload(preset: str, provider: str, mode: str, quick: bool, dtype: torch.dtype) -> Workload:
+    dev = device()
+    overrides = {"num_embeddings": QUICK_VOCAB} if quick else {}
+    config = DeFINEConfig.from_preset(preset, **overrides)
+    tokens = QUICK_TOKENS if quick else PRESET_TOKENS[preset]
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.num_embeddings, (tokens,), generator=gen).to(dev)
+    training = mode == "fwd_bwd"
+
+    if provider == "embedding":
+        module = torch.nn.Embedding(config.num_embeddings, config.embedding_dim, device=dev, dtype=dtype)
+        forward = module
+    else:
+        backend = provider if provider in ("cpu", "cuda", "triton") else "reference"
+        module = DeFINE.from_config(config, backend=backend, device=dev, dtype=dtype)
+        if provider == "reference":
+            forward = _authors_way(module)
+        elif provider == "reference_compiled":
+            forward = torch.compile(_authors_way(module))
+        else:
+            forward = module
+    module.train(training)
+    params = [p for p in module.parameters()]
+    grad_out = torch.randn(tokens, config.embedding_dim, device=dev, dtype=dtype)
+
+    if training:
+
+        def step() -> None:
+            for p in params:
+                p.grad = None
+            forward(ids).backward(grad_out)
+            synchronize()
+
+    else:
+
+        def step() -> None:
+            with torch.no_grad():
+                forward(ids)
+            synchronize()
+
+    return Workload(preset, provider, mode, tokens, config, dtype, step)
+
+
+def _authors_way(module: DeFINE) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The reference unit with torch's own dropout: what users write today."""
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        return reference.define_forward_ref(
+            ids, module.weight, module._layer_params(), module.reduce.weight, module.reduce.bias, module.config,
+            training=module.training, dropout_rng="torch",
+        )  # fmt: skip
+
+    return forward
+
+
+def median_ms(step: Callable[[], None], rounds: int = 10, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e3

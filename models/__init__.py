@@ -1,0 +1,1 @@
+"""Model files and training loops that use define_ops.DeFINE (language models, translation)."""

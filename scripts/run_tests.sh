@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite on the CPU: C++ kernels, the Triton kernels under the interpreter, the
+# models, and every benchmark body once in quick mode (timings are never asserted).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export TRITON_INTERPRET=1 TRITON_CACHE_DIR="$PWD/.triton-cache"
+.venv/bin/ruff check .
+.venv/bin/python -m pytest tests/ -q -p no:cacheprovider
+.venv/bin/python -m pytest benchmarks/ -q -p no:cacheprovider --benchmark-disable --quick

@@ -1,0 +1,247 @@
+"""The drop-in DeFINE module: every backend against the reference, compile, and the contract."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import define_ops
+from define_ops import PRESETS, DeFINE, DeFINEConfig
+
+from .conftest import HAS_CPU_KERNELS, assert_within_reference_error, max_err
+
+FAST = [b for b in ("cpu", "triton") if b in define_ops.available_backends("cpu")]
+
+
+def paired(config: DeFINEConfig, backend: str, dtype=torch.float64):
+    ref = DeFINE.from_config(config, backend="reference", dtype=dtype)
+    fast = DeFINE.from_config(config, backend=backend, dtype=dtype)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def forward_backward(module: DeFINE, ids: torch.Tensor, seed: int = 0):
+    module.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # same dropout seeds for both modules
+    out = module(ids)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64).to(out.dtype)
+    out.backward(grad)
+    return out.detach(), {name: p.grad for name, p in module.named_parameters()}
+
+
+def assert_same(ref_result, fast_result, tol: float):
+    """Max error at most ``tol`` relative to the largest magnitude (at least 1): without a norm
+    the paper-literal stack's gradients reach 1e9, where float64 itself carries 1e-7."""
+    (out_ref, grads_ref), (out, grads) = ref_result, fast_result
+    assert out.shape == out_ref.shape
+
+    def bound(ref):
+        return tol * max(1.0, ref.abs().max().item()) if ref.numel() else tol
+
+    assert max_err(out, out_ref) <= bound(out_ref), "output"
+    for name, g_ref in grads_ref.items():
+        assert grads[name] is not None, f"no gradient for {name}"
+        assert max_err(grads[name], g_ref) <= bound(g_ref), name
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("backend", FAST)
+def test_presets_float64_match_reference(preset, backend):
+    config = DeFINEConfig.from_preset(preset, num_embeddings=300)
+    ref, fast = paired(config, backend)
+    ids = torch.randint(0, 300, (3, 11))
+    for training in (False, True):
+        ref.train(training)
+        fast.train(training)
+        assert_same(forward_backward(ref, ids), forward_backward(fast, ids), tol=1e-10)
+
+
+OPTION_GRID = list(
+    itertools.product(["halving", "cyclic"], ["paper", "linspace"], ["mix", "concat", "none"], [False, True])
+)
+
+
+@pytest.mark.parametrize("schedule,width_rule,skip,shuffle", OPTION_GRID)
+@pytest.mark.parametrize("backend", FAST)
+def test_option_grid_float64_matches_reference(backend, schedule, width_rule, skip, shuffle):
+    for norm, activation in [("layer", "gelu"), (None, None), (None, "swish"), ("layer", "relu")]:
+        config = DeFINEConfig(
+            97, 40, input_dim=16, max_dim=96, depth=4, max_groups=8, group_schedule=schedule, width_rule=width_rule,
+            skip=skip, skip_into_reduce=skip != "none", shuffle=shuffle, norm=norm, activation=activation,
+            dropout=0.2, padding_idx=5,
+        )  # fmt: skip
+        ref, fast = paired(config, backend)
+        ids = torch.randint(0, 97, (29,))
+        ids[3] = 5
+        ref.train()
+        fast.train()
+        assert_same(forward_backward(ref, ids), forward_backward(fast, ids), tol=1e-10)
+
+
+@pytest.mark.parametrize("preset", ["awd_ptb", "nmt_wmt14"])
+@pytest.mark.parametrize("backend", FAST)
+def test_float32_within_reference_error(preset, backend):
+    config = DeFINEConfig.from_preset(preset, num_embeddings=500)
+    ref64, _ = paired(config, backend)
+    ref32 = DeFINE.from_config(config, backend="reference", dtype=torch.float32)
+    fast32 = DeFINE.from_config(config, backend=backend, dtype=torch.float32)
+    ref32.load_state_dict(ref64.state_dict())
+    fast32.load_state_dict(ref64.state_dict())
+    ids = torch.randint(0, 500, (4, 33))
+    results = [forward_backward(m.train(), ids) for m in (ref64, ref32, fast32)]
+    (out64, g64), (out_ref, g_ref), (out, g) = results
+    assert_within_reference_error(out, out_ref, out64, floor=1e-6, what="out")
+    for name in g64:
+        assert_within_reference_error(g[name], g_ref[name], g64[name], floor=1e-6, what=name)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_torch_compile_fullgraph(backend, monkeypatch):
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # always trace the current ops
+    config = DeFINEConfig.from_preset("nmt_wmt14", num_embeddings=200, depth=3)
+    eager = DeFINE.from_config(config, backend=backend).train()
+    compiled = torch.compile(eager, fullgraph=True, dynamic=False)
+    ids = torch.randint(0, 200, (6, 7))
+    out = compiled(ids)
+    out.sum().backward()
+    assert eager.weight.grad is not None and eager.layers[0].weight.grad is not None
+    eager.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids), eager(ids))
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST])
+def test_padding_idx_gives_zero_vector_and_no_gradient(backend):
+    layer = DeFINE(50, 24, input_dim=16, max_dim=64, padding_idx=0, backend=backend, dtype=torch.float64)
+    ids = torch.tensor([[0, 3, 0, 7]])
+    e = define_ops.embedding_lookup(layer.weight, ids, 0, layer.embedding_scale, backend=backend)
+    assert (e[0, 0] == 0).all() and (e[0, 2] == 0).all()
+    layer(ids).sum().backward()
+    assert (layer.weight.grad[0] == 0).all()
+    assert (layer.weight.grad[3] != 0).any()
+    assert (layer.weight[0] == 0).all()  # initialised to zero, like nn.Embedding
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST])
+def test_dropout_reproducible_from_seed_and_different_across_seeds(backend):
+    layer = DeFINE(60, 24, input_dim=16, max_dim=64, dropout=0.3, backend=backend).train()
+    ids = torch.randint(0, 60, (5, 9))
+    torch.manual_seed(3)
+    first = layer(ids)
+    torch.manual_seed(3)
+    again = layer(ids)
+    torch.manual_seed(4)
+    other = layer(ids)
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
+    layer.eval()
+    assert torch.equal(layer(ids), layer(ids))
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_dropout_masks_are_the_same_on_every_backend(backend):
+    config = DeFINEConfig(60, 24, input_dim=16, max_dim=64, dropout=0.5)
+    ref, fast = paired(config, backend, dtype=torch.float32)
+    ids = torch.randint(0, 60, (40,))
+    torch.manual_seed(8)
+    out_ref = ref.train()(ids)
+    torch.manual_seed(8)
+    out_fast = fast.train()(ids)
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_parameter_names_and_shapes_are_the_documented_ones():
+    layer = DeFINE.from_preset("lstm_wt103", num_embeddings=1000)
+    shapes = {name: tuple(p.shape) for name, p in layer.named_parameters()}
+    assert shapes == {
+        "weight": (1000, 256),
+        "layers.0.weight": (4, 64, 128),
+        "layers.0.bias": (512,),
+        "layers.0.norm.weight": (128,),
+        "layers.0.norm.bias": (128,),
+        "layers.1.weight": (2, 384, 384),
+        "layers.1.bias": (768,),
+        "layers.1.norm.weight": (384,),
+        "layers.1.norm.bias": (384,),
+        "layers.2.weight": (1, 1024, 1024),
+        "layers.2.bias": (1024,),
+        "layers.2.norm.weight": (1024,),
+        "layers.2.norm.bias": (1024,),
+        "reduce.weight": (256, 1280),
+        "reduce.bias": (256,),
+    }
+    assert sum(p.numel() for p in layer.parameters()) == layer.config.num_parameters()
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST])
+def test_state_dict_round_trip(backend, tmp_path):
+    first = DeFINE(80, 32, input_dim=16, max_dim=64, depth=3, backend=backend).eval()
+    torch.save(first.state_dict(), tmp_path / "define.pt")
+    second = DeFINE(80, 32, input_dim=16, max_dim=64, depth=3, backend=backend).eval()
+    second.load_state_dict(torch.load(tmp_path / "define.pt", weights_only=True))
+    ids = torch.randint(0, 80, (4, 4))
+    assert torch.equal(first(ids), second(ids))
+    wrong = DeFINE(80, 32, input_dim=16, max_dim=128, depth=3)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        wrong.load_state_dict(first.state_dict())
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST])
+@pytest.mark.parametrize("shape", [(), (0,), (1,), (2, 0), (3, 1, 2)])
+@pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
+def test_any_id_shape(backend, shape, ids_dtype):
+    layer = DeFINE(30, 20, input_dim=16, max_dim=32, depth=2, backend=backend)
+    ids = torch.randint(0, 30, shape, dtype=ids_dtype)
+    out = layer(ids)
+    assert out.shape == (*shape, 20)
+    out.sum().backward()
+    assert layer.weight.grad.shape == (30, 16)
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST])
+def test_bad_ids_raise_clear_errors(backend):
+    layer = DeFINE(30, 20, input_dim=16, max_dim=32, depth=2, backend=backend)
+    with pytest.raises(IndexError, match="token id 30 at flat position 4"):
+        layer(torch.tensor([[0, 1], [2, 3], [30, 5]]))
+    with pytest.raises(IndexError, match="token id -2"):
+        layer(torch.tensor([1, -2]))
+    with pytest.raises(TypeError, match="torch.float32"):
+        layer(torch.tensor([1.0, 2.0]))
+    with pytest.raises(TypeError, match="torch.bool"):
+        layer(torch.tensor([True, False]))
+    with pytest.raises(TypeError, match="tensor of token ids"):
+        layer([1, 2])
+    with pytest.raises(ValueError, match="meta"):
+        layer(torch.tensor([1, 2], device="meta"))
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNELS, reason="compiled CPU kernels not loaded")
+def test_mismatched_parameter_shape_raises():
+    layer = DeFINE(30, 20, input_dim=16, max_dim=32, depth=2, backend="cpu")
+    layer.layers[1].weight = torch.nn.Parameter(torch.randn(3, 5, 7))
+    with pytest.raises(ValueError, match="does not match x width"):
+        layer(torch.tensor([1, 2]))
+
+
+def test_backend_selection_and_errors(monkeypatch):
+    layer = DeFINE(30, 20, input_dim=16, max_dim=32, depth=2)
+    assert layer.active_backend() == ("cpu" if HAS_CPU_KERNELS else "reference")
+    with pytest.raises(define_ops.BackendUnavailableError, match="'cuda' backend runs on CUDA tensors"):
+        DeFINE(30, 20, input_dim=16, max_dim=32, depth=2, backend="cuda")(torch.tensor([1]))
+    with pytest.raises(ValueError, match="unknown backend"):
+        DeFINE(30, 20, input_dim=16, max_dim=32, backend="tpu")
+    monkeypatch.setenv("DEFINE_OPS_BACKEND", "reference")
+    assert DeFINE(30, 20, input_dim=16, max_dim=32, depth=2, backend="cpu").active_backend() == "reference"
+    monkeypatch.setenv("DEFINE_OPS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="DEFINE_OPS_BACKEND"):
+        DeFINE(30, 20, input_dim=16, max_dim=32)
+
+
+def test_embedding_scale_and_init():
+    layer = DeFINE(2000, 32, input_dim=64, max_dim=128)
+    assert layer.embedding_scale == math.sqrt(64)
+    assert abs(layer.weight.std().item() - 64**-0.5) < 0.01
+    assert DeFINE(10, 8, input_dim=16, max_dim=32, scale_embedding=False).embedding_scale == 1.0
