@@ -41,7 +41,9 @@ DEBUG = os.getenv("DEBUG", "0") == "1"
 
 def _extensions():
     cxx_flags = ["-O0", "-g"] if DEBUG else ["-O3"]
-    cxx_flags += ["-fopenmp", "-DPy_LIMITED_API=0x030A0000"]
+    # -fopenmp: at::parallel_for and `omp simd`; no errno / FP traps so GCC can vectorize the
+    # epilogue loops (PyTorch builds with the same two flags).
+    cxx_flags += ["-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-DPy_LIMITED_API=0x030A0000"]
     sources = ["csrc/define_ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     build_cuda = (

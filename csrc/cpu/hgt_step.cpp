@@ -12,11 +12,20 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../common/philox.h"
 #include "../common/step_params.h"
+#include "fast_math.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define DEFINE_OPS_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DEFINE_OPS_CPU_CLONES
+#endif
 
 namespace define_ops {
 namespace {
@@ -25,56 +34,365 @@ namespace {
 // chunk order, so results do not depend on the number of threads.
 constexpr int64_t kRowsPerChunk = 32;
 
+// ----------------------------------------------------------------------------- row kernels
+// Small always-inline loops over one token's row, each simple enough for GCC to vectorize; they
+// are compiled once per ISA inside the target_clones entry points further down.
+
 template <typename acc_t>
-inline acc_t activation_forward(Activation act, acc_t v) {
+DEFINE_OPS_INLINE void activation_forward(Activation act, acc_t* __restrict v, int64_t n) {
   switch (act) {
     case Activation::kGelu:
-      return acc_t(0.5) * v * (acc_t(1) + std::erf(v * acc_t(M_SQRT1_2)));
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i)
+        v[i] = acc_t(0.5) * v[i] * (acc_t(1) + cpu_math::erf(v[i] * acc_t(cpu_math::kInvSqrt2)));
+      break;
     case Activation::kRelu:
-      return v > acc_t(0) ? v : acc_t(0);
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) v[i] = v[i] > acc_t(0) ? v[i] : acc_t(0);
+      break;
     case Activation::kSwish:
-      return v / (acc_t(1) + std::exp(-v));
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) v[i] = v[i] / (acc_t(1) + cpu_math::exp(-v[i]));
+      break;
     default:
-      return v;
+      break;
   }
 }
 
-// d activation / d v at the pre-activation value v.
+// d[i] *= f'(a[i]) at the pre-activation values a.
 template <typename acc_t>
-inline acc_t activation_grad(Activation act, acc_t v) {
+DEFINE_OPS_INLINE void activation_backward(Activation act, const acc_t* __restrict a, acc_t* __restrict d,
+                                           int64_t n) {
   switch (act) {
-    case Activation::kGelu: {
-      const acc_t cdf = acc_t(0.5) * (acc_t(1) + std::erf(v * acc_t(M_SQRT1_2)));
-      const acc_t pdf = std::exp(acc_t(-0.5) * v * v) * acc_t(0.3989422804014327);  // 1/sqrt(2π)
-      return cdf + v * pdf;
-    }
+    case Activation::kGelu:
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        const acc_t cdf = acc_t(0.5) * (acc_t(1) + cpu_math::erf(a[i] * acc_t(cpu_math::kInvSqrt2)));
+        const acc_t pdf = cpu_math::exp(acc_t(-0.5) * a[i] * a[i]) * acc_t(cpu_math::kInvSqrt2Pi);
+        d[i] *= cdf + a[i] * pdf;
+      }
+      break;
     case Activation::kRelu:
-      return v > acc_t(0) ? acc_t(1) : acc_t(0);
-    case Activation::kSwish: {
-      const acc_t sig = acc_t(1) / (acc_t(1) + std::exp(-v));
-      return sig * (acc_t(1) + v * (acc_t(1) - sig));
-    }
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) d[i] = a[i] > acc_t(0) ? d[i] : acc_t(0);
+      break;
+    case Activation::kSwish:
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        const acc_t sig = acc_t(1) / (acc_t(1) + cpu_math::exp(-a[i]));
+        d[i] *= sig * (acc_t(1) + a[i] * (acc_t(1) - sig));
+      }
+      break;
     default:
-      return acc_t(1);
+      break;
   }
 }
 
-// Keep/drop decisions of one row, four features per Philox call.
-struct RowDropout {
-  uint64_t seed;
-  uint32_t threshold;
-  int64_t row;
-  int64_t quad = -1;
-  PhiloxWords words{};
-  bool keep(int64_t feature) {
-    if (feature / 4 != quad) {
-      quad = feature / 4;
-      words = philox4x32_10(seed, static_cast<uint32_t>(quad), static_cast<uint32_t>(row));
-    }
-    return words.w[feature % 4] >= threshold;
+// Philox words of one row: word f decides feature f (4 features per counter).
+DEFINE_OPS_INLINE void philox_row(uint64_t seed, int64_t row, int64_t quads, uint32_t* __restrict words) {
+#pragma omp simd
+  for (int64_t q = 0; q < quads; ++q) {
+    const PhiloxWords w = philox4x32_10(seed, static_cast<uint32_t>(q), static_cast<uint32_t>(row));
+    words[4 * q] = w.w[0];
+    words[4 * q + 1] = w.w[1];
+    words[4 * q + 2] = w.w[2];
+    words[4 * q + 3] = w.w[3];
   }
+}
+
+template <typename acc_t>
+DEFINE_OPS_INLINE void apply_dropout(const uint32_t* __restrict words, uint32_t threshold, acc_t scale,
+                                     acc_t* __restrict v, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) v[i] = words[i] >= threshold ? v[i] * scale : acc_t(0);
+}
+
+// Channel shuffle as addressing: z[t·g + i] = y[i·s + t], and its inverse for gradients.
+template <typename T>
+DEFINE_OPS_INLINE void shuffle_gather(const T* __restrict y, T* __restrict z, int64_t g, int64_t s) {
+  for (int64_t i = 0; i < g; ++i)
+    for (int64_t t = 0; t < s; ++t) z[t * g + i] = y[i * s + t];
+}
+template <typename T>
+DEFINE_OPS_INLINE void shuffle_scatter(const T* __restrict z, T* __restrict y, int64_t g, int64_t s) {
+  for (int64_t i = 0; i < g; ++i)
+    for (int64_t t = 0; t < s; ++t) y[i * s + t] = z[t * g + i];
+}
+
+// Per-group LayerNorm in place over g groups of s features; writes mean/rstd per group.
+template <typename acc_t>
+DEFINE_OPS_INLINE void group_norm_forward(acc_t* __restrict z, int64_t g, int64_t s, const acc_t* __restrict gamma,
+                                          const acc_t* __restrict beta, acc_t eps, acc_t* __restrict mean,
+                                          acc_t* __restrict rstd) {
+  for (int64_t i = 0; i < g; ++i) {
+    acc_t* zg = z + i * s;
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t u = 0; u < s; ++u) sum += zg[u];
+    const acc_t mu = sum / acc_t(s);
+    acc_t sq = 0;
+#pragma omp simd reduction(+ : sq)
+    for (int64_t u = 0; u < s; ++u) sq += (zg[u] - mu) * (zg[u] - mu);
+    const acc_t rs = acc_t(1) / std::sqrt(sq / acc_t(s) + eps);
+    mean[i] = mu;
+    rstd[i] = rs;
+#pragma omp simd
+    for (int64_t u = 0; u < s; ++u) zg[u] = (zg[u] - mu) * rs * gamma[u] + beta[u];
+  }
+}
+
+// out_row gets h (acc) at its place in the output: contiguous, or chunk j of mix(e, h, c).
+template <typename scalar_t, typename acc_t>
+DEFINE_OPS_INLINE void store_h(const StepParams& p, const acc_t* __restrict h, scalar_t* __restrict out_row) {
+  if (!p.carry_e) {
+#pragma omp simd
+    for (int64_t f = 0; f < p.out_h; ++f) out_row[f] = static_cast<scalar_t>(h[f]);
+    return;
+  }
+  const int64_t alpha = p.out_layout.e_chunk, beta = p.out_layout.h_chunk;
+  for (int64_t j = 0; j < p.out_h / beta; ++j) {
+    scalar_t* dst = out_row + j * (alpha + beta) + alpha;
+    const acc_t* src = h + j * beta;
+#pragma omp simd
+    for (int64_t r = 0; r < beta; ++r) dst[r] = static_cast<scalar_t>(src[r]);
+  }
+}
+
+// The inverse: h (acc) from its place in a grad_out row.
+template <typename scalar_t, typename acc_t>
+DEFINE_OPS_INLINE void load_h(const StepParams& p, const scalar_t* __restrict row, acc_t* __restrict h) {
+  if (!p.carry_e) {
+#pragma omp simd
+    for (int64_t f = 0; f < p.out_h; ++f) h[f] = static_cast<acc_t>(row[f]);
+    return;
+  }
+  const int64_t alpha = p.out_layout.e_chunk, beta = p.out_layout.h_chunk;
+  for (int64_t j = 0; j < p.out_h / beta; ++j) {
+    const scalar_t* src = row + j * (alpha + beta) + alpha;
+    acc_t* dst = h + j * beta;
+#pragma omp simd
+    for (int64_t r = 0; r < beta; ++r) dst[r] = static_cast<acc_t>(src[r]);
+  }
+}
+
+// Contiguous e (n values) from / to its chunks inside a mix(e, h, c) row.
+template <typename T>
+DEFINE_OPS_INLINE void gather_e(const MixLayout& layout, int64_t n, const T* __restrict row, T* __restrict e) {
+  const int64_t alpha = layout.e_chunk, stride = layout.e_chunk + layout.h_chunk;
+  for (int64_t j = 0; j < n / alpha; ++j)
+    for (int64_t r = 0; r < alpha; ++r) e[j * alpha + r] = row[j * stride + r];
+}
+template <typename T>
+DEFINE_OPS_INLINE void scatter_e(const MixLayout& layout, int64_t n, const T* __restrict e, T* __restrict row) {
+  const int64_t alpha = layout.e_chunk, stride = layout.e_chunk + layout.h_chunk;
+  for (int64_t j = 0; j < n / alpha; ++j)
+    for (int64_t r = 0; r < alpha; ++r) row[j * stride + r] = e[j * alpha + r];
+}
+
+// ----------------------------------------------------------------------------- forward rows
+template <typename scalar_t>
+struct ForwardArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  StepParams p;
+  const scalar_t* x;   // [T, a]
+  scalar_t* y;         // [T, b] GEMM output in GEMM order; gets the bias when it is the saved tensor
+  scalar_t* out;       // [T, out_width]
+  const acc_t* bias;   // [b] or null
+  const acc_t* gamma;  // [s] or null
+  const acc_t* beta;   // [s] or null
+  acc_t* mean;         // [T, g] or null
+  acc_t* rstd;         // [T, g] or null
+  bool keep_saved;
 };
 
+template <typename scalar_t>
+DEFINE_OPS_INLINE void forward_rows(const ForwardArgs<scalar_t>& A, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const StepParams& p = A.p;
+  const int64_t b = p.out_h, s = p.out_group, g = p.groups, quads = (b + 3) / 4;
+  const bool dropout = p.dropout_p > 0.0;
+  const uint32_t threshold = dropout_threshold(p.dropout_p);
+  const acc_t keep_scale = dropout ? acc_t(1) / (acc_t(1) - acc_t(p.dropout_p)) : acc_t(1);
+  std::vector<acc_t> gemm_order(b), shuffled(p.shuffle ? b : 0);
+  std::vector<uint32_t> words(dropout ? 4 * quads : 0);
+  std::vector<scalar_t> e_buf(p.carry_e ? p.e_width : 0);
+  acc_t* __restrict v = gemm_order.data();
+  for (int64_t t = begin; t < end; ++t) {
+    scalar_t* __restrict y_row = A.y + t * b;
+    if (A.bias) {
+#pragma omp simd
+      for (int64_t q = 0; q < b; ++q) v[q] = static_cast<acc_t>(y_row[q]) + A.bias[q];
+    } else {
+#pragma omp simd
+      for (int64_t q = 0; q < b; ++q) v[q] = static_cast<acc_t>(y_row[q]);
+    }
+    if (A.keep_saved) {  // saved = y + bias; the backward recomputes from these (rounded) values
+#pragma omp simd
+      for (int64_t q = 0; q < b; ++q) y_row[q] = static_cast<scalar_t>(v[q]);
+      if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+#pragma omp simd
+        for (int64_t q = 0; q < b; ++q) v[q] = static_cast<acc_t>(y_row[q]);
+      }
+    }
+    acc_t* z = v;
+    if (p.shuffle) {
+      shuffle_gather(v, shuffled.data(), g, s);
+      z = shuffled.data();
+    }
+    if (p.norm) group_norm_forward(z, g, s, A.gamma, A.beta, acc_t(p.norm_eps), A.mean + t * g, A.rstd + t * g);
+    activation_forward(p.activation, z, b);
+    if (dropout) {
+      philox_row(p.seed, t, quads, words.data());
+      apply_dropout(words.data(), threshold, keep_scale, z, b);
+    }
+    scalar_t* out_row = A.out + t * p.out_width;
+    store_h(p, z, out_row);
+    if (p.carry_e) {
+      gather_e(p.in_layout, p.e_width, A.x + t * p.in_width, e_buf.data());
+      scatter_e(p.out_layout, p.e_width, e_buf.data(), out_row);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- backward rows
+template <typename scalar_t>
+struct BackwardArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  StepParams p;
+  const scalar_t* grad_out;  // [T, out_width]
+  const scalar_t* saved;     // [T, b] pre-norm values in GEMM order, or null
+  const acc_t* gamma;        // [s] or null
+  const acc_t* beta;         // [s] or null
+  const acc_t* mean;         // [T, g] or null
+  const acc_t* rstd;         // [T, g] or null
+  scalar_t* dy;              // [T, b] gradient of the GEMM output, GEMM order
+  double* partials;          // [chunks, b + 2s]: d bias (GEMM order) | d gamma | d beta
+};
+
+// Builds dY from grad_out and sums the bias / norm gradients per row chunk (in double: these
+// are sums over every token, and cost nothing next to the GEMMs).
+template <typename scalar_t>
+DEFINE_OPS_INLINE void backward_chunks(const BackwardArgs<scalar_t>& A, int64_t chunk_begin, int64_t chunk_end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const StepParams& p = A.p;
+  const int64_t b = p.out_h, s = p.out_group, g = p.groups, quads = (b + 3) / 4;
+  const int64_t partial_width = b + 2 * s;
+  const bool dropout = p.dropout_p > 0.0;
+  const uint32_t threshold = dropout_threshold(p.dropout_p);
+  const acc_t keep_scale = dropout ? acc_t(1) / (acc_t(1) - acc_t(p.dropout_p)) : acc_t(1);
+  std::vector<acc_t> grad(b), pre(b), x_hat(b), gemm_order(p.shuffle ? b : 0);
+  std::vector<uint32_t> words(dropout ? 4 * quads : 0);
+  acc_t* __restrict d = grad.data();
+  acc_t* __restrict a = pre.data();
+  acc_t* __restrict xh = x_hat.data();
+  for (int64_t c = chunk_begin; c < chunk_end; ++c) {
+    double* __restrict part = A.partials + c * partial_width;
+    for (int64_t i = 0; i < partial_width; ++i) part[i] = 0.0;
+    double* __restrict d_bias = part;
+    double* __restrict d_gamma = part + b;
+    double* __restrict d_beta = part + b + s;
+    const int64_t row_end = std::min(p.tokens, (c + 1) * kRowsPerChunk);
+    for (int64_t t = c * kRowsPerChunk; t < row_end; ++t) {
+      load_h(p, A.grad_out + t * p.out_width, d);
+      if (dropout) {
+        philox_row(p.seed, t, quads, words.data());
+        apply_dropout(words.data(), threshold, keep_scale, d, b);
+      }
+      if (A.saved) {
+        const scalar_t* saved_row = A.saved + t * b;
+        if (p.shuffle) {
+          for (int64_t i = 0; i < g; ++i)
+            for (int64_t u = 0; u < s; ++u) a[u * g + i] = static_cast<acc_t>(saved_row[i * s + u]);
+        } else {
+#pragma omp simd
+          for (int64_t f = 0; f < b; ++f) a[f] = static_cast<acc_t>(saved_row[f]);
+        }
+        if (p.norm) {  // recompute x̂ and the affine output (the activation's input)
+          for (int64_t i = 0; i < g; ++i) {
+            const acc_t mu = A.mean[t * g + i], rs = A.rstd[t * g + i];
+#pragma omp simd
+            for (int64_t u = 0; u < s; ++u) {
+              xh[i * s + u] = (a[i * s + u] - mu) * rs;
+              a[i * s + u] = xh[i * s + u] * A.gamma[u] + A.beta[u];
+            }
+          }
+        }
+        activation_backward(p.activation, a, d, b);
+      }
+      if (p.norm) {
+        for (int64_t i = 0; i < g; ++i) {
+          acc_t* __restrict dg = d + i * s;
+          const acc_t* __restrict xg = xh + i * s;
+          acc_t sum_dxh = 0, sum_dxh_xh = 0;
+#pragma omp simd reduction(+ : sum_dxh, sum_dxh_xh)
+          for (int64_t u = 0; u < s; ++u) {
+            const acc_t dxh = dg[u] * A.gamma[u];
+            sum_dxh += dxh;
+            sum_dxh_xh += dxh * xg[u];
+          }
+#pragma omp simd
+          for (int64_t u = 0; u < s; ++u) {
+            d_gamma[u] += static_cast<double>(dg[u] * xg[u]);
+            d_beta[u] += static_cast<double>(dg[u]);
+          }
+          const acc_t rs = A.rstd[t * g + i];
+          const acc_t mean_dxh = sum_dxh / acc_t(s), mean_dxh_xh = sum_dxh_xh / acc_t(s);
+#pragma omp simd
+          for (int64_t u = 0; u < s; ++u) dg[u] = rs * (dg[u] * A.gamma[u] - mean_dxh - xg[u] * mean_dxh_xh);
+        }
+      }
+      acc_t* dz = d;
+      if (p.shuffle) {
+        shuffle_scatter(d, gemm_order.data(), g, s);
+        dz = gemm_order.data();
+      }
+      scalar_t* __restrict dy_row = A.dy + t * b;
+#pragma omp simd
+      for (int64_t q = 0; q < b; ++q) {
+        dy_row[q] = static_cast<scalar_t>(dz[q]);
+        d_bias[q] += static_cast<double>(dz[q]);
+      }
+    }
+  }
+}
+
+// grad_x[e positions] += grad_out[e positions]: e's copy in the output hands its gradient back.
+template <typename scalar_t>
+DEFINE_OPS_INLINE void add_e_grad_rows(const StepParams& p, const scalar_t* grad_out, scalar_t* grad_x, int64_t begin,
+                                       int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<scalar_t> from_out(p.e_width), in_x(p.e_width);
+  for (int64_t t = begin; t < end; ++t) {
+    gather_e(p.out_layout, p.e_width, grad_out + t * p.out_width, from_out.data());
+    gather_e(p.in_layout, p.e_width, grad_x + t * p.in_width, in_x.data());
+#pragma omp simd
+    for (int64_t q = 0; q < p.e_width; ++q)
+      in_x[q] = static_cast<scalar_t>(static_cast<acc_t>(in_x[q]) + static_cast<acc_t>(from_out[q]));
+    scatter_e(p.in_layout, p.e_width, in_x.data(), grad_x + t * p.in_width);
+  }
+}
+
+// One entry point per dtype, compiled for AVX-512, AVX2 and baseline x86-64 and picked at load
+// time (GCC function multi-versioning), so the loops above vectorize for the running CPU.
+#define DEFINE_OPS_ROW_ENTRIES(scalar_t)                                                                     \
+  DEFINE_OPS_CPU_CLONES void run_forward_rows(const ForwardArgs<scalar_t>& args, int64_t begin, int64_t end) { \
+    forward_rows<scalar_t>(args, begin, end);                                                              \
+  }                                                                                                        \
+  DEFINE_OPS_CPU_CLONES void run_backward_chunks(const BackwardArgs<scalar_t>& args, int64_t begin,          \
+                                                 int64_t end) {                                            \
+    backward_chunks<scalar_t>(args, begin, end);                                                           \
+  }                                                                                                        \
+  DEFINE_OPS_CPU_CLONES void run_add_e_grad(const StepParams& p, const scalar_t* grad_out, scalar_t* grad_x, \
+                                            int64_t begin, int64_t end) {                                  \
+    add_e_grad_rows<scalar_t>(p, grad_out, grad_x, begin, end);                                            \
+  }
+DEFINE_OPS_ROW_ENTRIES(float)
+DEFINE_OPS_ROW_ENTRIES(double)
+DEFINE_OPS_ROW_ENTRIES(c10::BFloat16)
+DEFINE_OPS_ROW_ENTRIES(c10::Half)
+#undef DEFINE_OPS_ROW_ENTRIES
+
+// ----------------------------------------------------------------------------- op bodies
 uint64_t read_seed(const std::optional<at::Tensor>& seed, const StepParams& p) {
   if (p.dropout_p == 0.0) return 0;
   TORCH_CHECK_VALUE(seed->device().is_cpu(), "define_ops::hgt_step (CPU): the seed must be a CPU tensor, got ",
@@ -90,124 +408,9 @@ void grouped_gemm(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, 
   }
 }
 
-template <typename scalar_t>
-void forward_epilogue(const StepParams& p, const scalar_t* x, scalar_t* y, const scalar_t* bias,
-                      const scalar_t* gamma, const scalar_t* beta, scalar_t* out, at::opmath_type<scalar_t>* mean,
-                      at::opmath_type<scalar_t>* rstd, bool keep_saved) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t b = p.out_h, s = p.out_group, g = p.groups;
-  const uint32_t threshold = dropout_threshold(p.dropout_p);
-  const acc_t keep_scale = p.dropout_p > 0 ? acc_t(1) / (acc_t(1) - acc_t(p.dropout_p)) : acc_t(1);
-  at::parallel_for(0, p.tokens, 16, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> gemm_order(b), z(b);
-    for (int64_t t = begin; t < end; ++t) {
-      scalar_t* y_row = y + t * b;
-      for (int64_t q = 0; q < b; ++q) {
-        acc_t v = static_cast<acc_t>(y_row[q]) + (bias ? static_cast<acc_t>(bias[q]) : acc_t(0));
-        if (keep_saved) {  // the backward recomputes from the stored (rounded) value
-          y_row[q] = static_cast<scalar_t>(v);
-          v = static_cast<acc_t>(y_row[q]);
-        }
-        gemm_order[q] = v;
-      }
-      for (int64_t f = 0; f < b; ++f) z[f] = gemm_order[p.src(f)];
-      if (p.norm) {
-        for (int64_t i = 0; i < g; ++i) {
-          acc_t* zg = z.data() + i * s;
-          acc_t sum = 0;
-          for (int64_t u = 0; u < s; ++u) sum += zg[u];
-          const acc_t mu = sum / acc_t(s);
-          acc_t sq = 0;
-          for (int64_t u = 0; u < s; ++u) sq += (zg[u] - mu) * (zg[u] - mu);
-          const acc_t rs = acc_t(1) / std::sqrt(sq / acc_t(s) + acc_t(p.norm_eps));
-          mean[t * g + i] = mu;
-          rstd[t * g + i] = rs;
-          for (int64_t u = 0; u < s; ++u)
-            zg[u] = (zg[u] - mu) * rs * static_cast<acc_t>(gamma[u]) + static_cast<acc_t>(beta[u]);
-        }
-      }
-      scalar_t* out_row = out + t * p.out_width;
-      RowDropout dropout{p.seed, threshold, t};
-      for (int64_t f = 0; f < b; ++f) {
-        acc_t v = activation_forward(p.activation, z[f]);
-        if (p.dropout_p > 0) v = dropout.keep(f) ? v * keep_scale : acc_t(0);
-        out_row[p.out_pos(f)] = static_cast<scalar_t>(v);
-      }
-      if (p.carry_e) {
-        const scalar_t* x_row = x + t * p.in_width;
-        for (int64_t q = 0; q < p.e_width; ++q) out_row[p.out_layout.e_pos(q)] = x_row[p.in_layout.e_pos(q)];
-      }
-    }
-  });
-}
-
-// Builds dY (GEMM order) from grad_out and sums the bias / norm gradients per row chunk (in
-// double: these are sums over every token, and cost nothing next to the GEMMs).
-template <typename scalar_t>
-void backward_epilogue(const StepParams& p, const scalar_t* grad_out, const scalar_t* saved, const scalar_t* gamma,
-                       const scalar_t* beta, const at::opmath_type<scalar_t>* mean,
-                       const at::opmath_type<scalar_t>* rstd, scalar_t* dy, double* partials) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t b = p.out_h, s = p.out_group, g = p.groups;
-  const int64_t partial_width = b + 2 * s;  // [d bias (GEMM order) | d gamma | d beta]
-  const int64_t chunks = (p.tokens + kRowsPerChunk - 1) / kRowsPerChunk;
-  const uint32_t threshold = dropout_threshold(p.dropout_p);
-  const acc_t keep_scale = p.dropout_p > 0 ? acc_t(1) / (acc_t(1) - acc_t(p.dropout_p)) : acc_t(1);
-  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<acc_t> d_act(b), x_hat(b);
-    for (int64_t c = chunk_begin; c < chunk_end; ++c) {
-      double* part = partials + c * partial_width;
-      std::fill(part, part + partial_width, 0.0);
-      double *d_bias = part, *d_gamma = part + b, *d_beta = part + b + s;
-      const int64_t row_end = std::min(p.tokens, (c + 1) * kRowsPerChunk);
-      for (int64_t t = c * kRowsPerChunk; t < row_end; ++t) {
-        const scalar_t* g_row = grad_out + t * p.out_width;
-        const scalar_t* saved_row = saved ? saved + t * b : nullptr;
-        RowDropout dropout{p.seed, threshold, t};
-        for (int64_t f = 0; f < b; ++f) {
-          acc_t d = static_cast<acc_t>(g_row[p.out_pos(f)]);
-          if (p.dropout_p > 0) d = dropout.keep(f) ? d * keep_scale : acc_t(0);
-          if (saved_row) {
-            acc_t pre = static_cast<acc_t>(saved_row[p.src(f)]);
-            if (p.norm) {
-              const int64_t i = f / s;
-              x_hat[f] = (pre - mean[t * g + i]) * rstd[t * g + i];
-              pre = x_hat[f] * static_cast<acc_t>(gamma[f % s]) + static_cast<acc_t>(beta[f % s]);
-            }
-            if (p.activation != Activation::kNone) d *= activation_grad(p.activation, pre);
-          }
-          d_act[f] = d;
-        }
-        scalar_t* dy_row = dy + t * b;
-        if (p.norm) {
-          for (int64_t i = 0; i < g; ++i) {
-            const acc_t rs = rstd[t * g + i];
-            acc_t sum_dxh = 0, sum_dxh_xh = 0;
-            for (int64_t u = 0; u < s; ++u) {
-              const int64_t f = i * s + u;
-              const acc_t dxh = d_act[f] * static_cast<acc_t>(gamma[u]);
-              sum_dxh += dxh;
-              sum_dxh_xh += dxh * x_hat[f];
-              d_gamma[u] += d_act[f] * x_hat[f];
-              d_beta[u] += d_act[f];
-            }
-            const acc_t mean_dxh = sum_dxh / acc_t(s), mean_dxh_xh = sum_dxh_xh / acc_t(s);
-            for (int64_t u = 0; u < s; ++u) {
-              const int64_t f = i * s + u;
-              const acc_t dz = rs * (d_act[f] * static_cast<acc_t>(gamma[u]) - mean_dxh - x_hat[f] * mean_dxh_xh);
-              dy_row[p.src(f)] = static_cast<scalar_t>(dz);
-              d_bias[p.src(f)] += dz;
-            }
-          }
-        } else {
-          for (int64_t f = 0; f < b; ++f) {
-            dy_row[p.src(f)] = static_cast<scalar_t>(d_act[f]);
-            d_bias[p.src(f)] += d_act[f];
-          }
-        }
-      }
-    }
-  });
+// A small parameter vector in the accumulation dtype (float for half/bf16/float).
+at::Tensor as_acc(const std::optional<at::Tensor>& t, at::ScalarType acc_dtype) {
+  return t.has_value() ? t->to(acc_dtype).contiguous() : at::Tensor();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgt_step_cpu(
@@ -245,17 +448,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgt_step_cpu(
   grouped_gemm(x_c, weight, y, p);
   at::Tensor mean = p.norm ? at::empty({p.tokens, p.groups}, x.options().dtype(stats_dtype)) : empty(stats_dtype);
   at::Tensor rstd = p.norm ? at::empty({p.tokens, p.groups}, x.options().dtype(stats_dtype)) : empty(stats_dtype);
-  const at::Tensor bias_c = p.bias ? bias->contiguous() : at::Tensor();
-  const at::Tensor gamma_c = p.norm ? norm_weight->contiguous() : at::Tensor();
-  const at::Tensor beta_c = p.norm ? norm_bias->contiguous() : at::Tensor();
+  const at::Tensor bias_acc = as_acc(bias, stats_dtype);
+  const at::Tensor gamma_acc = as_acc(norm_weight, stats_dtype);
+  const at::Tensor beta_acc = as_acc(norm_bias, stats_dtype);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hgt_step_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    forward_epilogue<scalar_t>(p, x_c.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                               p.bias ? bias_c.const_data_ptr<scalar_t>() : nullptr,
-                               p.norm ? gamma_c.const_data_ptr<scalar_t>() : nullptr,
-                               p.norm ? beta_c.const_data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
-                               p.norm ? mean.data_ptr<acc_t>() : nullptr, p.norm ? rstd.data_ptr<acc_t>() : nullptr,
-                               p.needs_saved());
+    const ForwardArgs<scalar_t> args{p,
+                                     x_c.const_data_ptr<scalar_t>(),
+                                     y.data_ptr<scalar_t>(),
+                                     out.data_ptr<scalar_t>(),
+                                     p.bias ? bias_acc.const_data_ptr<acc_t>() : nullptr,
+                                     p.norm ? gamma_acc.const_data_ptr<acc_t>() : nullptr,
+                                     p.norm ? beta_acc.const_data_ptr<acc_t>() : nullptr,
+                                     p.norm ? mean.data_ptr<acc_t>() : nullptr,
+                                     p.norm ? rstd.data_ptr<acc_t>() : nullptr,
+                                     p.needs_saved()};
+    at::parallel_for(0, p.tokens, 16, [&](int64_t begin, int64_t end) { run_forward_rows(args, begin, end); });
   });
   at::Tensor saved = p.needs_saved() ? y : empty(x.scalar_type());
   return {out, saved, mean, rstd};
@@ -304,20 +512,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgt_step_
     const int64_t chunks = (p.tokens + kRowsPerChunk - 1) / kRowsPerChunk;
     const int64_t partial_width = p.out_h + 2 * p.out_group;
     at::Tensor partials = at::empty({chunks, partial_width}, opts.dtype(at::kDouble));
+    const auto stats_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     const at::Tensor saved_c = p.needs_saved() ? saved.contiguous() : at::Tensor();
-    const at::Tensor gamma_c = p.norm ? norm_weight->contiguous() : at::Tensor();
-    const at::Tensor beta_c = p.norm ? norm_bias->contiguous() : at::Tensor();
+    const at::Tensor gamma_acc = as_acc(norm_weight, stats_dtype);
+    const at::Tensor beta_acc = as_acc(norm_bias, stats_dtype);
     const at::Tensor mean_c = p.norm ? mean.contiguous() : at::Tensor();
     const at::Tensor rstd_c = p.norm ? rstd.contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hgt_step_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      backward_epilogue<scalar_t>(p, g_c.const_data_ptr<scalar_t>(),
-                                  p.needs_saved() ? saved_c.const_data_ptr<scalar_t>() : nullptr,
-                                  p.norm ? gamma_c.const_data_ptr<scalar_t>() : nullptr,
-                                  p.norm ? beta_c.const_data_ptr<scalar_t>() : nullptr,
-                                  p.norm ? mean_c.const_data_ptr<acc_t>() : nullptr,
-                                  p.norm ? rstd_c.const_data_ptr<acc_t>() : nullptr, dy.data_ptr<scalar_t>(),
-                                  partials.data_ptr<double>());
+      const BackwardArgs<scalar_t> args{p,
+                                        g_c.const_data_ptr<scalar_t>(),
+                                        p.needs_saved() ? saved_c.const_data_ptr<scalar_t>() : nullptr,
+                                        p.norm ? gamma_acc.const_data_ptr<acc_t>() : nullptr,
+                                        p.norm ? beta_acc.const_data_ptr<acc_t>() : nullptr,
+                                        p.norm ? mean_c.const_data_ptr<acc_t>() : nullptr,
+                                        p.norm ? rstd_c.const_data_ptr<acc_t>() : nullptr,
+                                        dy.data_ptr<scalar_t>(),
+                                        partials.data_ptr<double>()};
+      at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) { run_backward_chunks(args, begin, end); });
     });
     // Chunk partial sums, added in chunk order (deterministic).
     at::Tensor totals = at::zeros({partial_width}, opts.dtype(at::kDouble));
@@ -343,18 +555,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgt_step_
   }
   if (p.carry_e) {  // the e copy in the output passes its gradient straight back to e's place in x
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hgt_step_e_grad_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* g = g_c.const_data_ptr<scalar_t>();
       scalar_t* dx = grad_x.data_ptr<scalar_t>();
-      at::parallel_for(0, p.tokens, 64, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t) {
-          for (int64_t q = 0; q < p.e_width; ++q) {
-            scalar_t& dst = dx[t * p.in_width + p.in_layout.e_pos(q)];
-            dst = static_cast<scalar_t>(static_cast<acc_t>(dst) +
-                                        static_cast<acc_t>(g[t * p.out_width + p.out_layout.e_pos(q)]));
-          }
-        }
-      });
+      at::parallel_for(0, p.tokens, 64, [&](int64_t begin, int64_t end) { run_add_e_grad(p, g, dx, begin, end); });
     });
   }
   return {grad_x, grad_weight, grad_bias, grad_gamma, grad_beta};
