@@ -8,10 +8,14 @@ Providers: ``reference`` (the authors' way, eager, torch dropout), ``reference_c
 
 from __future__ import annotations
 
+import functools
+import os
 import platform
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -57,7 +61,7 @@ class Workload:
 
     preset: str
     provider: str
-    mode: str  # "fwd" (eval, no grad: inference without the cache) or "fwd_bwd" (training step)
+    mode: str  # "fwd_bwd", "fwd" or "fwd_cached" (see make_workload)
     tokens: int
     config: DeFINEConfig
     dtype: torch.dtype
@@ -81,13 +85,26 @@ class Workload:
         }
 
 
-def make_workload(preset: str, provider: str, mode: str, quick: bool, dtype: torch.dtype) -> Workload:
+def make_workload(
+    preset: str,
+    provider: str,
+    mode: str,
+    quick: bool,
+    dtype: torch.dtype,
+    ids: torch.Tensor | None = None,
+    dedup: bool = False,
+) -> Workload:
+    """``mode``: "fwd_bwd" (training step), "fwd" (eval, no grad, no cache: inference without
+    the table) or "fwd_cached" (eval, no grad, with the inference table)."""
     dev = device()
-    overrides = {"num_embeddings": QUICK_VOCAB} if quick else {}
+    overrides = {"num_embeddings": QUICK_VOCAB} if quick and ids is None else {}
     config = DeFINEConfig.from_preset(preset, **overrides)
-    tokens = QUICK_TOKENS if quick else PRESET_TOKENS[preset]
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, config.num_embeddings, (tokens,), generator=gen).to(dev)
+    if ids is None:
+        tokens = QUICK_TOKENS if quick else PRESET_TOKENS[preset]
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, config.num_embeddings, (tokens,), generator=gen)
+    ids = ids.reshape(-1).to(dev)
+    tokens = ids.numel()
     training = mode == "fwd_bwd"
 
     if provider == "embedding":
@@ -95,7 +112,8 @@ def make_workload(preset: str, provider: str, mode: str, quick: bool, dtype: tor
         forward = module
     else:
         backend = provider if provider in ("cpu", "cuda", "triton") else "reference"
-        module = DeFINE.from_config(config, backend=backend, device=dev, dtype=dtype)
+        module = DeFINE.from_config(config, backend=backend, device=dev, dtype=dtype, dedup=dedup)
+        module.cache = "auto" if mode == "fwd_cached" else "off"
         if provider == "reference":
             forward = _authors_way(module)
         elif provider == "reference_compiled":
@@ -127,11 +145,17 @@ def make_workload(preset: str, provider: str, mode: str, quick: bool, dtype: tor
 def _authors_way(module: DeFINE) -> Callable[[torch.Tensor], torch.Tensor]:
     """The reference unit with torch's own dropout: what users write today."""
 
-    def forward(ids: torch.Tensor) -> torch.Tensor:
+    def plain(ids: torch.Tensor) -> torch.Tensor:
         return reference.define_forward_ref(
             ids, module.weight, module._layer_params(), module.reduce.weight, module.reduce.bias, module.config,
             training=module.training, dropout_rng="torch",
         )  # fmt: skip
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        if module.dedup:  # the same distinct-ids trick, written the straightforward way
+            distinct, inverse = torch.unique(ids, return_inverse=True)
+            return plain(distinct).index_select(0, inverse)
+        return plain(ids)
 
     return forward
 
@@ -145,3 +169,27 @@ def median_ms(step: Callable[[], None], rounds: int = 10, warmup: int = 2) -> fl
         step()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2] * 1e3
+
+
+# ----------------------------------------------------------------------------- real-text batches
+def data_dir() -> Path:
+    """Where the shared corpora live: $DEFINE_OPS_DATA, else ../shared/data beside the repo."""
+    env = os.environ.get("DEFINE_OPS_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@functools.lru_cache(maxsize=4)
+def wikitext2_batch(batch: int = 60, bptt: int = 140, window: int = 0) -> torch.Tensor:
+    """One [bptt, batch] window of WikiText-2's training stream, as a word-level LM sees it:
+    whitespace tokens plus <eos> per line, ids by descending train frequency (the order
+    adaptive input and softmax assume), split into ``batch`` contiguous streams."""
+    path = data_dir() / "wikitext-2" / "train.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"WikiText-2 not found at {path} (set DEFINE_OPS_DATA)")
+    tokens = [word for line in path.read_text(encoding="utf-8").splitlines() for word in [*line.split(), "<eos>"]]
+    counts = Counter(tokens)
+    ids_of = {word: rank for rank, (word, _) in enumerate(counts.most_common())}
+    stream = torch.tensor([ids_of[word] for word in tokens], dtype=torch.int64)
+    per_stream = stream.numel() // batch
+    streams = stream[: per_stream * batch].reshape(batch, per_stream).t()  # [steps, batch]
+    return streams[window * bptt : (window + 1) * bptt].contiguous()

@@ -15,6 +15,7 @@ from typing import Any, Literal
 GroupSchedule = Literal["halving", "cyclic"]
 WidthRule = Literal["paper", "linspace"]
 Skip = Literal["mix", "concat", "none"]
+MapKind = Literal["table", "adaptive"]
 Norm = Literal["layer"] | None
 Activation = Literal["gelu", "relu", "swish"] | None
 
@@ -23,6 +24,7 @@ WIDTH_RULES = ("paper", "linspace")
 SKIPS = ("mix", "concat", "none")
 NORMS = ("layer", None)
 ACTIVATIONS = ("gelu", "relu", "swish", None)
+MAPS = ("table", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,11 @@ class DeFINEConfig:
     scale_embedding: bool = True
     padding_idx: int | None = None
     norm_eps: float = 1e-5
+    # The Map: one [V, n] table, or adaptive input (Baevski & Auli): frequency bands split at
+    # ``cutoffs``, band b a [|V_b|, n / factor^b] table projected up to n (define_paper.md §4.1).
+    map: MapKind = "table"
+    cutoffs: tuple[int, ...] = ()
+    adaptive_factor: int = 4
 
     def __post_init__(self) -> None:
         self._validate_fields()
@@ -176,6 +183,23 @@ class DeFINEConfig:
                 "with skip='none' the layers do not carry e to the Reduce layer; "
                 "set skip_into_reduce=False or use skip='mix'/'concat'",
             )
+        if self.map not in MAPS:
+            raise _bad("map", self.map, f"choose one of {MAPS}")
+        object.__setattr__(self, "cutoffs", tuple(int(c) for c in self.cutoffs))
+        if self.map == "adaptive":
+            bounds = (0, *self.cutoffs, self.num_embeddings)
+            if not self.cutoffs or any(lo >= hi for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)):
+                raise _bad("cutoffs", self.cutoffs, f"need increasing band boundaries in (0, {self.num_embeddings})")
+            if isinstance(self.adaptive_factor, bool) or not isinstance(self.adaptive_factor, int):
+                raise _bad("adaptive_factor", self.adaptive_factor, "must be an int")
+            if self.adaptive_factor < 1 or self.input_dim % self.adaptive_factor ** len(self.cutoffs):
+                raise _bad(
+                    "adaptive_factor",
+                    self.adaptive_factor,
+                    f"input_dim={self.input_dim} must be divisible by factor^{len(self.cutoffs)} (one power per band)",
+                )
+        elif self.cutoffs:
+            raise _bad("cutoffs", self.cutoffs, "cutoffs only apply with map='adaptive'")
         if self.padding_idx is not None:
             if isinstance(self.padding_idx, bool) or not isinstance(self.padding_idx, int):
                 raise _bad("padding_idx", self.padding_idx, "must be an int or None")
@@ -267,12 +291,28 @@ class DeFINEConfig:
         )
         return plans
 
+    # ------------------------------------------------------------------ the Map
+    def bands(self) -> list[tuple[int, int, int]]:
+        """(first id, end id, width) of each Map band: one band for map='table'."""
+        if self.map == "table":
+            return [(0, self.num_embeddings, self.input_dim)]
+        bounds = (0, *self.cutoffs, self.num_embeddings)
+        return [
+            (lo, hi, self.input_dim // self.adaptive_factor**band)
+            for band, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
+        ]
+
+    def num_map_parameters(self) -> int:
+        """Band tables, plus the projections of bands narrower than n up to n."""
+        n = self.input_dim
+        return sum((hi - lo) * width + (width * n if width != n else 0) for lo, hi, width in self.bands())
+
     # ------------------------------------------------------------------ accounting
     def num_parameters(self, include_embedding: bool = True, include_norm: bool = True) -> int:
-        """Weights + biases of every layer (+ per-group LayerNorm γ/β, + the V×n lookup table)."""
+        """Weights + biases of every layer (+ per-group LayerNorm γ/β, + the Map)."""
         total = sum(p.num_weights + p.num_bias + (p.num_norm if include_norm else 0) for p in self.layer_plans())
         if include_embedding:
-            total += self.num_embeddings * self.input_dim
+            total += self.num_map_parameters()
         return total
 
     def macs_per_token(self) -> int:

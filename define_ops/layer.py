@@ -3,6 +3,8 @@
 Parameter names and shapes are part of the API (checkpoints and tied output layers rely on them):
 
     weight                 [V, n]            the Map table (an output layer ties to it)
+    map.bands[b].weight    [|V_b|, n/f^b]    with map="adaptive": band b's table ...
+    map.bands[b].projection.weight [n, n/f^b] ... and its projection to n (bands b >= 1)
     layers[i].weight       [g, in/g, out/g]  grouped linear of HGT layer i
     layers[i].bias         [out]
     layers[i].norm.weight  [out/g]           per-group LayerNorm γ, shared by the groups
@@ -17,6 +19,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops, reference
@@ -64,8 +67,58 @@ class HGTLayer(nn.Module):
         return f"{p.in_features} -> {p.out_features}, groups={p.groups}, shuffle={p.shuffle}, activation={p.activation}"
 
 
-def _config_from_kwargs(num_embeddings: int, embedding_dim: int, kwargs: dict[str, Any]) -> DeFINEConfig:
-    return DeFINEConfig(num_embeddings=num_embeddings, embedding_dim=embedding_dim, **kwargs)
+class AdaptiveBand(nn.Module):
+    """One frequency band of the adaptive-input Map: a narrow table, projected up to n."""
+
+    def __init__(self, rows: int, width: int, input_dim: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(rows, width, device=device, dtype=dtype))
+        self.projection = (
+            nn.Linear(width, input_dim, bias=False, device=device, dtype=dtype) if width != input_dim else None
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=self.weight.shape[1] ** -0.5)
+        if self.projection is not None:
+            nn.init.xavier_uniform_(self.projection.weight)
+
+
+class AdaptiveMap(nn.Module):
+    """Adaptive input (Baevski & Auli, 2019) as DeFINE's Map: ids [T] → e [T, n].
+
+    Every band is looked up for every token (ids clamped into the band) and the band that owns
+    the token is selected with ``torch.where``: static shapes, no host synchronisation, so
+    ``torch.compile(fullgraph=True)`` traces it. The extra work is Σ_b width_b·n MACs per token,
+    small next to the HGT. ``weights_for_band(b)`` gives the tensors an adaptive softmax ties to.
+    """
+
+    def __init__(self, config: DeFINEConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        self.bounds = [(lo, hi) for lo, hi, _ in config.bands()]
+        self.bands = nn.ModuleList(
+            AdaptiveBand(hi - lo, width, config.input_dim, device, dtype) for lo, hi, width in config.bands()
+        )
+
+    def weights_for_band(self, band: int) -> tuple[Tensor, Tensor | None]:
+        """(table [|V_b|, width_b], projection [n, width_b] or None) of band ``band``."""
+        module = self.bands[band]
+        return module.weight, module.projection.weight if module.projection is not None else None
+
+    def reset_parameters(self) -> None:
+        for band in self.bands:
+            band.reset_parameters()
+
+    def forward(self, ids: Tensor) -> Tensor:
+        e = None
+        for (lo, hi), band in zip(self.bounds, self.bands, strict=True):
+            local = (ids - lo).clamp(0, hi - lo - 1)
+            vectors = F.embedding(local, band.weight)
+            if band.projection is not None:
+                vectors = band.projection(vectors)
+            inside = ((ids >= lo) & (ids < hi)).unsqueeze(-1)
+            e = vectors.masked_fill(~inside, 0.0) if e is None else torch.where(inside, vectors, e)
+        return e
 
 
 class DeFINE(nn.Module):
@@ -102,7 +155,12 @@ class DeFINE(nn.Module):
         scale_embedding: bool = True,
         padding_idx: int | None = None,
         norm_eps: float = 1e-5,
+        map: str = "table",
+        cutoffs: tuple[int, ...] | list[int] = (),
+        adaptive_factor: int = 4,
         backend: str = "auto",
+        dedup: bool = False,
+        cache: str = "auto",
         validate_ids: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -112,14 +170,24 @@ class DeFINE(nn.Module):
             num_embeddings=num_embeddings, embedding_dim=embedding_dim, input_dim=input_dim, max_dim=max_dim,
             depth=depth, max_groups=max_groups, group_schedule=group_schedule, width_rule=width_rule, skip=skip,
             skip_into_reduce=skip_into_reduce, shuffle=shuffle, norm=norm, activation=activation, dropout=dropout,
-            bias=bias, scale_embedding=scale_embedding, padding_idx=padding_idx, norm_eps=norm_eps,
+            bias=bias, scale_embedding=scale_embedding, padding_idx=padding_idx, norm_eps=norm_eps, map=map,
+            cutoffs=tuple(cutoffs), adaptive_factor=adaptive_factor,
         )  # fmt: skip
+        if cache not in ("auto", "off"):
+            raise ValueError(f"DeFINE: cache={cache!r} is invalid; choose 'auto' or 'off'")
         self.config = config
         self.backend = requested_backend(backend)
         self.validate_ids = validate_ids
+        self.dedup = dedup
+        self.cache = cache
+        self._cache_table: Tensor | None = None  # a plain attribute: never part of state_dict
+        self._cache_key: tuple | None = None
         plans = config.layer_plans()
         self.plans = plans
-        self.weight = nn.Parameter(torch.empty(num_embeddings, input_dim, device=device, dtype=dtype))
+        if config.map == "table":
+            self.weight = nn.Parameter(torch.empty(num_embeddings, input_dim, device=device, dtype=dtype))
+        else:
+            self.map = AdaptiveMap(config, device, dtype)
         self.layers = nn.ModuleList(HGTLayer(plan, config.norm_eps, device, dtype) for plan in plans[:-1])
         self.reduce = nn.Linear(plans[-1].in_features, embedding_dim, bias=True, device=device, dtype=dtype)
         self.reset_parameters()
@@ -138,10 +206,13 @@ class DeFINE(nn.Module):
         )
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, mean=0.0, std=self.config.input_dim**-0.5)
-        if self.config.padding_idx is not None:
-            with torch.no_grad():
-                self.weight[self.config.padding_idx].zero_()
+        if self.config.map == "table":
+            nn.init.normal_(self.weight, mean=0.0, std=self.config.input_dim**-0.5)
+            if self.config.padding_idx is not None:
+                with torch.no_grad():
+                    self.weight[self.config.padding_idx].zero_()
+        else:
+            self.map.reset_parameters()
         for layer in self.layers:
             layer.reset_parameters()
         nn.init.xavier_uniform_(self.reduce.weight)
@@ -162,11 +233,19 @@ class DeFINE(nn.Module):
 
     @property
     def embedding_scale(self) -> float:
-        return math.sqrt(self.config.input_dim) if self.config.scale_embedding else 1.0
+        """√n with ``scale_embedding`` (the authors' code); 1 for adaptive input, whose bands
+        carry their own scale (as in fairseq)."""
+        if self.config.map == "adaptive" or not self.config.scale_embedding:
+            return 1.0
+        return math.sqrt(self.config.input_dim)
+
+    @property
+    def device(self) -> torch.device:
+        return self.reduce.weight.device
 
     def active_backend(self) -> str:
         """The backend ``forward`` runs on for this module's device."""
-        return resolve_backend(self.backend, self.weight.device)
+        return resolve_backend(self.backend, self.device)
 
     # ------------------------------------------------------------------ checks
     def _check_ids(self, ids: Tensor) -> None:
@@ -174,8 +253,8 @@ class DeFINE(nn.Module):
             raise TypeError(f"DeFINE expects a tensor of token ids, got {type(ids).__name__}")
         if ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"DeFINE expects integer token ids (torch.int64 or torch.int32), got dtype {ids.dtype}")
-        if ids.device != self.weight.device:
-            raise ValueError(f"DeFINE: ids are on {ids.device} but the layer's parameters are on {self.weight.device}")
+        if ids.device != self.device:
+            raise ValueError(f"DeFINE: ids are on {ids.device} but the layer's parameters are on {self.device}")
         if not self.validate_ids or ids.numel() == 0 or torch.compiler.is_compiling():
             return  # under compile the ops check ids themselves
         low, high = torch.aminmax(ids)
@@ -192,7 +271,7 @@ class DeFINE(nn.Module):
         if not self.training or self.config.dropout == 0.0:
             return None
         # One seed per layer per call, from torch's generator (so torch.manual_seed reproduces).
-        return torch.randint(0, 2**62, (self.config.depth,), dtype=torch.int64, device=self.weight.device)
+        return torch.randint(0, 2**62, (self.config.depth,), dtype=torch.int64, device=self.device)
 
     def _layer_params(self) -> list[tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]]:
         return [
@@ -205,32 +284,116 @@ class DeFINE(nn.Module):
             for layer in self.layers
         ]
 
-    def forward(self, ids: Tensor) -> Tensor:
-        self._check_ids(ids)
-        backend = resolve_backend(self.backend, self.weight.device)
+    def embed_ids(self, flat_ids: Tensor, backend: str | None = None) -> Tensor:
+        """The Map step alone: ids [T] → e [T, n] (padding ids give zeros)."""
+        backend = backend or resolve_backend(self.backend, self.device)
+        pad = self.config.padding_idx
+        if self.config.map == "table":
+            return ops.embedding_lookup(self.weight, flat_ids, pad, self.embedding_scale, backend=backend)
+        e = self.map(flat_ids)
+        return e if pad is None else e.masked_fill((flat_ids == pad).unsqueeze(-1), 0.0)
+
+    def _unit(self, flat_ids: Tensor) -> Tensor:
+        """Map → HGT → Reduce for ids [T] → [T, m]; padding ids give zero vectors."""
+        backend = resolve_backend(self.backend, self.device)
         seeds = self._dropout_seeds()
         cfg = self.config
+        e = self.embed_ids(flat_ids, backend)
         if backend == "reference":
-            return reference.define_forward_ref(
-                ids, self.weight, self._layer_params(), self.reduce.weight, self.reduce.bias, cfg,
-                training=self.training, seeds=seeds,
+            out = reference.hgt_forward_ref(
+                e, self._layer_params(), self.reduce.weight, self.reduce.bias, cfg, training=self.training,
+                seeds=seeds,
             )  # fmt: skip
-        e = ops.embedding_lookup(self.weight, ids.reshape(-1), cfg.padding_idx, self.embedding_scale, backend=backend)
-        x = e
-        layer_params = zip(self.plans[:-1], self._layer_params(), strict=True)
-        for index, (plan, (weight, bias, gamma, beta)) in enumerate(layer_params):
-            x = ops.hgt_step(
-                x, weight, bias, gamma, beta, seeds[index] if seeds is not None else None,
-                e_width=plan.e_width, e_in_chunks=plan.e_in_chunks, e_out_chunks=plan.e_out_chunks,
-                shuffle=plan.shuffle, activation=plan.activation,
-                dropout_p=plan.dropout if seeds is not None else 0.0, norm_eps=cfg.norm_eps, backend=backend,
+        else:
+            x = e
+            layer_params = zip(self.plans[:-1], self._layer_params(), strict=True)
+            for index, (plan, (weight, bias, gamma, beta)) in enumerate(layer_params):
+                x = ops.hgt_step(
+                    x, weight, bias, gamma, beta, seeds[index] if seeds is not None else None,
+                    e_width=plan.e_width, e_in_chunks=plan.e_in_chunks, e_out_chunks=plan.e_out_chunks,
+                    shuffle=plan.shuffle, activation=plan.activation,
+                    dropout_p=plan.dropout if seeds is not None else 0.0, norm_eps=cfg.norm_eps, backend=backend,
+                )  # fmt: skip
+            reduce_plan = self.plans[-1]
+            out = ops.hgt_step(
+                x, self.reduce.weight.t().unsqueeze(0), self.reduce.bias,
+                e_width=reduce_plan.e_width, e_in_chunks=reduce_plan.e_in_chunks, e_out_chunks=0, backend=backend,
             )  # fmt: skip
-        reduce_plan = self.plans[-1]
-        out = ops.hgt_step(
-            x, self.reduce.weight.t().unsqueeze(0), self.reduce.bias,
-            e_width=reduce_plan.e_width, e_in_chunks=reduce_plan.e_in_chunks, e_out_chunks=0, backend=backend,
-        )  # fmt: skip
-        return out.reshape(*ids.shape, cfg.embedding_dim)
+        if cfg.padding_idx is not None:  # like nn.Embedding: a padding token embeds to zeros
+            out = out.masked_fill((flat_ids == cfg.padding_idx).unsqueeze(-1), 0.0)
+        return out
+
+    def forward(self, ids: Tensor, *, dedup: bool | None = None) -> Tensor:
+        """ids [*] (int64/int32) → [*, embedding_dim].
+
+        ``dedup`` (default: the module's ``dedup``) runs the transformation once per distinct id
+        of the batch and gathers the result; the backward sums the gradients of repeated ids
+        before the transformation's backward. Results equal the plain path when dropout is off;
+        with dropout, each distinct token gets one mask per call (like word-level embedding
+        dropout) instead of one per occurrence. ``torch.unique`` needs the number of distinct ids
+        on the host (one device synchronisation on CUDA); under ``torch.compile`` the plain path
+        runs instead.
+        """
+        self._check_ids(ids)
+        flat = ids.reshape(-1)
+        if self._cache_usable():
+            out = F.embedding(flat, self._cached_table())
+        elif (self.dedup if dedup is None else dedup) and flat.numel() > 0 and not torch.compiler.is_compiling():
+            distinct, inverse = torch.unique(flat, return_inverse=True)
+            out = self._unit(distinct).index_select(0, inverse)
+        else:
+            out = self._unit(flat)
+        return out.reshape(*ids.shape, self.config.embedding_dim)
+
+    # ------------------------------------------------------------------ inference table
+    @torch.no_grad()
+    def export_table(self, chunk_size: int = 2048, dtype: torch.dtype | None = None) -> Tensor:
+        """The whole unit as a [V, m] table (eval mode: no dropout), computed ``chunk_size`` ids
+        at a time, so the extra memory is bounded by one chunk's activations."""
+        if chunk_size < 1:
+            raise ValueError(f"DeFINE.export_table: chunk_size must be >= 1, got {chunk_size}")
+        cfg = self.config
+        dtype = dtype or self.reduce.weight.dtype
+        table = torch.empty(cfg.num_embeddings, cfg.embedding_dim, device=self.device, dtype=dtype)
+        was_training = self.training
+        self.eval()
+        try:
+            for start in range(0, cfg.num_embeddings, chunk_size):
+                ids = torch.arange(start, min(start + chunk_size, cfg.num_embeddings), device=self.device)
+                table[start : start + ids.numel()] = self._unit(ids)
+        finally:
+            self.train(was_training)
+        return table
+
+    def to_embedding(self, chunk_size: int = 2048, freeze: bool = True) -> nn.Embedding:
+        """An ``nn.Embedding(V, m)`` holding the exported table: DeFINE's output at the cost of a lookup."""
+        return nn.Embedding.from_pretrained(
+            self.export_table(chunk_size), freeze=freeze, padding_idx=self.config.padding_idx
+        )
+
+    def _parameter_versions(self) -> tuple:
+        # In-place updates (optimizer steps, load_state_dict, no_grad edits) bump _version;
+        # replaced tensors (.to(), `.data =`) change identity or storage.
+        return tuple((id(p), p.data_ptr(), p._version, p.dtype) for p in self.parameters())
+
+    def _cache_usable(self) -> bool:
+        if self.cache != "auto" or self.training or torch.compiler.is_compiling():
+            return False
+        # A cached table is detached: never serve it where gradients are expected.
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+
+    def _cached_table(self) -> Tensor:
+        key = self._parameter_versions()
+        if self._cache_table is None or key != self._cache_key:
+            self._cache_table = self.export_table()
+            self._cache_key = key
+        return self._cache_table
+
+    def invalidate_cache(self) -> None:
+        """Drop the eval-mode table (needed only after edits through ``.data``, which bypass
+        version tracking)."""
+        self._cache_table = None
+        self._cache_key = None
 
     def extra_repr(self) -> str:
         c = self.config

@@ -192,9 +192,25 @@ def hgt_step_ref(
 
 
 # ----------------------------------------------------------------------------- the whole unit
-def define_forward_ref(
-    ids: Tensor,
-    weight: Tensor,
+def adaptive_map_ref(
+    ids: Tensor, tables: Sequence[Tensor], projections: Sequence[Tensor | None], bounds: Sequence[tuple[int, int]]
+) -> Tensor:
+    """Adaptive input (Baevski & Auli), the straightforward way: select each band's tokens,
+    look them up in the band's table, project to n.  ids [T] → e [T, n].
+
+    ``projections[b]`` is a [n, width_b] weight, or None where the band is already n wide.
+    """
+    n = tables[0].shape[1] if projections[0] is None else projections[0].shape[0]
+    e = tables[0].new_zeros(ids.shape[0], n)
+    for table, projection, (lo, hi) in zip(tables, projections, bounds, strict=True):
+        rows = ((ids >= lo) & (ids < hi)).nonzero().squeeze(1)  # data-dependent size
+        vectors = F.embedding(ids[rows] - lo, table)
+        e = e.index_put((rows,), vectors if projection is None else F.linear(vectors, projection))
+    return e
+
+
+def hgt_forward_ref(
+    e: Tensor,
     layers: Sequence[tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]],
     reduce_weight: Tensor,
     reduce_bias: Tensor,
@@ -204,13 +220,12 @@ def define_forward_ref(
     seeds: Sequence[Tensor | int] | None = None,
     dropout_rng: str = "philox",
 ) -> Tensor:
-    """DeFINE written the paper's way (define_paper.md §3.8), independent of the op layouts.
+    """Expand and Reduce, the paper's way (define_paper.md §3.8).  e [T, n] → [T, m].
 
-    ids [*] → [*, m].  ``layers[l]`` = (weight [g, a/g, b/g], bias [b], norm γ [b/g], norm β [b/g]).
+    ``layers[l]`` = (weight [g, a/g, b/g], bias [b], norm γ [b/g], norm β [b/g]).  The skip
+    rebuilds mix(e, h) with torch.cat before every layer, independently of the op layouts.
     """
     plans = config.layer_plans()
-    scale = math.sqrt(config.input_dim) if config.scale_embedding else 1.0
-    e = lookup_ref(weight, ids.reshape(-1), config.padding_idx, scale)  # [T, n]
     h = e
     for layer, (plan, (w, b, nw, nb)) in enumerate(zip(plans[:-1], layers, strict=True)):
         if layer == 0:
@@ -228,5 +243,31 @@ def define_forward_ref(
         seed = seeds[layer] if seeds is not None else None
         h = dropout_ref(h, plan.dropout, seed, rng=dropout_rng, training=training)
     x = split_mix_ref(e, h, 1) if config.skip_into_reduce else h
-    out = F.linear(x, reduce_weight, reduce_bias)  # Reduce: [T, m]
+    return F.linear(x, reduce_weight, reduce_bias)  # Reduce
+
+
+def define_forward_ref(
+    ids: Tensor,
+    weight: Tensor,
+    layers: Sequence[tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]],
+    reduce_weight: Tensor,
+    reduce_bias: Tensor,
+    config: DeFINEConfig,
+    *,
+    training: bool = False,
+    seeds: Sequence[Tensor | int] | None = None,
+    dropout_rng: str = "philox",
+) -> Tensor:
+    """The whole unit with a [V, n] table as the Map.  ids [*] → [*, m].
+
+    Padding ids give a zero output vector, as ``nn.Embedding`` does.
+    """
+    scale = math.sqrt(config.input_dim) if config.scale_embedding else 1.0
+    flat = ids.reshape(-1)
+    e = lookup_ref(weight, flat, config.padding_idx, scale)  # [T, n]
+    out = hgt_forward_ref(
+        e, layers, reduce_weight, reduce_bias, config, training=training, seeds=seeds, dropout_rng=dropout_rng
+    )
+    if config.padding_idx is not None:
+        out = out.masked_fill((flat == config.padding_idx).unsqueeze(-1), 0.0)
     return out.reshape(*ids.shape, config.embedding_dim)

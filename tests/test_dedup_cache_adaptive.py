@@ -1,0 +1,186 @@
+"""Distinct tokens once, the eval-mode inference table, and adaptive input as the Map."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import define_ops
+from define_ops import DeFINE, DeFINEConfig, reference
+
+from .conftest import max_err
+
+BACKENDS = ["reference", *[b for b in ("cpu", "triton") if b in define_ops.available_backends("cpu")]]
+
+
+def small_layer(backend: str, **overrides) -> DeFINE:
+    kwargs = dict(input_dim=16, max_dim=64, depth=3, max_groups=4, padding_idx=1, backend=backend)
+    kwargs.update(overrides)
+    return DeFINE(50, 24, dtype=torch.float64, **kwargs)
+
+
+def repeated_ids() -> torch.Tensor:
+    return torch.tensor([[3, 1, 7, 3, 3, 9], [7, 7, 0, 1, 49, 3]])
+
+
+# ----------------------------------------------------------------------------- dedup
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dedup_equals_plain_path_without_dropout(backend):
+    layer = small_layer(backend).train()
+    ids = repeated_ids()
+    grads = []
+    for dedup in (False, True):
+        layer.zero_grad(set_to_none=True)
+        out = layer(ids, dedup=dedup)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape))
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in layer.named_parameters()}))
+    (out_plain, g_plain), (out_dedup, g_dedup) = grads
+    assert max_err(out_dedup, out_plain) < 1e-12
+    for name in g_plain:
+        assert max_err(g_dedup[name], g_plain[name]) < 1e-10, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dedup_dropout_is_one_mask_per_distinct_token(backend):
+    layer = small_layer(backend, dropout=0.5, dedup=True).train()
+    ids = repeated_ids().reshape(-1)
+    out = layer(ids)
+    threes = out[ids == 3]
+    assert torch.equal(threes[0], threes[1]) and torch.equal(threes[0], threes[2])
+    plain = layer(ids, dedup=False)
+    assert not torch.equal(plain[ids == 3][0], plain[ids == 3][1])  # one mask per occurrence
+
+
+def test_dedup_under_compile_falls_back_to_the_plain_path():
+    layer = small_layer(BACKENDS[-1], dedup=True).eval()
+    compiled = torch.compile(layer, fullgraph=True)
+    ids = repeated_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids), layer(ids, dedup=False))
+
+
+# ----------------------------------------------------------------------------- cache
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cache_matches_uncached_eval_output_for_every_id(backend):
+    layer = small_layer(backend).eval()
+    every_id = torch.arange(50)
+    with torch.enable_grad():
+        uncached = layer(every_id)  # grad enabled: the cache is bypassed
+    assert layer._cache_table is None
+    with torch.no_grad():
+        cached = layer(every_id)
+        assert layer._cache_table is not None
+        table = layer._cache_table
+        layer(every_id)
+        assert layer._cache_table is table  # built once
+    assert max_err(cached, uncached) < 1e-12
+    assert (cached[1] == 0).all()  # padding id
+    assert max_err(layer.export_table(chunk_size=7), uncached) < 1e-12
+    assert max_err(layer.to_embedding()(every_id), uncached) < 1e-12
+
+
+def test_cache_is_rebuilt_after_an_optimizer_step_and_not_saved():
+    layer = small_layer(BACKENDS[-1]).train()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    ids = torch.arange(50)
+    layer.eval()
+    with torch.no_grad():
+        before = layer(ids)
+    assert not any("cache" in key for key in layer.state_dict())
+    layer.train()
+    layer(ids).pow(2).sum().backward()
+    optimizer.step()
+    layer.eval()
+    with torch.no_grad():
+        after = layer(ids)
+    layer.cache = "off"
+    with torch.no_grad():
+        fresh = layer(ids)
+    assert not torch.allclose(before, after)
+    assert max_err(after, fresh) < 1e-12
+
+
+def test_cache_detects_load_state_dict_and_is_skipped_in_training():
+    layer = small_layer(BACKENDS[-1]).eval()
+    other = small_layer(BACKENDS[-1]).eval()
+    ids = torch.arange(50)
+    with torch.no_grad():
+        layer(ids)
+        layer.load_state_dict(other.state_dict())
+        torch.testing.assert_close(layer(ids), other(ids))
+        layer.train()
+        layer(ids)
+    assert layer._cache_key is not None
+
+
+def test_cache_option_is_validated():
+    with pytest.raises(ValueError, match="cache"):
+        DeFINE(10, 8, input_dim=16, max_dim=32, cache="always")
+
+
+# ----------------------------------------------------------------------------- adaptive Map
+def test_adaptive_parameter_count_of_the_wt103_lstm():
+    cfg = DeFINEConfig(267_735, 256, input_dim=256, map="adaptive", cutoffs=(20_000, 40_000, 200_000))
+    assert cfg.num_map_parameters() == 9_252_444  # the paper's 9.25M (tied with adaptive softmax)
+    assert [w for _, _, w in cfg.bands()] == [256, 64, 16, 4]
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(map="adaptive"), "cutoffs"),
+        (dict(map="adaptive", cutoffs=(30, 20)), "cutoffs"),
+        (dict(map="adaptive", cutoffs=(20, 60)), "cutoffs"),
+        (dict(map="adaptive", cutoffs=(10, 20, 30), adaptive_factor=4), "adaptive_factor"),
+        (dict(cutoffs=(10,)), "cutoffs"),
+        (dict(map="hash"), "map"),
+    ],
+)
+def test_adaptive_config_errors(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        DeFINEConfig(50, 24, input_dim=16, max_dim=64, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adaptive_map_matches_straightforward_reference(backend):
+    layer = small_layer(backend, map="adaptive", cutoffs=(10, 30), adaptive_factor=2, padding_idx=None)
+    ids = torch.tensor([0, 9, 10, 29, 30, 49, 12, 12, 3])
+    tables = [band.weight for band in layer.map.bands]
+    projections = [band.projection.weight if band.projection is not None else None for band in layer.map.bands]
+    bounds = layer.map.bounds
+    e = layer.embed_ids(ids)
+    e_ref = reference.adaptive_map_ref(ids, tables, projections, bounds)
+    assert max_err(e, e_ref) < 1e-12
+    g = torch.randn_like(e)
+    grads = torch.autograd.grad(e, tables + [p for p in projections if p is not None], g)
+    grads_ref = torch.autograd.grad(e_ref, tables + [p for p in projections if p is not None], g)
+    for ours, ref in zip(grads, grads_ref, strict=True):
+        assert max_err(ours, ref) < 1e-12
+    table, projection = layer.map.weights_for_band(1)
+    assert table.shape == (20, 8) and projection.shape == (16, 8)
+    assert layer.map.weights_for_band(0)[1] is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+def test_adaptive_define_backends_agree(backend):
+    ref = small_layer("reference", map="adaptive", cutoffs=(10, 30), adaptive_factor=2).train()
+    fast = small_layer(backend, map="adaptive", cutoffs=(10, 30), adaptive_factor=2).train()
+    fast.load_state_dict(ref.state_dict())
+    ids = repeated_ids()
+    outs = []
+    for module in (ref, fast):
+        out = module(ids)
+        out.sum().backward()
+        outs.append((out, [p.grad for p in module.parameters()]))
+    assert max_err(outs[0][0], outs[1][0]) < 1e-12
+    for a, b in zip(outs[0][1], outs[1][1], strict=True):
+        assert max_err(a, b) < 1e-10
+    assert (outs[1][0][ids == 1] == 0).all()
+
+
+def test_adaptive_map_compiles_fullgraph():
+    layer = small_layer(BACKENDS[-1], map="adaptive", cutoffs=(10, 30), adaptive_factor=2).train()
+    compiled = torch.compile(layer, fullgraph=True)
+    out = compiled(repeated_ids())
+    out.sum().backward()
+    assert layer.map.bands[2].weight.grad is not None
