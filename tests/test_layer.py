@@ -99,18 +99,18 @@ def test_float32_within_reference_error(preset, backend):
 
 
 @pytest.mark.parametrize("backend", FAST)
-def test_torch_compile_fullgraph(backend, monkeypatch):
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # always trace the current ops
+def test_torch_compile_fullgraph(backend):
     config = DeFINEConfig.from_preset("nmt_wmt14", num_embeddings=200, depth=3)
     eager = DeFINE.from_config(config, backend=backend).train()
     compiled = torch.compile(eager, fullgraph=True, dynamic=False)
     ids = torch.randint(0, 200, (6, 7))
-    out = compiled(ids)
-    out.sum().backward()
-    assert eager.weight.grad is not None and eager.layers[0].weight.grad is not None
-    eager.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(ids), eager(ids))
+    with torch._inductor.config.patch(fx_graph_cache=False):  # always trace the current ops
+        out = compiled(ids)
+        out.sum().backward()
+        assert eager.weight.grad is not None and eager.layers[0].weight.grad is not None
+        eager.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids), eager(ids))
 
 
 @pytest.mark.parametrize("backend", ["reference", *FAST])
