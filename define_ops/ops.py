@@ -135,9 +135,14 @@ if _build.HAS_EXTENSION:
         ctx.save_for_backward(x, weight, bias, norm_weight, norm_bias, seed, saved, mean, rstd)
         ctx.params = params
         ctx.mark_non_differentiable(saved, mean, rstd)
+        # The saved/stats outputs never get gradients: do not let autograd zero-fill [T, b]
+        # tensors for them on every backward.
+        ctx.set_materialize_grads(False)
 
-    def _hgt_step_backward(ctx, grad_out: Tensor, _saved, _mean, _rstd):
+    def _hgt_step_backward(ctx, grad_out: Tensor | None, _saved, _mean, _rstd):
         x, weight, bias, norm_weight, norm_bias, seed, saved, mean, rstd = ctx.saved_tensors
+        if grad_out is None:  # the output was not used
+            return (None,) * (6 + len(ctx.params))
         grad_x, grad_weight, grad_bias, grad_gamma, grad_beta = torch.ops.define_ops.hgt_step_backward(
             grad_out, x, weight, bias, norm_weight, norm_bias, seed, saved, mean, rstd, *ctx.params
         )
