@@ -163,6 +163,15 @@ def _triton():
     return importlib.import_module("define_ops.triton")
 
 
+def _autocast(tensors: tuple[Tensor | None, ...], device_type: str) -> tuple[Tensor | None, ...]:
+    """Inside ``torch.autocast``, run the step in the autocast dtype (as matmuls are): floating
+    inputs are cast, and autograd casts the gradients back to the parameters' dtype."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
 # ----------------------------------------------------------------------------- public functional API
 def embedding_lookup(
     weight: Tensor, ids: Tensor, padding_idx: int | None = None, scale: float = 1.0, *, backend: str = "auto"
@@ -227,6 +236,7 @@ def hgt_step(
             activation=activation, dropout_p=dropout_p, norm_eps=norm_eps,
         )  # fmt: skip
     seed_tensor = _as_seed(seed, x.device) if dropout_p > 0 else None
+    x, weight, bias, norm_weight, norm_bias = _autocast((x, weight, bias, norm_weight, norm_bias), x.device.type)
     args = (x, weight, bias, norm_weight, norm_bias, seed_tensor, e_width, e_in_chunks, e_out_chunks)
     args += (shuffle, activation_name, float(dropout_p), float(norm_eps))
     if name == "triton":

@@ -184,3 +184,20 @@ def test_adaptive_map_compiles_fullgraph():
     out = compiled(repeated_ids())
     out.sum().backward()
     assert layer.map.bands[2].weight.grad is not None
+
+
+# ----------------------------------------------------------------------------- autocast
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+def test_autocast_runs_the_layer_in_bfloat16(backend):
+    layer = DeFINE(50, 24, input_dim=16, max_dim=64, backend=backend).train()
+    ids = repeated_ids()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(ids)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert layer.layers[0].weight.grad.dtype == torch.float32
+    reference_layer = DeFINE(50, 24, input_dim=16, max_dim=64, backend="reference").train()
+    reference_layer.load_state_dict(layer.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = reference_layer(ids)
+    torch.testing.assert_close(out.float(), expected.float(), rtol=0.05, atol=0.05)
