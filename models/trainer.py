@@ -1,0 +1,693 @@
+"""A task-agnostic training loop: progress, validation, checkpoints, exact resume, signals, NaN stop,
+autocast, gradient clipping and DistributedDataParallel. Language models (``train_lm``) and
+translation use it with their own ``Task``.
+
+    dist = init_distributed()                       # torchrun env vars → process group (gloo on CPU)
+    seed_everything(seed)
+    model = build_model().to(dist.device)
+    trainer = Trainer(model, optimizer, task, TrainConfig(out_dir="runs/x", epochs=3), run_config)
+    result = trainer.fit(resume="runs/x/last.pt")   # or resume=None
+
+A ``Task`` owns the data and the loss (see the Protocol below). Its ``state_dict`` must capture
+its position in the data (and anything carried between batches, e.g. an LSTM's hidden state) so
+that a resumed run sees exactly the batches the uninterrupted run would have seen.
+
+Checkpoints (``last.pt``, ``best.pt`` in ``out_dir``) are written by rank 0 only, atomically
+(temporary file, fsync, ``os.replace``), and hold plain data only: they are read back with
+``torch.load(weights_only=True)``, so a crafted file cannot run code. Each records the run's
+configuration; resuming under a different one is refused, naming the differing settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as torch_dist
+from torch import Tensor, nn
+
+try:
+    from tqdm import tqdm
+except ImportError:  # progress bars are optional
+    tqdm = None
+
+CHECKPOINT_FORMAT = "define_ops.models.trainer/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, unreadable, not plain data, or from another configuration."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss or gradient; the message names the step and the last good checkpoint."""
+
+
+@dataclass
+class StepResult:
+    loss: Tensor  # what backward() sees (may include regularisers)
+    tokens: int  # targets this rank's step covered: the weight of its loss and the tokens/s counter
+    log_loss: Tensor | None = None  # what is logged, e.g. the NLL without AR/TAR (defaults to ``loss``)
+    lr_scale: float = 1.0  # multiplies every group's lr for this step only (AWD-LSTM's variable BPTT)
+
+
+class Task(Protocol):
+    def train_batches(self, epoch: int) -> Iterable[Any]:
+        """Batches of ``epoch``, continuing from the saved position if the task is mid-epoch."""
+
+    def train_step(self, model: nn.Module, batch: Any) -> StepResult:
+        """Forward (through ``model``, possibly DDP-wrapped) and the loss; the trainer does the rest."""
+
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+        """Metrics of ``split`` (already reduced over ranks), including TrainConfig.metric."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many optimizer steps in total (across resumes)
+    eval_every: int = 0  # validate every N steps; 0: at the end of every epoch
+    save_every: int = 0  # also write last.pt every N steps (validation always writes it)
+    log_every: int = 50  # steps per JSON-lines train record
+    clip: float = 0.0  # max gradient norm; 0: no clipping
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; CUDA only) | auto (bf16 on CUDA, else fp32)
+    seed: int = 0
+    metric: str = "loss"  # validation metric that decides best.pt
+    mode: str = "min"  # min | max
+    scheduler_interval: str = "step"  # when scheduler.step() runs: after each "step" or "epoch"
+    test_split: str | None = "test"  # evaluated at the end with the best weights; None: skip
+    progress: bool = True
+    show_ppl: bool = True  # progress bar shows exp(loss)
+    find_unused_parameters: bool = False
+
+
+@dataclass
+class FitResult:
+    status: str  # "done" | "interrupted"
+    step: int
+    epoch: int
+    best: dict[str, Any] = field(default_factory=dict)  # {"value", "step"}
+    valid: dict[str, float] | None = None
+    test: dict[str, float] | None = None
+    tokens_per_s: float = 0.0
+    signal: int | None = None
+
+
+# ------------------------------------------------------------------------------- distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str | None = None) -> Dist:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the process group:
+    NCCL on CUDA, gloo on the CPU. Without those variables: one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        if world > 1:
+            dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if world > 1 and not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, local, dev)
+
+
+def cleanup_distributed() -> None:
+    if torch_dist.is_initialized():
+        # every rank arrives before any tears the group down (otherwise gloo can hang a late rank)
+        with contextlib.suppress(RuntimeError):
+            torch_dist.barrier()
+        torch_dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], dist: Dist) -> list[float]:
+    """Sum floats over ranks (identity in one process); float64 so token counts stay exact."""
+    if not dist.active:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=dist.device)
+    torch_dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _gather(obj: Any, dist: Dist) -> list[Any]:
+    if not dist.active:
+        return [obj]
+    out: list[Any] = [None] * dist.world_size
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+def _barrier(dist: Dist) -> None:
+    if dist.active:
+        torch_dist.barrier()
+
+
+# ------------------------------------------------------------------------------------- RNG
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    with contextlib.suppress(ImportError):
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    with contextlib.suppress(ImportError):
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached))
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        with contextlib.suppress(ImportError):
+            import numpy as np
+
+            kind, keys, pos, has_gauss, cached = state["numpy"]
+            np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+
+
+# ------------------------------------------------------------------------------- checkpoints
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same directory, fsync, then rename over ``path``:
+    a reader (or a crash) never sees a half-written checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint as data only (``weights_only=True``): tensors and plain Python values."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0])
+        raise CheckpointError(
+            f"refusing to load {path}: it is not a plain-data checkpoint or is damaged "
+            f"(only tensors and basic Python values are accepted; loader said: {reason})"
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a checkpoint written by models.trainer (format {CHECKPOINT_FORMAT})")
+    return state
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], ignore: Iterable[str], path: Any = "") -> None:
+    """Raise CheckpointError listing every setting (outside ``ignore``) that differs."""
+    ignored = set(ignore)
+    missing = object()
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        if key in ignored:
+            continue
+        before, now = saved.get(key, missing), current.get(key, missing)
+        if before != now:
+            show = lambda v: "(unset)" if v is missing else repr(v)
+            diffs.append(f"  {key}: checkpoint {show(before)}, this run {show(now)}")
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} was written by a different configuration; refusing to resume from it:\n"
+            + "\n".join(diffs)
+            + "\n(resume with the checkpoint's settings, or start a fresh run in another output directory)"
+        )
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _json_safe(config: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(config))  # tuples → lists, so a reloaded config compares equal
+
+
+# -------------------------------------------------------------------------------------- loop
+class Trainer:
+    """Runs ``task`` on ``model`` with ``optimizer`` (and an optional LR ``scheduler``).
+
+    ``run_config`` (JSON-able) is stored in every checkpoint; on resume every key outside
+    ``resume_ignore`` must match. Optimizers with ``observe(metric)`` (NT-ASGD) are told every
+    validation result; those with an ``averaged()`` context are evaluated under it.
+    The model must already be on ``dist.device``; the trainer wraps it in DDP when world_size > 1
+    and seeds every generator with ``config.seed + rank``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        task: Task,
+        config: TrainConfig,
+        run_config: dict[str, Any],
+        *,
+        scheduler: Any = None,
+        dist: Dist | None = None,
+        resume_ignore: Iterable[str] = (),
+    ) -> None:
+        self.model, self.optimizer, self.task, self.cfg = model, optimizer, task, config
+        self.scheduler, self.dist = scheduler, dist or Dist(device=next(model.parameters()).device)
+        self.run_config = _json_safe(run_config)
+        self.resume_ignore = set(resume_ignore)
+        self.out_dir = Path(config.out_dir)
+        self.precision = self._resolve_precision(config.precision)
+        device = self.dist.device
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.ddp_model: nn.Module = model
+        if self.dist.active:
+            ids = [device.index] if device.type == "cuda" else None
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=ids, find_unused_parameters=config.find_unused_parameters
+            )
+        self.step = 0
+        self.epoch = 0
+        self.best: dict[str, Any] = {"value": None, "step": None}
+        self.last_saved_step: int | None = None
+        self.last_valid_step: int | None = None
+        self.last_valid: dict[str, float] | None = None
+        self.train_time = 0.0
+        self.train_tokens = 0
+        self._signal: int | None = None
+        self._stop = False
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        seed_everything(config.seed + self.dist.rank)
+
+    # ------------------------------------------------------------------ paths and logging
+    @property
+    def last_path(self) -> Path:
+        return self.out_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.out_dir / "best.pt"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one JSON line to metrics.jsonl (rank 0 only)."""
+        if not self.dist.is_main:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        with open(self.metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def print(self, message: str) -> None:
+        if self.dist.is_main:
+            if tqdm is not None:
+                tqdm.write(message)
+            else:
+                print(message, flush=True)
+
+    def _resolve_precision(self, precision: str) -> str:
+        cuda = self.dist.device.type == "cuda"
+        if precision == "auto":
+            return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"unknown precision {precision!r}; choose fp32, bf16, fp16 or auto")
+        if precision != "fp32" and not cuda:
+            raise ValueError(f"{precision} autocast needs a CUDA device; use --precision fp32 on the CPU")
+        return precision
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.dist.device.type, dtype=dtype)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The full checkpoint (collective under DDP: every rank's RNG and task state are gathered)."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.run_config,
+            "world_size": self.dist.world_size,
+            "torch_version": str(torch.__version__),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "trainer": {
+                "step": self.step,
+                "epoch": self.epoch,
+                "best": dict(self.best),
+                "last_valid_step": self.last_valid_step,
+                "last_valid": self.last_valid,
+                "train_time": self.train_time,
+                "train_tokens": self.train_tokens,
+            },
+            "rng": _gather(_to_cpu(rng_state()), self.dist),
+            "task": _gather(_to_cpu(self.task.state_dict()), self.dist),
+        }
+
+    def save_last(self, *, best: bool = False) -> None:
+        state = self.state_dict()  # every rank takes part in the gather
+        if self.dist.is_main:
+            atomic_save(state, self.last_path)
+            if best:  # best.pt = a hard link to this last.pt (no second write); copy where links fail
+                tmp = self.best_path.with_name(f".best.pt.tmp-{os.getpid()}")
+                try:
+                    os.link(self.last_path, tmp)
+                except OSError:
+                    shutil.copyfile(self.last_path, tmp)
+                os.replace(tmp, self.best_path)
+        self.last_saved_step = self.step
+
+    def load(self, path: str | os.PathLike, *, full: bool = True, check_config: bool = True) -> dict[str, Any]:
+        """Restore from ``path``. ``full``: everything needed to continue training (optimizer, scheduler,
+        counters, RNG and data position); otherwise the weights and optimizer (for averaged evaluation)."""
+        state = load_checkpoint(path)
+        if check_config:
+            check_compatible(state["config"], self.run_config, self.resume_ignore, path)
+        if full and state["world_size"] != self.dist.world_size:
+            raise CheckpointError(
+                f"checkpoint {path} was written by {state['world_size']} processes and this run has "
+                f"{self.dist.world_size}; exact resume needs the same number (each one's data shard and RNG)"
+            )
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {exc}") from exc
+        if not full:
+            return state
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"] is not None and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        t = state["trainer"]
+        self.step, self.epoch, self.best = t["step"], t["epoch"], dict(t["best"])
+        self.last_valid_step, self.last_valid = t["last_valid_step"], t["last_valid"]
+        self.train_time, self.train_tokens = t["train_time"], t["train_tokens"]
+        self.last_saved_step = self.step
+        set_rng_state(state["rng"][self.dist.rank])
+        self.task.load_state_dict(state["task"][self.dist.rank])
+        return state
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, split: str) -> dict[str, float]:
+        averaged = getattr(self.optimizer, "averaged", None)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with averaged() if averaged is not None else contextlib.nullcontext(), torch.no_grad(), self.autocast():
+                return self.task.evaluate(self.model, split)
+        finally:
+            self.model.train(was_training)
+
+    def _is_better(self, value: float) -> bool:
+        best = self.best["value"]
+        if best is None:
+            return True
+        return value < best if self.cfg.mode == "min" else value > best
+
+    def _validate(self, *, observe: bool = True) -> dict[str, float]:
+        metrics = self.evaluate("valid")
+        value = metrics[self.cfg.metric]
+        if observe and hasattr(self.optimizer, "observe"):
+            self.optimizer.observe(value)
+        improved = self._is_better(value)
+        if improved:
+            self.best = {"value": value, "step": self.step}
+        self.last_valid_step, self.last_valid = self.step, metrics
+        self.log({"event": "valid", "step": self.step, "epoch": self.epoch, **metrics})
+        mark = " *" if improved else ""
+        self.print(f"| step {self.step:6d} | epoch {self.epoch:3d} | valid {self._fmt(metrics)}{mark}")
+        self.save_last(best=improved)
+        return metrics
+
+    @staticmethod
+    def _fmt(metrics: dict[str, float]) -> str:
+        return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+    # ------------------------------------------------------------------ one step
+    def _train_step(self, batch: Any) -> tuple[float, int, float | None]:
+        with self.autocast():
+            result = self.task.train_step(self.ddp_model, batch)
+        loss = result.loss
+        log_loss = (result.log_loss if result.log_loss is not None else loss).detach().float()
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(log_loss)
+        device = self.dist.device
+        check = torch.stack([
+            log_loss.to(device, torch.float64) * result.tokens,
+            torch.tensor(float(result.tokens), dtype=torch.float64, device=device),
+            (~finite).to(device, torch.float64),
+            torch.tensor(float(self._signal is not None), dtype=torch.float64, device=device),
+        ])  # fmt: skip
+        if self.dist.active:  # one small collective per step: global loss, NaN anywhere, stop anywhere
+            torch_dist.all_reduce(check)
+        loss_sum, tokens, nonfinite, stop = check.tolist()
+        self._stop = stop > 0
+        if nonfinite > 0:
+            self._raise_nonfinite("loss", loss_sum / max(tokens, 1.0))
+        self.scaler.scale(loss).backward()
+        grad_norm = None
+        if self.cfg.clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip))
+            if not math.isfinite(grad_norm) and not self.scaler.is_enabled():  # fp16 skips such steps itself
+                self._raise_nonfinite("gradient norm", grad_norm)
+        saved_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        if result.lr_scale != 1.0:
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["lr"] * result.lr_scale
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        for group, lr in zip(self.optimizer.param_groups, saved_lrs, strict=True):
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None and self.cfg.scheduler_interval == "step":
+            self.scheduler.step()
+        return loss_sum / tokens, int(tokens), grad_norm
+
+    def _raise_nonfinite(self, what: str, value: float) -> None:
+        if self.last_saved_step is not None:
+            kept = f"the last good checkpoint, {self.last_path} (step {self.last_saved_step}), is left as it was"
+        else:
+            kept = "no checkpoint had been written yet"
+        raise NonFiniteLossError(
+            f"non-finite training {what} ({value}) at step {self.step + 1}, epoch {self.epoch}: training stopped "
+            f"without saving; {kept}. Lower the learning rate or enable/tighten gradient clipping, then resume."
+        )
+
+    # ------------------------------------------------------------------ signals
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._signal is not None:  # a second signal: stop now, without a checkpoint
+            raise KeyboardInterrupt
+        self._signal = signum
+        name = signal.Signals(signum).name
+        print(f"\n{name} received: finishing this step, saving a checkpoint, then exiting "
+              f"(send it again to abort without saving)", file=sys.stderr, flush=True)  # fmt: skip
+
+    @contextlib.contextmanager
+    def _signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _should_stop(self) -> bool:
+        # Under DDP every rank must stop at the same step: use the consensus of the last step's
+        # all-reduce. Alone, the local flag is the truth.
+        return self._stop if self.dist.active else self._signal is not None
+
+    # ------------------------------------------------------------------ the loop
+    def _progress_total(self) -> int | None:
+        per_epoch = None
+        with contextlib.suppress(TypeError, AttributeError):
+            per_epoch = self.task.steps_per_epoch()
+        totals = [t for t in (self.cfg.max_steps, per_epoch and per_epoch * self.cfg.epochs) if t]
+        return min(totals) if totals else None
+
+    def _trim_metrics(self) -> None:
+        # A run that died after its last checkpoint logged steps the resumed run will redo.
+        if not (self.dist.is_main and self.metrics_path.exists()):
+            return
+        kept = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                if json.loads(line).get("step", 0) <= self.step:
+                    kept.append(line)
+        self.metrics_path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+
+    def fit(self, resume: str | os.PathLike | None = None, on_step: Callable[[Trainer, float], None] | None = None):
+        """Train until ``epochs`` or ``max_steps``, then test with the best weights.
+
+        Returns a FitResult; status "interrupted" after SIGINT/SIGTERM (last.pt holds the state to
+        resume from). Raises NonFiniteLossError on a NaN/inf loss and CheckpointError on a bad resume.
+        ``on_step(trainer, loss)`` runs after every step (tests use it to inject faults).
+        """
+        cfg = self.cfg
+        if resume is not None:
+            self.load(resume)
+            self._trim_metrics()
+            self.print(f"resumed from {resume} at step {self.step}, epoch {self.epoch}")
+        else:
+            if self.dist.is_main and self.metrics_path.exists():
+                self.metrics_path.unlink()  # a fresh run starts a fresh log
+            self.log({"event": "config", "step": 0, "config": self.run_config, "train": asdict(cfg)})
+        bar = None
+        if tqdm is not None and cfg.progress and self.dist.is_main:
+            bar = tqdm(total=self._progress_total(), initial=self.step, unit="step", dynamic_ncols=True, leave=False)
+        window = {"loss": 0.0, "tokens": 0, "steps": 0, "start": time.perf_counter()}
+        self.model.train()
+        try:
+            with self._signal_handlers():
+                while self.epoch < cfg.epochs and not self._done():
+                    batches = iter(self.task.train_batches(self.epoch))
+                    while not self._done():
+                        if self._should_stop():
+                            return self._interrupted()
+                        started = time.perf_counter()
+                        try:
+                            batch = next(batches)
+                        except StopIteration:
+                            break
+                        loss, tokens, grad_norm = self._train_step(batch)
+                        self.step += 1
+                        elapsed = time.perf_counter() - started
+                        self.train_time += elapsed
+                        self.train_tokens += tokens
+                        window["loss"] += loss * tokens
+                        window["tokens"] += tokens
+                        window["steps"] += 1
+                        self._report(bar, window, grad_norm)
+                        if on_step is not None:
+                            on_step(self, loss)
+                        if cfg.eval_every and self.step % cfg.eval_every == 0:
+                            self._validate()
+                            window["start"] = time.perf_counter()
+                        elif cfg.save_every and self.step % cfg.save_every == 0:
+                            self.save_last()
+                    else:
+                        continue  # max_steps reached
+                    if self._should_stop():
+                        return self._interrupted()
+                    # the epoch's batches are exhausted
+                    self.epoch += 1
+                    if self.scheduler is not None and cfg.scheduler_interval == "epoch":
+                        self.scheduler.step()
+                    if not cfg.eval_every:
+                        self._validate()
+                        window["start"] = time.perf_counter()
+                    else:
+                        self.save_last()
+                return self._finish()
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _done(self) -> bool:
+        return self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
+
+    def _report(self, bar: Any, window: dict[str, Any], grad_norm: float | None) -> None:
+        if not self.dist.is_main:
+            return
+        span = max(time.perf_counter() - window["start"], 1e-9)
+        loss = window["loss"] / max(window["tokens"], 1)
+        tok_s = window["tokens"] / span
+        if bar is not None:
+            ppl = f" ppl {math.exp(min(loss, 50)):.1f}" if self.cfg.show_ppl else ""
+            bar.set_postfix_str(f"ep {self.epoch} loss {loss:.3f}{ppl} {tok_s:,.0f} tok/s", refresh=False)
+            bar.update(1)
+        if window["steps"] >= self.cfg.log_every:
+            record = {
+                "event": "train", "step": self.step, "epoch": self.epoch, "loss": loss, "ppl": math.exp(min(loss, 700)),
+                "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": tok_s, "grad_norm": grad_norm,
+            }  # fmt: skip
+            self.log(record)
+            window.update(loss=0.0, tokens=0, steps=0, start=time.perf_counter())
+
+    def _interrupted(self) -> FitResult:
+        if self.last_saved_step != self.step:
+            self.save_last()
+        signum = self._signal
+        self.log({"event": "interrupted", "step": self.step, "epoch": self.epoch, "signal": signum})
+        self.print(f"stopped at step {self.step}: state saved to {self.last_path}; continue with --resume")
+        return FitResult("interrupted", self.step, self.epoch, dict(self.best), self.last_valid, None,
+                         self._tokens_per_s(), signum)  # fmt: skip
+
+    def _tokens_per_s(self) -> float:
+        # every rank processed the same number of tokens per step
+        return self.train_tokens * self.dist.world_size / self.train_time if self.train_time else 0.0
+
+    def _finish(self) -> FitResult:
+        if self.last_valid_step != self.step:
+            self._validate(observe=False)  # observe only on the schedule, so a later resume stays exact
+        elif self.last_saved_step != self.step:
+            self.save_last()
+        test = None
+        if self.cfg.test_split:
+            _barrier(self.dist)  # best.pt is written by rank 0
+            if self.best["step"] is not None and self.best["step"] != self.step and self.best_path.exists():
+                self.load(self.best_path, full=False, check_config=False)
+            test = self.evaluate(self.cfg.test_split)
+            self.log({"event": "test", "step": self.step, "best_step": self.best["step"], **test})
+            self.print(f"| end | best valid {self.cfg.metric} {self.best['value']:.4g} (step {self.best['step']}) "
+                       f"| {self.cfg.test_split} {self._fmt(test)}")  # fmt: skip
+        tok_s = self._tokens_per_s()
+        self.log({"event": "end", "step": self.step, "epoch": self.epoch, "tokens_per_s": tok_s})
+        return FitResult("done", self.step, self.epoch, dict(self.best), self.last_valid, test, tok_s)

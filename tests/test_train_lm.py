@@ -1,0 +1,170 @@
+"""``python -m models.train_lm``: smoke runs of every architecture × input, real training on a PTB
+slice, overfitting a tiny slice, presets, command-line errors, --eval-only, a real SIGTERM, torchrun."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from models import train_lm
+from models.train_lm import main, parse_args, resolve_config
+from tests.lm_fixtures import REPO, TINY, TINY_DEFINE, one_thread, ptb_slice, write_corpus
+
+_one_thread = pytest.fixture(autouse=True)(one_thread)
+ARCHS = ["lstm", "awd-lstm", "transformer-xl"]
+EMBEDDINGS = ["define", "standard", "adaptive"]
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    return ptb_slice(tmp_path_factory.mktemp("ptb"), train_lines=1500, eval_lines=100)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def argv(arch, corpus_dir, cache_dir, out, *extra):
+    return ["--arch", arch, "--data", str(corpus_dir), "--cache-dir", str(cache_dir), "--out", str(out),
+            *TINY[arch], *TINY_DEFINE, "--no-progress", "--precision", "fp32", *extra]  # fmt: skip
+
+
+def records(out: Path, event: str) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
+@pytest.mark.parametrize("embedding", EMBEDDINGS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dry_run_every_arch_and_input(arch, embedding, corpus_dir, cache_dir, tmp_path, capsys):
+    assert main(argv(arch, corpus_dir, cache_dir, tmp_path, "--embedding", embedding, "--dry-run")) == 0
+    printed = capsys.readouterr().out
+    assert f"{arch} + {embedding}" in printed and "valid ppl" in printed and "test ppl" in printed
+    assert [r["step"] for r in records(tmp_path, "train")] == [1, 2]
+    assert (tmp_path / "last.pt").exists() and (tmp_path / "best.pt").exists()
+
+
+# Learning rates for a few dozen steps of the tiny models (Transformer-XL takes Adam's).
+LEARN = {"lstm": ["--lr", "10"], "awd-lstm": ["--lr", "10", "--variable-bptt", "0"],
+         "transformer-xl": ["--lr", "3e-3", "--warmup-steps", "5"]}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_on_a_ptb_slice_lowers_the_loss(arch, corpus_dir, cache_dir, tmp_path):
+    steps = 60
+    code = main(argv(arch, corpus_dir, cache_dir, tmp_path, "--batch-size", "8", "--bptt", "16", "--max-steps",
+                     str(steps), "--epochs", "50", "--eval-every", "30", "--log-every", "5", "--max-eval-tokens",
+                     "2000", *LEARN[arch]))  # fmt: skip
+    assert code == 0
+    train = [r["loss"] for r in records(tmp_path, "train")]
+    valid = [r["loss"] for r in records(tmp_path, "valid")]
+    vocab = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["config"]["vocab_size"]
+    assert train[0] > math.log(vocab) - 1.5  # starts near uniform
+    assert train[-1] < train[0] - 0.1 * math.log(vocab) and valid[-1] < valid[0] < math.log(vocab)
+    assert records(tmp_path, "test")[0]["ppl"] < math.exp(valid[0])
+
+
+def test_overfits_a_tiny_slice(tmp_path, cache_dir):
+    lines = (REPO / "README.md").read_text().split()[:300]  # any text: 300 words, learnt by heart
+    text = [" ".join(lines[i : i + 15]) + "\n" for i in range(0, 300, 15)]
+    root = write_corpus(tmp_path / "tiny", text, text, text, "plain")
+    code = main(argv("lstm", root, cache_dir, tmp_path / "out", "--layers", "1", "--hidden", "64", "--table-dim", "32",
+                     "--input-dim", "32", "--define-max-dim", "64", "--softmax", "full", "--dropout", "0", "--dropouth",
+                     "0", "--dropouti", "0", "--batch-size", "4", "--bptt", "20", "--epochs", "100", "--max-steps",
+                     "0", "--eval-every", "0", "--optimizer", "adam", "--lr", "0.01", "--log-every", "20"))  # fmt: skip
+    assert code == 0
+    assert records(tmp_path / "out", "test")[0]["ppl"] < 1.5  # valid = test = train: memorised
+
+
+def test_eval_only_reports_the_checkpoint(corpus_dir, cache_dir, tmp_path, capsys):
+    assert main(argv("lstm", corpus_dir, cache_dir, tmp_path, "--max-steps", "4", "--eval-every", "2")) == 0
+    best = records(tmp_path, "test")[0]
+    capsys.readouterr()
+    assert main(["--eval-only", str(tmp_path / "best.pt"), "--cache-dir", str(cache_dir)]) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert report["test"]["ppl"] == pytest.approx(best["ppl"], rel=1e-9)
+
+
+def test_presets_carry_the_paper_settings():
+    table9 = resolve_config(parse_args(["--preset", "lstm_wt103", "--data", "x"]))
+    assert table9["arch"] == "lstm" and table9["optimizer"] == "sgd" and table9["lr"] == 20.0
+    assert (table9["bptt"], table9["batch_size"], table9["epochs"], table9["lr_milestones"]) == (140, 60, 20, [15])
+    assert (table9["layers"], table9["hidden"], table9["define_max_dim"], table9["weight_decay"]) == (4, 1024, 1024, 0)
+    awd = resolve_config(parse_args(["--preset", "awd_ptb", "--data", "x"]))
+    assert (awd["table_dim"], awd["define_max_dim"], awd["define_depth"], awd["input_dim"]) == (128, 1024, 7, 400)
+    assert (awd["optimizer"], awd["lr"], awd["clip"], awd["bptt"], awd["wdrop"], awd["dropoute"]) == (
+        "ntasgd", 30.0, 0.25, 70, 0.5, 0.1)  # fmt: skip
+    assert (awd["batch_size"], awd["dropouti"], awd["dropouth"], awd["seed"], awd["variable_bptt"]) == (
+        20, 0.4, 0.25, 141, True)  # fmt: skip
+    txl = resolve_config(parse_args(["--preset", "txl_wt103", "--data", "x", "--table-dim", "128"]))
+    assert (txl["define_depth"], txl["define_max_dim"], txl["d_model"], txl["table_dim"]) == (3, 4096, 384, 128)
+    assert (txl["mem_len"], txl["bptt"], txl["lr_decay_steps"]) == (150, 150, 200_000)
+
+
+def test_command_line_errors_are_clear(corpus_dir, cache_dir, tmp_path, capsys):
+    def error(*args):
+        assert main(list(args)) == 2
+        return capsys.readouterr().err
+
+    assert "does not exist" in error("--arch", "lstm", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o"))
+    assert "--hidden does not apply to --arch transformer-xl" in error(
+        "--arch", "transformer-xl", "--data", str(corpus_dir), "--hidden", "10")
+    assert "is for --arch awd-lstm" in error("--arch", "lstm", "--preset", "awd_ptb", "--data", str(corpus_dir))
+    assert "--data DIR is required" in error("--arch", "lstm")
+    assert "cutoffs" in error(*argv("lstm", corpus_dir, cache_dir, tmp_path / "c", "--cutoffs", "99999"))
+    assert main(argv("lstm", corpus_dir, cache_dir, tmp_path / "run", "--dry-run")) == 0
+    assert "already holds a checkpoint" in error(*argv("lstm", corpus_dir, cache_dir, tmp_path / "run"))
+    message = error("--resume", str(tmp_path / "run" / "last.pt"), "--hidden", "48")
+    assert "different configuration" in message and "hidden: checkpoint 32, this run 48" in message
+    assert "not a plain-data checkpoint" in error("--eval-only", str(REPO / "README.md"))
+
+
+def _run_cli(args: list[str], **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", "models.train_lm", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)  # fmt: skip
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resume_finishes(corpus_dir, cache_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = _run_cli(argv("lstm", corpus_dir, cache_dir, out, "--max-steps", "100000", "--epochs", "1000",
+                         "--log-every", "1"))  # fmt: skip
+    deadline = time.time() + 60
+    while not ((out / "metrics.jsonl").exists() and records(out, "train")) and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "SIGTERM received" in stderr and "Traceback" not in stderr
+    assert "continue with --resume" in stdout
+    step = records(out, "interrupted")[0]["step"]
+    assert step >= 1 and (out / "last.pt").exists()
+    done = _run_cli(["--resume", str(out / "last.pt"), "--max-steps", str(step + 3), "--no-progress"])
+    stdout, stderr = done.communicate(timeout=120)
+    assert done.returncode == 0, stderr
+    assert "test ppl" in stdout and max(r["step"] for r in records(out, "train")) == step + 3
+
+
+def test_torchrun_two_processes(corpus_dir, cache_dir, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    args = argv("lstm", corpus_dir, cache_dir, tmp_path / "ddp", "--dry-run", "--batch-size", "4")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "models.train_lm", *args]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout and done.stdout.count("test ppl") == 1  # rank 0 reports alone
+    assert [r["step"] for r in records(tmp_path / "ddp", "train")] == [1, 2]
+
+
+def test_auto_cutoffs():
+    assert train_lm.auto_cutoffs(33_278) == [1997, 9983]
+    assert train_lm.auto_cutoffs(50) == []
