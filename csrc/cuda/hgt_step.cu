@@ -1,0 +1,765 @@
+// CUDA forward and backward of one HGT layer step (define_ops::hgt_step), same semantics as
+// csrc/cpu/hgt_step.cpp.
+//
+// Forward, 2 launches per layer: the grouped GEMM is ONE cuBLAS strided-batched call through ATen
+// (at::bmm_out) on strided views (x as [g, T, a/g] with strides (a/g, a, 1), y as [g, T, b/g] with
+// strides (b/g, b, 1)), so nothing is transposed or copied; cuBLAS accumulates bf16/fp16 in fp32
+// and follows torch.backends.cuda.matmul.allow_tf32 for fp32. Then one epilogue kernel: bias →
+// shuffle → per-group LayerNorm → activation → dropout, each result stored at its place in the next
+// layer's mix(e, h) layout, plus the copy of e. The Reduce layer (StepParams::plain) is one
+// at::addmm_out with the bias folded in.
+//
+// Backward, 3 launches per layer: one epilogue-backward kernel (the dropout mask regenerated from
+// the seed, activation and LayerNorm backward, the shuffle undone as addressing, dY written in GEMM
+// order, the bias/γ/β gradients, grad_x prefilled with e's pass-through gradient), then the dgrad
+// GEMM accumulating into grad_x (baddbmm with beta = 1) and the wgrad GEMM.
+//
+// Determinism: no float atomics. Bias/γ/β gradients are summed per block over a fixed set of rows,
+// written to a partials buffer, and after a grid-wide barrier (cooperative launch, so the whole
+// reduction stays inside the one kernel) every column is summed over the blocks in block order.
+// Results are bitwise reproducible for a given device and shape.
+// Per-operator ATen headers only (not ATen/ATen.h): they halve this file's compile time.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+
+#include "../common/epilogue_math.h"
+#include "../common/philox.h"
+#include "../common/step_params.h"
+#include "cuda_utils.cuh"
+
+namespace define_ops {
+namespace {
+
+using cuda::RowCursor;
+using cuda::Vec;
+
+constexpr int kMaxThreads = 256;
+constexpr int kMaxWarps = kMaxThreads / 32;
+// Cap on resident backward blocks per SM: each block adds one row of partial sums that the final
+// reduction reads. Not tuned yet (pending a GPU session).
+constexpr int kBackwardBlocksPerSm = 4;
+// Shared memory ahead of the row stage: warp partial sums of the norm reductions.
+constexpr int kForwardReduceSlots = 2 * kMaxWarps;   // red_sum | red_sq
+constexpr int kBackwardReduceSlots = 4 * kMaxWarps;  // red_dxh[2] | red_dxh_xh[2] (double-buffered)
+
+// The row geometry of one layer in 32-bit ints (widths are checked to be < 2^30 on the host), so
+// the kernels never divide 64-bit numbers per element.
+struct RowShape {
+  int b;           // out_h: GEMM output width
+  int s;           // out_group = b / g: shuffle and norm group size
+  int g;           // groups
+  int a;           // in_width
+  int out_width;   // b, or n + b with the skip
+  int n;           // e_width
+  int ec_in;       // e chunk inside x (carry_e)
+  int hc_in;       // h chunk inside x (carry_e)
+  int ec_out;      // e chunk inside out; 0 without the skip
+  int hc_out;      // h chunk inside out; b without the skip (then h position p is p)
+  bool carry_e;
+  bool shuffle;
+  bool norm;
+  bool dropout;
+  Activation activation;
+};
+
+RowShape make_row_shape(const StepParams& p) {
+  TORCH_CHECK_VALUE(p.in_width < (int64_t{1} << 30) && p.out_width < (int64_t{1} << 30),
+                    "define_ops::hgt_step (CUDA): rows wider than 2^30 features are not supported");
+  RowShape r;
+  r.b = static_cast<int>(p.out_h);
+  r.s = static_cast<int>(p.out_group);
+  r.g = static_cast<int>(p.groups);
+  r.a = static_cast<int>(p.in_width);
+  r.out_width = static_cast<int>(p.out_width);
+  r.n = static_cast<int>(p.e_width);
+  r.carry_e = p.carry_e;
+  r.ec_in = p.carry_e ? static_cast<int>(p.in_layout.e_chunk) : 0;
+  r.hc_in = p.carry_e ? static_cast<int>(p.in_layout.h_chunk) : r.a;
+  r.ec_out = p.carry_e ? static_cast<int>(p.out_layout.e_chunk) : 0;
+  r.hc_out = p.carry_e ? static_cast<int>(p.out_layout.h_chunk) : r.b;
+  r.shuffle = p.shuffle;
+  r.norm = p.norm;
+  r.dropout = p.dropout_p > 0.0;
+  r.activation = p.activation;
+  return r;
+}
+
+// Position of e feature q inside a mix(e, h) row with chunks (ec, hc).
+__device__ __forceinline__ int e_position(int q, int ec, int hc) { return (q / ec) * (ec + hc) + q % ec; }
+
+// Position of h feature cursor (chunk, offset) inside the output row.
+__device__ __forceinline__ int h_position(const RowShape& R, const RowCursor& c) {
+  return c.group * (R.ec_out + R.hc_out) + R.ec_out + c.offset;
+}
+
+__device__ __forceinline__ uint64_t load_seed(const int64_t* seed_ptr, uint64_t seed) {
+  return seed_ptr != nullptr ? static_cast<uint64_t>(*seed_ptr) : seed;
+}
+
+// ============================================================================ forward epilogue
+template <typename scalar_t>
+struct ForwardArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  RowShape R;
+  int64_t tokens;           // T
+  const scalar_t* x;        // [T, a] the layer input (e is copied from it)
+  scalar_t* y;              // [T, b] GEMM output in GEMM order; becomes y + bias (`saved`) when kept
+  scalar_t* out;            // [T, out_width]
+  const scalar_t* bias;     // [b] or null
+  const scalar_t* gamma;    // [s] or null
+  const scalar_t* beta;     // [s] or null
+  acc_t* mean;              // [T, g] or null
+  acc_t* rstd;              // [T, g] or null
+  const int64_t* seed_ptr;  // [1] seed on the device, or null (then `seed` holds it)
+  uint64_t seed;
+  uint32_t threshold;       // a Philox word below it drops the element
+  acc_t keep_scale;         // 1 / (1 - p)
+  acc_t eps;
+  acc_t* workspace;         // [gridDim.x, b + 2g] row stage when it does not fit in shared memory, else null
+  bool keep_saved;          // write y + bias back, rounded; the rest of the row uses the rounded values
+  bool vec_in;              // y and bias rows can be read 16 bytes at a time
+  bool vec_out;             // the four outputs of a quad are contiguous and 4-aligned in out
+};
+
+// One block per row at a time (grid-stride over rows). Per row:
+//   1. v = y + bias in GEMM order, staged in shared memory at its shuffled position;
+//   2. LayerNorm statistics per group: `wpg` warps per group, two passes (mean, then variance);
+//   3. per quad of 4 output features (one Philox call): norm, activation, dropout, store;
+//   4. copy of e from x into its places in the output.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMaxThreads) hgt_step_forward_kernel(const ForwardArgs<scalar_t> A) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int V = 16 / sizeof(scalar_t);
+  acc_t* smem = cuda::shared_memory<acc_t>();
+  acc_t* red_sum = smem;             // [kMaxWarps]
+  acc_t* red_sq = smem + kMaxWarps;  // [kMaxWarps]
+  const RowShape& R = A.R;
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  const int lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
+  acc_t* z = A.workspace != nullptr ? A.workspace + static_cast<int64_t>(blockIdx.x) * (R.b + 2 * R.g)
+                                    : smem + kForwardReduceSlots;  // [b] the row, shuffled order
+  acc_t* mean_s = z + R.b;                                                // [g]
+  acc_t* rstd_s = mean_s + R.g;                                           // [g]
+  // Norm teams: `wpg` consecutive warps reduce one group; the teams take the groups round-robin.
+  const int wpg = R.g >= nwarps ? 1 : nwarps / R.g;
+  const int nteams = nwarps / wpg, team = warp / wpg, rank = warp % wpg;
+  const int rounds = (R.g + nteams - 1) / nteams;
+  const uint64_t seed = R.dropout ? load_seed(A.seed_ptr, A.seed) : 0;
+  const int quads = (R.b + 3) / 4;
+
+  for (int64_t t = blockIdx.x; t < A.tokens; t += gridDim.x) {
+    // ---- 1. bias, `saved`, stage in shuffled order: z[u·g + i] = v[i·s + u]
+    scalar_t* y_row = A.y + t * R.b;
+    if (A.vec_in) {
+      for (int q0 = tid * V; q0 < R.b; q0 += nthreads * V) {
+        Vec<scalar_t, V> yv = *reinterpret_cast<const Vec<scalar_t, V>*>(y_row + q0);
+        Vec<scalar_t, V> bv = yv;
+        if (A.bias != nullptr) bv = *reinterpret_cast<const Vec<scalar_t, V>*>(A.bias + q0);
+        acc_t v[V];
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          v[k] = static_cast<acc_t>(yv.v[k]);
+          if (A.bias != nullptr) v[k] += static_cast<acc_t>(bv.v[k]);
+          if (A.keep_saved) {
+            yv.v[k] = static_cast<scalar_t>(v[k]);
+            v[k] = static_cast<acc_t>(yv.v[k]);
+          }
+        }
+        if (A.keep_saved) *reinterpret_cast<Vec<scalar_t, V>*>(y_row + q0) = yv;
+        RowCursor zc(q0, R.s);
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          z[R.shuffle ? zc.offset * R.g + zc.group : q0 + k] = v[k];
+          zc.next(R.s);
+        }
+      }
+    } else {
+      for (int q = tid; q < R.b; q += nthreads) {
+        acc_t v = static_cast<acc_t>(y_row[q]);
+        if (A.bias != nullptr) v += static_cast<acc_t>(A.bias[q]);
+        if (A.keep_saved) {
+          const scalar_t rounded = static_cast<scalar_t>(v);
+          y_row[q] = rounded;
+          v = static_cast<acc_t>(rounded);
+        }
+        z[R.shuffle ? (q % R.s) * R.g + q / R.s : q] = v;
+      }
+    }
+    __syncthreads();
+
+    // ---- 2. per-group mean and rstd (two passes over the staged row)
+    if (R.norm) {
+      for (int r = 0; r < rounds; ++r) {
+        const int i = team + r * nteams;
+        const bool active = team < nteams && i < R.g;
+        const acc_t* zg = z + (active ? i * R.s : 0);
+        acc_t sum = 0;
+        if (active) {
+          for (int u = rank * 32 + lane; u < R.s; u += wpg * 32) sum += zg[u];
+        }
+        sum = cuda::warp_sum(sum);
+        if (lane == 0) red_sum[warp] = sum;
+        __syncthreads();
+        acc_t mu = 0;
+        if (active) {
+          acc_t total = 0;
+          for (int k = 0; k < wpg; ++k) total += red_sum[team * wpg + k];
+          mu = total / acc_t(R.s);
+        }
+        acc_t sq = 0;
+        if (active) {
+          for (int u = rank * 32 + lane; u < R.s; u += wpg * 32) {
+            const acc_t dev = zg[u] - mu;
+            sq += dev * dev;
+          }
+        }
+        sq = cuda::warp_sum(sq);
+        if (lane == 0) red_sq[warp] = sq;
+        __syncthreads();  // red_sum is rewritten next round only after this barrier
+        if (active && rank == 0 && lane == 0) {
+          acc_t total = 0;
+          for (int k = 0; k < wpg; ++k) total += red_sq[team * wpg + k];
+          const acc_t rs = acc_t(1) / epilogue::sqrt_acc(total / acc_t(R.s) + A.eps);
+          mean_s[i] = mu;
+          rstd_s[i] = rs;
+          A.mean[t * R.g + i] = mu;
+          A.rstd[t * R.g + i] = rs;
+        }
+      }
+      __syncthreads();
+    }
+
+    // ---- 3. norm → activation → dropout → store, four features (one Philox call) per thread
+    scalar_t* out_row = A.out + t * R.out_width;
+    for (int qd = tid; qd < quads; qd += nthreads) {
+      const int p0 = 4 * qd;
+      PhiloxWords words{{0u, 0u, 0u, 0u}};
+      if (R.dropout) words = philox4x32_10(seed, static_cast<uint32_t>(qd), static_cast<uint32_t>(t));
+      RowCursor nc(p0, R.s);
+      RowCursor hc(p0, R.hc_out);
+      const int first_pos = h_position(R, hc);
+      acc_t h[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int pp = p0 + k;
+        acc_t v = pp < R.b ? z[pp] : acc_t(0);
+        if (R.norm && pp < R.b) {
+          v = (v - mean_s[nc.group]) * rstd_s[nc.group] * static_cast<acc_t>(A.gamma[nc.offset]) +
+              static_cast<acc_t>(A.beta[nc.offset]);
+        }
+        v = epilogue::activation_forward(R.activation, v);
+        if (R.dropout) v = words.w[k] >= A.threshold ? v * A.keep_scale : acc_t(0);
+        h[k] = v;
+        if (!A.vec_out && pp < R.b) out_row[h_position(R, hc)] = static_cast<scalar_t>(v);
+        nc.next(R.s);
+        hc.next(R.hc_out);
+      }
+      if (A.vec_out) {  // b % 4 == 0 here, so the quad is whole
+        Vec<scalar_t, 4> packed;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) packed.v[k] = static_cast<scalar_t>(h[k]);
+        *reinterpret_cast<Vec<scalar_t, 4>*>(out_row + first_pos) = packed;
+      }
+    }
+
+    // ---- 4. e: from its places in x to its places in the output
+    if (R.carry_e) {
+      const scalar_t* x_row = A.x + t * R.a;
+      for (int q = tid; q < R.n; q += nthreads) {
+        out_row[e_position(q, R.ec_out, R.hc_out)] = x_row[e_position(q, R.ec_in, R.hc_in)];
+      }
+    }
+    __syncthreads();  // the stage is rewritten by the next row
+  }
+}
+
+template <typename scalar_t>
+void launch_forward(ForwardArgs<scalar_t> args, const at::TensorOptions& options) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const RowShape& R = args.R;
+  const int threads = cuda::row_block_threads(R.b);
+  const int64_t stage = static_cast<int64_t>(R.b) + 2 * R.g;
+  const size_t reduce_bytes = kForwardReduceSlots * sizeof(acc_t);
+  size_t smem = reduce_bytes + static_cast<size_t>(stage) * sizeof(acc_t);
+  const bool stage_in_global = smem > cuda::max_dynamic_smem();
+  if (stage_in_global) smem = reduce_bytes;  // the row stage goes to a global workspace instead
+  auto* kernel = &hgt_step_forward_kernel<scalar_t>;
+  const int per_sm = cuda::blocks_per_sm(kernel, threads, smem);
+  TORCH_CHECK(per_sm > 0, "define_ops::hgt_step (CUDA): the epilogue kernel does not fit on this device");
+  const int64_t grid = std::min<int64_t>(args.tokens, static_cast<int64_t>(per_sm) * cuda::num_sms());
+  at::Tensor workspace;
+  if (stage_in_global) {
+    workspace = at::empty({grid, stage}, options.dtype(c10::CppTypeToScalarType<acc_t>::value));
+    args.workspace = workspace.data_ptr<acc_t>();
+  }
+  cuda::launch_kernel(kernel, grid, threads, smem, args);
+}
+
+// ============================================================================ backward epilogue
+template <typename scalar_t>
+struct BackwardArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  RowShape R;
+  int64_t tokens;             // T
+  const scalar_t* grad_out;   // [T, out_width]
+  const scalar_t* saved;      // [T, b] y + bias in GEMM order, or null (no norm, no activation)
+  const scalar_t* gamma;      // [s] or null
+  const scalar_t* beta;       // [s] or null
+  const acc_t* mean;          // [T, g] or null
+  const acc_t* rstd;          // [T, g] or null
+  const int64_t* seed_ptr;    // [1] seed on the device, or null (then `seed` holds it)
+  uint64_t seed;
+  uint32_t threshold;
+  acc_t keep_scale;
+  scalar_t* dy;               // [T, b] gradient of the GEMM output, GEMM order
+  scalar_t* grad_x;           // [T, a] e's gradient at e's places, zeros elsewhere (carry_e), else null
+  acc_t* partials;            // [gridDim.x, num_partials] per-block sums: d bias | d γ | d β
+  int num_partials;           // (bias ? b : 0) + (norm ? 2s : 0)
+  int gamma_offset;           // column of d γ in partials (d β follows at + s)
+  scalar_t* grad_bias;        // [b] or null
+  scalar_t* grad_gamma;       // [s] or null
+  scalar_t* grad_beta;        // [s] or null
+  acc_t* workspace;           // [gridDim.x, stage] when the stage does not fit in shared memory, else null
+  bool vec_dy;                // dy rows can be written 16 bytes at a time
+};
+
+// One block per row at a time (grid-stride over rows). Per row, with d the gradient in the
+// output's feature order (shuffled) and x̂ the normalized values:
+//   1. d = dropout(grad_out's h part), x̂ and the activation input recomputed from `saved`,
+//      d ·= f'(a);
+//   2. d γ += d·x̂ and d β += d (per u, summed over groups in order);
+//   3. LayerNorm backward per group: d = rstd·(d·γ − mean(d·γ) − x̂·mean(d·γ·x̂));
+//   4. dY[q] = d[zpos(q)] in GEMM order, d bias += dY;
+//   5. grad_x = e's gradient at e's places, zeros elsewhere (the dgrad GEMM adds onto it).
+// Then the per-block sums go to `partials`, the grid synchronizes, and every column is summed
+// over the blocks in block order.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMaxThreads) hgt_step_backward_kernel(const BackwardArgs<scalar_t> A) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int V = 16 / sizeof(scalar_t);
+  acc_t* smem = cuda::shared_memory<acc_t>();
+  acc_t* red_dxh = smem;                     // [2][kMaxWarps]
+  acc_t* red_dxh_xh = smem + 2 * kMaxWarps;  // [2][kMaxWarps]
+  const RowShape& R = A.R;
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  const int lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
+  const int stage = R.b + (R.norm ? R.b : 0) + A.num_partials;
+  acc_t* d = A.workspace != nullptr ? A.workspace + static_cast<int64_t>(blockIdx.x) * stage
+                                    : smem + kBackwardReduceSlots;  // [b] gradient, shuffled order
+  acc_t* xh = d + R.b;                                                    // [b] x̂ (norm only)
+  acc_t* sums = d + R.b + (R.norm ? R.b : 0);                             // [num_partials] this block's sums
+  acc_t* sum_bias = sums;                                                 // [b]
+  acc_t* sum_gamma = sums + A.gamma_offset;                               // [s]
+  acc_t* sum_beta = sum_gamma + R.s;                                      // [s]
+  for (int c = tid; c < A.num_partials; c += nthreads) sums[c] = acc_t(0);
+  const int wpg = R.g >= nwarps ? 1 : nwarps / R.g;
+  const int nteams = nwarps / wpg, team = warp / wpg, rank = warp % wpg;
+  const int rounds = (R.g + nteams - 1) / nteams;
+  const uint64_t seed = R.dropout ? load_seed(A.seed_ptr, A.seed) : 0;
+  const int quads = (R.b + 3) / 4;
+
+  for (int64_t t = blockIdx.x; t < A.tokens; t += gridDim.x) {
+    const scalar_t* go_row = A.grad_out + t * R.out_width;
+    const scalar_t* saved_row = A.saved != nullptr ? A.saved + t * R.b : nullptr;
+    // ---- 1. dropout, activation backward (x̂ recomputed on the way)
+    for (int qd = tid; qd < quads; qd += nthreads) {
+      const int p0 = 4 * qd;
+      PhiloxWords words{{0u, 0u, 0u, 0u}};
+      if (R.dropout) words = philox4x32_10(seed, static_cast<uint32_t>(qd), static_cast<uint32_t>(t));
+      RowCursor hc(p0, R.hc_out);
+      RowCursor nc(p0, R.s);
+      RowCursor sc(p0, R.g);  // shuffled feature p comes from GEMM column (p % g)·s + p / g
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int pp = p0 + k;
+        if (pp < R.b) {
+          acc_t dv = static_cast<acc_t>(go_row[h_position(R, hc)]);
+          if (R.dropout) dv = words.w[k] >= A.threshold ? dv * A.keep_scale : acc_t(0);
+          if (saved_row != nullptr) {
+            acc_t av = static_cast<acc_t>(saved_row[R.shuffle ? sc.offset * R.s + sc.group : pp]);
+            if (R.norm) {
+              const acc_t mu = A.mean[t * R.g + nc.group], rs = A.rstd[t * R.g + nc.group];
+              const acc_t xv = (av - mu) * rs;
+              xh[pp] = xv;
+              av = xv * static_cast<acc_t>(A.gamma[nc.offset]) + static_cast<acc_t>(A.beta[nc.offset]);
+            }
+            dv = epilogue::activation_backward(R.activation, av, dv);
+          }
+          d[pp] = dv;
+        }
+        hc.next(R.hc_out);
+        nc.next(R.s);
+        sc.next(R.g);
+      }
+    }
+    __syncthreads();
+
+    if (R.norm) {
+      // ---- 2. d γ, d β for this row: per feature u of a group, over the groups in order
+      for (int u = tid; u < R.s; u += nthreads) {
+        acc_t dg = 0, db = 0;
+        for (int i = 0; i < R.g; ++i) {
+          const int pp = i * R.s + u;
+          dg += d[pp] * xh[pp];
+          db += d[pp];
+        }
+        sum_gamma[u] += dg;
+        sum_beta[u] += db;
+      }
+      // ---- 3. LayerNorm backward, one group per team; reads of d above end before the first
+      // barrier below, and every write to d comes after one.
+      for (int r = 0; r < rounds; ++r) {
+        const int i = team + r * nteams;
+        const bool active = team < nteams && i < R.g;
+        const int base = active ? i * R.s : 0;
+        acc_t s1 = 0, s2 = 0;
+        if (active) {
+          for (int u = rank * 32 + lane; u < R.s; u += wpg * 32) {
+            const acc_t dxh = d[base + u] * static_cast<acc_t>(A.gamma[u]);
+            s1 += dxh;
+            s2 += dxh * xh[base + u];
+          }
+        }
+        s1 = cuda::warp_sum(s1);
+        s2 = cuda::warp_sum(s2);
+        if (lane == 0) {  // double-buffered: round r + 1 writes the other half
+          red_dxh[(r & 1) * kMaxWarps + warp] = s1;
+          red_dxh_xh[(r & 1) * kMaxWarps + warp] = s2;
+        }
+        __syncthreads();
+        if (active) {
+          acc_t t1 = 0, t2 = 0;
+          for (int k = 0; k < wpg; ++k) {
+            t1 += red_dxh[(r & 1) * kMaxWarps + team * wpg + k];
+            t2 += red_dxh_xh[(r & 1) * kMaxWarps + team * wpg + k];
+          }
+          const acc_t rs = A.rstd[t * R.g + i];
+          const acc_t mean_dxh = t1 / acc_t(R.s), mean_dxh_xh = t2 / acc_t(R.s);
+          for (int u = rank * 32 + lane; u < R.s; u += wpg * 32) {
+            const int pp = base + u;
+            d[pp] = rs * (d[pp] * static_cast<acc_t>(A.gamma[u]) - mean_dxh - xh[pp] * mean_dxh_xh);
+          }
+        }
+      }
+      __syncthreads();
+    }
+
+    // ---- 4. dY in GEMM order (the shuffle undone as addressing), d bias
+    scalar_t* dy_row = A.dy + t * R.b;
+    const bool bias = A.grad_bias != nullptr;
+    if (A.vec_dy) {
+      for (int q0 = tid * V; q0 < R.b; q0 += nthreads * V) {
+        Vec<scalar_t, V> packed;
+        RowCursor zc(q0, R.s);
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          const acc_t dz = d[R.shuffle ? zc.offset * R.g + zc.group : q0 + k];
+          packed.v[k] = static_cast<scalar_t>(dz);
+          if (bias) sum_bias[q0 + k] += dz;
+          zc.next(R.s);
+        }
+        *reinterpret_cast<Vec<scalar_t, V>*>(dy_row + q0) = packed;
+      }
+    } else {
+      for (int q = tid; q < R.b; q += nthreads) {
+        const acc_t dz = d[R.shuffle ? (q % R.s) * R.g + q / R.s : q];
+        dy_row[q] = static_cast<scalar_t>(dz);
+        if (bias) sum_bias[q] += dz;
+      }
+    }
+
+    // ---- 5. grad_x prefill: e's copy in the output hands its gradient straight back
+    if (A.grad_x != nullptr) {
+      scalar_t* gx_row = A.grad_x + t * R.a;
+      const int chunk = R.ec_in + R.hc_in;
+      for (int c = tid; c < R.a; c += nthreads) {
+        const int j = c / chunk, r = c - j * chunk;
+        gx_row[c] = r < R.ec_in ? go_row[e_position(j * R.ec_in + r, R.ec_out, R.hc_out)] : scalar_t(0);
+      }
+    }
+    __syncthreads();  // d and x̂ are rewritten by the next row
+  }
+
+  if (A.num_partials > 0) {  // launched cooperatively: every block reaches the grid barrier
+    acc_t* mine = A.partials + static_cast<int64_t>(blockIdx.x) * A.num_partials;
+    for (int c = tid; c < A.num_partials; c += nthreads) mine[c] = sums[c];
+    cuda::grid_sync();
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * nthreads;
+    for (int64_t c = static_cast<int64_t>(blockIdx.x) * nthreads + tid; c < A.num_partials; c += stride) {
+      double total = 0.0;
+#pragma unroll 8
+      for (unsigned blk = 0; blk < gridDim.x; ++blk) {
+        total += static_cast<double>(cuda::load_uncached(A.partials + static_cast<int64_t>(blk) * A.num_partials + c));
+      }
+      const scalar_t value = static_cast<scalar_t>(static_cast<acc_t>(total));
+      if (c < A.gamma_offset) {
+        A.grad_bias[c] = value;
+      } else if (c < A.gamma_offset + R.s) {
+        A.grad_gamma[c - A.gamma_offset] = value;
+      } else {
+        A.grad_beta[c - A.gamma_offset - R.s] = value;
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void launch_backward(BackwardArgs<scalar_t> args, const at::TensorOptions& options) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const RowShape& R = args.R;
+  const int threads = cuda::row_block_threads(R.b);
+  const int64_t stage = static_cast<int64_t>(R.b) + (R.norm ? R.b : 0) + args.num_partials;
+  const size_t reduce_bytes = kBackwardReduceSlots * sizeof(acc_t);
+  size_t smem = reduce_bytes + static_cast<size_t>(stage) * sizeof(acc_t);
+  const bool stage_in_global = smem > cuda::max_dynamic_smem();
+  if (stage_in_global) smem = reduce_bytes;  // the stage goes to a global workspace instead
+  auto* kernel = &hgt_step_backward_kernel<scalar_t>;
+  const int per_sm = std::min(cuda::blocks_per_sm(kernel, threads, smem), kBackwardBlocksPerSm);
+  TORCH_CHECK(per_sm > 0, "define_ops::hgt_step_backward (CUDA): the epilogue kernel does not fit on this device");
+  // Cooperative launch: the grid must be co-resident, which this occupancy-derived size is.
+  const int64_t grid = std::min<int64_t>(args.tokens, static_cast<int64_t>(per_sm) * cuda::num_sms());
+  const auto acc_options = options.dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor workspace, partials;
+  if (stage_in_global) {
+    workspace = at::empty({grid, stage}, acc_options);
+    args.workspace = workspace.data_ptr<acc_t>();
+  }
+  if (args.num_partials > 0) {
+    TORCH_CHECK(cuda::supports_cooperative_launch(),
+                "define_ops::hgt_step_backward (CUDA): the device does not support cooperative launches");
+    partials = at::empty({grid, args.num_partials}, acc_options);
+    args.partials = partials.data_ptr<acc_t>();
+    cuda::launch_cooperative(kernel, grid, threads, smem, args);
+  } else {
+    cuda::launch_kernel(kernel, grid, threads, smem, args);
+  }
+}
+
+// ============================================================================ op bodies
+// The device seed pointer (read inside the kernels: no host synchronisation) or, for a CPU seed
+// tensor, its value.
+void bind_seed(const std::optional<at::Tensor>& seed, const StepParams& p, const at::Tensor& x,
+               const int64_t** seed_ptr, uint64_t* seed_value) {
+  *seed_ptr = nullptr;
+  *seed_value = 0;
+  if (p.dropout_p == 0.0) return;
+  if (seed->device().is_cpu() && !cuda::kEmulated) {
+    *seed_value = static_cast<uint64_t>(seed->item<int64_t>());
+    return;
+  }
+  TORCH_CHECK_VALUE(seed->device() == x.device(), "define_ops::hgt_step (CUDA): the seed is on ", seed->device(),
+                    " but x is on ", x.device());
+  *seed_ptr = seed->const_data_ptr<int64_t>();
+}
+
+// [T, width] viewed as g groups of `width / g` columns: [g, T, width / g], strides (width / g, width, 1).
+at::Tensor group_view(const at::Tensor& t2d, int64_t groups) {
+  const int64_t tokens = t2d.size(0), width = t2d.size(1), per_group = width / groups;
+  return t2d.as_strided({groups, tokens, per_group}, {per_group, width, 1});
+}
+
+// x_j [T, a/g] @ W_j [a/g, b/g] → y_j for every group: one strided-batched GEMM, no copies.
+void grouped_gemm(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, int64_t groups) {
+  at::Tensor y3 = group_view(y, groups);
+  at::bmm_out(y3, group_view(x, groups), weight);
+}
+
+template <typename acc_t>
+acc_t keep_scale_of(double dropout_p) {
+  return dropout_p > 0.0 ? acc_t(1) / (acc_t(1) - acc_t(dropout_p)) : acc_t(1);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgt_step_cuda(
+    const at::Tensor& x,                           // [T, a]
+    const at::Tensor& weight,                      // [g, a/g, b/g]
+    const std::optional<at::Tensor>& bias,         // [b]
+    const std::optional<at::Tensor>& norm_weight,  // [b/g]
+    const std::optional<at::Tensor>& norm_bias,    // [b/g]
+    const std::optional<at::Tensor>& seed,         // [] int64
+    int64_t e_width, int64_t e_in_chunks, int64_t e_out_chunks, bool shuffle, c10::string_view activation,
+    double dropout_p, double norm_eps) {
+  const StepParams p = make_step_params(x, weight, bias, norm_weight, norm_bias, seed, e_width, e_in_chunks,
+                                        e_out_chunks, shuffle, std::string_view(activation.data(), activation.size()),
+                                        dropout_p, norm_eps);
+  const cuda::DeviceGuard guard(x.device());
+  const RowShape shape = make_row_shape(p);
+  const at::Tensor x_c = x.contiguous();
+  const auto stats_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto empty = [&](at::ScalarType dtype) { return at::empty({0}, x.options().dtype(dtype)); };
+  at::Tensor out = at::empty({p.tokens, p.out_width}, x.options());
+  at::Tensor saved = p.needs_saved() ? at::empty({p.tokens, p.out_h}, x.options()) : empty(x.scalar_type());
+  at::Tensor mean = p.norm ? at::empty({p.tokens, p.groups}, x.options().dtype(stats_dtype)) : empty(stats_dtype);
+  at::Tensor rstd = p.norm ? at::empty({p.tokens, p.groups}, x.options().dtype(stats_dtype)) : empty(stats_dtype);
+  if (p.tokens == 0) return {out, saved, mean, rstd};
+
+  if (p.plain()) {  // the Reduce layer: one GEMM with the bias folded in, straight into out
+    if (p.groups == 1) {
+      if (p.bias) {
+        at::addmm_out(out, *bias, x_c, weight.select(0, 0));
+      } else {
+        at::mm_out(out, x_c, weight.select(0, 0));
+      }
+    } else {
+      grouped_gemm(x_c, weight, out, p.groups);
+      if (p.bias) out.add_(*bias);
+    }
+    return {out, saved, mean, rstd};
+  }
+
+  at::Tensor y = p.needs_saved() ? saved : at::empty({p.tokens, p.out_h}, x.options());  // GEMM order
+  grouped_gemm(x_c, weight, y, p.groups);
+  const at::Tensor bias_c = p.bias ? bias->contiguous() : at::Tensor();
+  const at::Tensor gamma_c = p.norm ? norm_weight->contiguous() : at::Tensor();
+  const at::Tensor beta_c = p.norm ? norm_bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hgt_step_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int V = 16 / sizeof(scalar_t);
+    ForwardArgs<scalar_t> args{};
+    args.R = shape;
+    args.tokens = p.tokens;
+    args.x = x_c.const_data_ptr<scalar_t>();
+    args.y = y.data_ptr<scalar_t>();
+    args.out = out.data_ptr<scalar_t>();
+    args.bias = p.bias ? bias_c.const_data_ptr<scalar_t>() : nullptr;
+    args.gamma = p.norm ? gamma_c.const_data_ptr<scalar_t>() : nullptr;
+    args.beta = p.norm ? beta_c.const_data_ptr<scalar_t>() : nullptr;
+    args.mean = p.norm ? mean.data_ptr<acc_t>() : nullptr;
+    args.rstd = p.norm ? rstd.data_ptr<acc_t>() : nullptr;
+    bind_seed(seed, p, x, &args.seed_ptr, &args.seed);
+    args.threshold = p.dropout_p > 0.0 ? dropout_threshold(p.dropout_p) : 0u;
+    args.keep_scale = keep_scale_of<acc_t>(p.dropout_p);
+    args.eps = acc_t(p.norm_eps);
+    args.workspace = nullptr;
+    args.keep_saved = p.needs_saved();
+    args.vec_in = shape.b % V == 0 && cuda::is_aligned(args.y, 16) &&
+                  (args.bias == nullptr || cuda::is_aligned(args.bias, 16));
+    args.vec_out = shape.b % 4 == 0 && shape.hc_out % 4 == 0 && shape.ec_out % 4 == 0 &&
+                   shape.out_width % 4 == 0 && cuda::is_aligned(args.out, 4 * sizeof(scalar_t));
+    launch_forward<scalar_t>(args, x.options());
+  });
+  return {out, saved, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgt_step_backward_cuda(
+    const at::Tensor& grad_out,                    // [T, out_width]
+    const at::Tensor& x,                           // [T, a]
+    const at::Tensor& weight,                      // [g, a/g, b/g]
+    const std::optional<at::Tensor>& bias,         // [b]
+    const std::optional<at::Tensor>& norm_weight,  // [b/g]
+    const std::optional<at::Tensor>& norm_bias,    // [b/g]
+    const std::optional<at::Tensor>& seed,         // [] int64
+    const at::Tensor& saved,                       // [T, b] pre-norm values, GEMM order (or empty)
+    const at::Tensor& mean,                        // [T, g] (or empty)
+    const at::Tensor& rstd,                        // [T, g] (or empty)
+    int64_t e_width, int64_t e_in_chunks, int64_t e_out_chunks, bool shuffle, c10::string_view activation,
+    double dropout_p, double norm_eps) {
+  const StepParams p = make_step_params(x, weight, bias, norm_weight, norm_bias, seed, e_width, e_in_chunks,
+                                        e_out_chunks, shuffle, std::string_view(activation.data(), activation.size()),
+                                        dropout_p, norm_eps);
+  const cuda::DeviceGuard guard(x.device());
+  const RowShape shape = make_row_shape(p);
+  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == p.tokens && grad_out.size(1) == p.out_width,
+                    "define_ops::hgt_step_backward: grad_out must be [", p.tokens, ", ", p.out_width, "], got ",
+                    grad_out.sizes());
+  TORCH_CHECK_VALUE(grad_out.device() == x.device() && grad_out.scalar_type() == x.scalar_type(),
+                    "define_ops::hgt_step_backward: grad_out must match x's device and dtype");
+  if (p.needs_saved()) {
+    TORCH_CHECK_VALUE(saved.dim() == 2 && saved.size(0) == p.tokens && saved.size(1) == p.out_h,
+                      "define_ops::hgt_step_backward: saved must be [", p.tokens, ", ", p.out_h, "]");
+  }
+  const auto stats_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (p.norm) {
+    TORCH_CHECK_VALUE(mean.numel() == p.tokens * p.groups && rstd.numel() == p.tokens * p.groups &&
+                          mean.scalar_type() == stats_dtype && rstd.scalar_type() == stats_dtype,
+                      "define_ops::hgt_step_backward: mean and rstd must be [", p.tokens, ", ", p.groups, "] ",
+                      stats_dtype);
+  }
+  const auto opts = x.options();
+  at::Tensor grad_x = at::empty({p.tokens, p.in_width}, opts);
+  // Same layout as the weight (the Reduce layer passes a transposed view of nn.Linear's weight).
+  at::Tensor grad_weight = at::empty_like(weight, at::MemoryFormat::Preserve);
+  at::Tensor grad_bias = p.bias ? at::empty({p.out_h}, opts) : at::empty({0}, opts);
+  at::Tensor grad_gamma = p.norm ? at::empty({p.out_group}, opts) : at::empty({0}, opts);
+  at::Tensor grad_beta = p.norm ? at::empty({p.out_group}, opts) : at::empty({0}, opts);
+  if (p.tokens == 0) {  // sums over no rows
+    grad_weight.zero_();
+    grad_bias.zero_();
+    grad_gamma.zero_();
+    grad_beta.zero_();
+    return {grad_x, grad_weight, grad_bias, grad_gamma, grad_beta};
+  }
+  const at::Tensor x_c = x.contiguous();
+  const at::Tensor g_c = grad_out.contiguous();
+
+  at::Tensor dy;
+  if (p.plain()) {
+    dy = g_c;
+    if (p.bias) grad_bias = g_c.sum(0);
+  } else {
+    dy = at::empty({p.tokens, p.out_h}, opts);
+    const at::Tensor saved_c = p.needs_saved() ? saved.contiguous() : at::Tensor();
+    const at::Tensor mean_c = p.norm ? mean.contiguous() : at::Tensor();
+    const at::Tensor rstd_c = p.norm ? rstd.contiguous() : at::Tensor();
+    const at::Tensor gamma_c = p.norm ? norm_weight->contiguous() : at::Tensor();
+    const at::Tensor beta_c = p.norm ? norm_bias->contiguous() : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hgt_step_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      constexpr int V = 16 / sizeof(scalar_t);
+      BackwardArgs<scalar_t> args{};
+      args.R = shape;
+      args.tokens = p.tokens;
+      args.grad_out = g_c.const_data_ptr<scalar_t>();
+      args.saved = p.needs_saved() ? saved_c.const_data_ptr<scalar_t>() : nullptr;
+      args.gamma = p.norm ? gamma_c.const_data_ptr<scalar_t>() : nullptr;
+      args.beta = p.norm ? beta_c.const_data_ptr<scalar_t>() : nullptr;
+      args.mean = p.norm ? mean_c.const_data_ptr<acc_t>() : nullptr;
+      args.rstd = p.norm ? rstd_c.const_data_ptr<acc_t>() : nullptr;
+      bind_seed(seed, p, x, &args.seed_ptr, &args.seed);
+      args.threshold = p.dropout_p > 0.0 ? dropout_threshold(p.dropout_p) : 0u;
+      args.keep_scale = keep_scale_of<acc_t>(p.dropout_p);
+      args.dy = dy.data_ptr<scalar_t>();
+      args.grad_x = p.carry_e ? grad_x.data_ptr<scalar_t>() : nullptr;
+      args.partials = nullptr;
+      args.num_partials = static_cast<int>((p.bias ? p.out_h : 0) + (p.norm ? 2 * p.out_group : 0));
+      args.gamma_offset = static_cast<int>(p.bias ? p.out_h : 0);
+      args.grad_bias = p.bias ? grad_bias.data_ptr<scalar_t>() : nullptr;
+      args.grad_gamma = p.norm ? grad_gamma.data_ptr<scalar_t>() : nullptr;
+      args.grad_beta = p.norm ? grad_beta.data_ptr<scalar_t>() : nullptr;
+      args.workspace = nullptr;
+      args.vec_dy = shape.b % V == 0 && cuda::is_aligned(args.dy, 16);
+      launch_backward<scalar_t>(args, opts);
+    });
+  }
+
+  // dgrad: grad_x_j (+)= dY_j @ W_jᵀ, one strided-batched GEMM; with the skip it accumulates onto
+  // the e gradient the epilogue kernel put in place (beta = 1).
+  const at::Tensor dy3 = group_view(dy, p.groups);
+  at::Tensor grad_x3 = group_view(grad_x, p.groups);
+  if (p.carry_e) {
+    grad_x3.baddbmm_(dy3, weight.transpose(1, 2));
+  } else {
+    at::bmm_out(grad_x3, dy3, weight.transpose(1, 2));
+  }
+  // wgrad: dW_j = x_jᵀ @ dY_j, one strided-batched GEMM.
+  at::bmm_out(grad_weight, group_view(x_c, p.groups).transpose(1, 2), dy3);
+  return {grad_x, grad_weight, grad_bias, grad_gamma, grad_beta};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(define_ops, CUDA, m) {
+  m.impl("hgt_step", &hgt_step_cuda);
+  m.impl("hgt_step_backward", &hgt_step_backward_cuda);
+}
+
+}  // namespace define_ops
