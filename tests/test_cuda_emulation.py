@@ -1,0 +1,148 @@
+"""The CUDA kernels' own code, run on CPU threads (csrc/emulation/cuda_emulation.h), against the C++ CPU ops.
+
+No GPU here: this is how CI executes the CUDA backend's index math, barriers, warp and block
+reductions, grid barrier and host launchers. The sources in csrc/cuda/ are compiled as C++ into
+a test-only library whose ops live under ``torch.ops.define_ops_emu`` (CPU tensors, no autograd),
+and every output and gradient is compared with the CPU op of the same name. The emulated device
+has 2 SMs with 2 blocks each, so each block walks several rows; ``DEFINE_OPS_EMU_SMEM`` shrinks
+its shared memory to run the global-workspace fallback. What it cannot show (memory model, warp
+scheduling, speed) is left to tests/test_cuda.py on a GPU.
+
+Building the library takes about a minute the first time (cached in torch's extension directory).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import HAS_CPU_KERNELS, assert_within_reference_error, max_err
+from .test_ops import LAYOUTS, OPTIONS, _op_args, make_step_inputs
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+
+pytestmark = [
+    pytest.mark.skipif(not HAS_CPU_KERNELS, reason="compiled CPU kernels not loaded (the comparison baseline)"),
+    pytest.mark.skipif(os.environ.get("DEFINE_OPS_SKIP_EMULATION") == "1", reason="DEFINE_OPS_SKIP_EMULATION=1"),
+]
+
+
+@functools.cache
+def emulated_ops():
+    from torch.utils.cpp_extension import load
+
+    load(
+        name="define_ops_cuda_emulation",
+        sources=[str(CSRC / "emulation" / f"{name}.cpp") for name in ("emu_schemas", "emu_hgt_step", "emu_embedding")],
+        extra_include_paths=[str(CSRC)],
+        extra_cflags=["-O1", "-std=c++20", "-DDEFINE_OPS_CUDA_EMULATION", "-Wno-unknown-pragmas"],
+        is_python_module=False,
+    )
+    return torch.ops.define_ops_emu
+
+
+def forward_backward(ops, tensors, params, grad_seed=0):
+    """(out, saved, mean, rstd, grad_x, grad_weight, grad_bias, grad_gamma, grad_beta) of one step."""
+    args = _op_args(tensors, params)
+    outputs = ops.hgt_step(*args)
+    gen = torch.Generator().manual_seed(grad_seed)
+    grad = torch.randn(outputs[0].shape, generator=gen, dtype=torch.float64).to(outputs[0].dtype)
+    grads = ops.hgt_step_backward(grad, *args[:6], *outputs[1:], *args[6:])
+    return list(outputs) + list(grads)
+
+
+NAMES = ["out", "saved", "mean", "rstd", "grad_x", "grad_weight", "grad_bias", "grad_gamma", "grad_beta"]
+
+
+def assert_same_layout(ours, theirs):
+    for name, a, b in zip(NAMES, ours, theirs, strict=True):
+        assert (a.shape, a.dtype, a.stride()) == (b.shape, b.dtype, b.stride()), name
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 37])
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(str(v) for v in o))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_hgt_step_float64_matches_cpu(layout, options, tokens):
+    tensors, params = make_step_inputs(layout, options, tokens, torch.float64)
+    ours = forward_backward(emulated_ops(), tensors, params)
+    cpu = forward_backward(torch.ops.define_ops, tensors, params)
+    assert_same_layout(ours, cpu)
+    for name, a, b in zip(NAMES, ours, cpu, strict=True):
+        assert max_err(a, b) <= 1e-10 * max(1.0, b.abs().max().item() if b.numel() else 1.0), name
+
+
+@pytest.mark.parametrize("smem", ["64", "200"], ids=["stage-in-global", "tight"])
+@pytest.mark.parametrize("layout", ["first-layer", "eight-groups", "dense-last"])
+def test_hgt_step_global_workspace_fallback(monkeypatch, layout, smem):
+    """With too little shared memory for the row stage, the kernels keep it in a global workspace."""
+    monkeypatch.setenv("DEFINE_OPS_EMU_SMEM", smem)
+    tensors, params = make_step_inputs(layout, OPTIONS[2], 23, torch.float64)
+    try:
+        ours = forward_backward(emulated_ops(), tensors, params)
+    except RuntimeError as error:  # "tight" may not even fit the reduction slots
+        assert "shared memory" in str(error)
+        return
+    cpu = forward_backward(torch.ops.define_ops, tensors, params)
+    for name, a, b in zip(NAMES, ours, cpu, strict=True):
+        assert max_err(a, b) <= 1e-10 * max(1.0, b.abs().max().item() if b.numel() else 1.0), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("options", OPTIONS[1:4], ids=lambda o: "-".join(str(v) for v in o))
+@pytest.mark.parametrize("layout", ["first-layer", "mix-middle", "eight-groups"])
+def test_hgt_step_low_precision_within_cpu_error(layout, options, dtype):
+    """Within 2x the CPU op's own error against float64 (fp16 is left to the GPU tests: ATen's
+    fp16 GEMM on the CPU is not a path worth a bound)."""
+    tensors, params = make_step_inputs(layout, options, 53, torch.float64)
+    low = {k: v.to(dtype) if v is not None else None for k, v in tensors.items()}
+    high = forward_backward(torch.ops.define_ops, tensors, params)
+    ours = forward_backward(emulated_ops(), low, params)
+    theirs = forward_backward(torch.ops.define_ops, low, params)
+    floor = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for name, a, b, h in zip(NAMES, ours, theirs, high, strict=True):
+        if name in ("mean", "rstd") or not h.numel():
+            continue
+        assert_within_reference_error(a, b, h, floor=floor, what=name)
+
+
+def test_backward_is_bitwise_deterministic():
+    tensors, params = make_step_inputs("first-layer", OPTIONS[2], 37, torch.float32)
+    first = forward_backward(emulated_ops(), tensors, params)
+    again = forward_backward(emulated_ops(), tensors, params)
+    for name, a, b in zip(NAMES, first, again, strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("width", [12, 16, 3])
+@pytest.mark.parametrize("padding_idx", [None, 3])
+@pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
+def test_embedding_matches_cpu(padding_idx, ids_dtype, width, dtype):
+    weight = torch.randn(20, width, dtype=torch.float64).to(dtype)
+    ids = torch.tensor([[3, 0, 19, 3], [3, 7, 3, 5], [19, 19, 19, 19], [3, 3, 3, 3]], dtype=ids_dtype)
+    grad = torch.randn(ids.numel(), width, dtype=torch.float64).to(dtype)
+    for ops_ids in (ids, ids[:0]):
+        e = emulated_ops().embedding_lookup(weight, ops_ids.reshape(-1), padding_idx, 2.5)
+        e_cpu = torch.ops.define_ops.embedding_lookup(weight, ops_ids.reshape(-1), padding_idx, 2.5)
+        assert torch.equal(e, e_cpu)
+        g = emulated_ops().embedding_lookup_backward(grad[: ops_ids.numel()], ops_ids, 20, padding_idx, 2.5)
+        g_cpu = torch.ops.define_ops.embedding_lookup_backward(grad[: ops_ids.numel()], ops_ids, 20, padding_idx, 2.5)
+        tol = 1e-12 if dtype == torch.float64 else 1e-2
+        assert g.shape == g_cpu.shape and g.dtype == g_cpu.dtype
+        assert max_err(g, g_cpu) <= tol * max(1.0, g_cpu.abs().max().item())
+    if padding_idx is not None:
+        assert (g[padding_idx] == 0).all()
+
+
+def test_embedding_out_of_range_ids_give_nan_rows_and_no_gradient():
+    weight = torch.randn(10, 8)
+    ids = torch.tensor([1, 10, -1, 2])
+    e = emulated_ops().embedding_lookup(weight, ids, None, 1.0)
+    assert torch.equal(e[0], weight[1]) and torch.equal(e[3], weight[2])
+    assert e[1].isnan().all() and e[2].isnan().all()
+    g = emulated_ops().embedding_lookup_backward(torch.ones(4, 8), ids, 10, None, 1.0)
+    assert g.sum().item() == 16.0 and (g[1] == 1).all() and (g[2] == 1).all()
