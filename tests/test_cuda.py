@@ -1,0 +1,266 @@
+"""The CUDA backend on a GPU against the reference: every output and gradient, presets, the option
+grid, awkward shapes, low precision, opcheck, torch.compile, determinism, no host syncs, launch counts.
+
+Skipped without a CUDA device (tests/test_cuda_emulation.py runs the same kernel code on CPU
+threads). Low-precision tolerances: at most 2x the reference's own error in that precision
+against float64 (tests/conftest.py), plus a floor relative to the magnitude.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import define_ops
+from define_ops import PRESETS, DeFINE, DeFINEConfig, perf
+
+from .conftest import assert_within_reference_error, max_err
+from .test_ops import LAYOUTS, OPTIONS, _op_args, make_step_inputs, run_step
+
+HAS_CUDA_BACKEND = torch.cuda.is_available() and "cuda" in define_ops.available_backends("cuda")
+pytestmark = pytest.mark.skipif(not HAS_CUDA_BACKEND, reason="needs a CUDA device and the compiled CUDA kernels")
+DEVICE = "cuda"
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return max_err(a, b) / max(1.0, b.abs().max().item()) if b.numel() else 0.0
+
+
+# ----------------------------------------------------------------------------- the op, float64
+@pytest.mark.parametrize("tokens", [0, 1, 37, 4099])
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(str(v) for v in o))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_step_float64_matches_reference(layout, options, tokens):
+    tensors, params = make_step_inputs(layout, options, tokens, torch.float64, DEVICE)
+    out_ref, grads_ref = run_step("reference", tensors, params)
+    out, grads = run_step("cuda", tensors, params)
+    assert out.shape == out_ref.shape and out.is_contiguous()
+    assert relative(out, out_ref) <= 1e-10
+    for name, g_ref in grads_ref.items():
+        assert grads[name] is not None and grads[name].shape == g_ref.shape, name
+        assert relative(grads[name], g_ref) <= 1e-10, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(str(v) for v in o))
+@pytest.mark.parametrize("layout", ["first-layer", "mix-middle", "eight-groups", "dense-last"])
+def test_step_low_precision_within_reference_error(layout, options, dtype):
+    tensors, params = make_step_inputs(layout, options, 301, torch.float64, DEVICE)
+    low = {k: v.to(dtype) if v is not None else None for k, v in tensors.items()}
+    out_hi, grads_hi = run_step("reference", tensors, params)
+    out_ref, grads_ref = run_step("reference", low, params)
+    out, grads = run_step("cuda", low, params)
+    floor = {torch.float32: 1e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    assert_within_reference_error(out, out_ref, out_hi, floor=floor, what="out")
+    for name in grads_hi:
+        assert_within_reference_error(grads[name], grads_ref[name], grads_hi[name], floor=floor, what=name)
+
+
+def test_wide_layers_use_the_global_workspace_path():
+    """A 16384-wide single-group layer: the backward's stage (3 rows of fp32 + γ/β sums) exceeds
+    any SM's shared memory, so the kernels stage rows in a global workspace."""
+    x = torch.randn(33, 512, device=DEVICE, dtype=torch.float64)
+    weight = torch.randn(1, 512, 16384, device=DEVICE, dtype=torch.float64) * 512**-0.5
+    tensors = dict(
+        x=x, weight=weight, bias=torch.randn(16384, device=DEVICE, dtype=torch.float64) * 0.1,
+        norm_weight=torch.ones(16384, device=DEVICE, dtype=torch.float64),
+        norm_bias=torch.zeros(16384, device=DEVICE, dtype=torch.float64),
+    )  # fmt: skip
+    params = dict(seed=torch.tensor(5, device=DEVICE), e_width=0, e_in_chunks=0, e_out_chunks=0, shuffle=False,
+                  activation="gelu", dropout_p=0.1)  # fmt: skip
+    out_ref, grads_ref = run_step("reference", tensors, params)
+    out, grads = run_step("cuda", tensors, params)
+    assert relative(out, out_ref) <= 1e-10
+    for name, g_ref in grads_ref.items():
+        assert relative(grads[name], g_ref) <= 1e-10, name
+
+
+@pytest.mark.slow
+def test_int64_row_offsets():
+    """T · out_width > 2^31: row offsets must be 64-bit (bf16, about 13 GB of GPU memory)."""
+    tokens, width = (1 << 21) + 3, 1032
+    x = torch.randn(tokens, 16, device=DEVICE, dtype=torch.bfloat16)
+    weight = torch.randn(1, 16, width - 16, device=DEVICE, dtype=torch.bfloat16)
+    out = define_ops.hgt_step(x, weight, e_width=16, e_in_chunks=1, e_out_chunks=1, activation="relu", backend="cuda")
+    tail = slice(tokens - 5, tokens)
+    expected = define_ops.hgt_step(x[tail], weight, e_width=16, e_in_chunks=1, e_out_chunks=1, activation="relu",
+                                   backend="reference")  # fmt: skip
+    assert out.shape == (tokens, width)
+    torch.testing.assert_close(out[tail], expected, rtol=2e-2, atol=2e-2)
+
+
+def test_no_host_synchronisation_in_the_step():
+    """The dropout seed is read on the device: forward and backward never wait for the GPU."""
+    tensors, params = make_step_inputs("first-layer", OPTIONS[2], 64, torch.float32, DEVICE)
+    leaves = {k: v.requires_grad_(True) for k, v in tensors.items() if v is not None}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = define_ops.hgt_step(**leaves, **params, backend="cuda")
+        out.backward(torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_backward_is_bitwise_deterministic():
+    tensors, params = make_step_inputs("first-layer", OPTIONS[2], 20000, torch.bfloat16, DEVICE)
+    first = run_step("cuda", tensors, params)
+    again = run_step("cuda", tensors, params)
+    assert torch.equal(first[0], again[0])
+    for name in first[1]:
+        assert torch.equal(first[1][name], again[1][name]), name
+    ids = torch.randint(0, 50, (20000,), device=DEVICE)  # heavy repetition
+    grad = torch.randn(20000, 64, device=DEVICE, dtype=torch.bfloat16)
+    g1 = torch.ops.define_ops.embedding_lookup_backward(grad, ids, 500, None, 1.5)
+    g2 = torch.ops.define_ops.embedding_lookup_backward(grad, ids, 500, None, 1.5)
+    assert torch.equal(g1, g2)
+
+
+# ----------------------------------------------------------------------------- the embedding op
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [3, 16, 256])
+@pytest.mark.parametrize("padding_idx", [None, 3])
+@pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
+def test_embedding_matches_reference(ids_dtype, padding_idx, width, dtype):
+    weight = torch.randn(1000, width, device=DEVICE, dtype=torch.float64)
+    ids = torch.randint(0, 40, (7, 301), device=DEVICE, dtype=ids_dtype)
+    ids[0, :5] = 3
+    results = []
+    for backend in ("reference", "cuda"):
+        w = weight.to(dtype).requires_grad_(True)
+        e = define_ops.embedding_lookup(w, ids, padding_idx, 2.5, backend=backend)
+        e.backward(torch.linspace(-1, 1, e.numel(), device=DEVICE, dtype=torch.float64).reshape(e.shape).to(dtype))
+        results.append((e.detach(), w.grad))
+    (e_ref, g_ref), (e, g) = results
+    assert e.shape == (7, 301, width) and g.shape == (1000, width)
+    assert torch.equal(e, e_ref)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    assert relative(g, g_ref) <= tol
+    if padding_idx is not None:
+        assert (g[padding_idx] == 0).all()
+
+
+def test_embedding_out_of_range_ids_give_nan_rows_not_a_crash():
+    weight = torch.randn(10, 8, device=DEVICE)
+    e = torch.ops.define_ops.embedding_lookup(weight, torch.tensor([1, 10, -1], device=DEVICE), None, 1.0)
+    torch.cuda.synchronize()
+    assert torch.equal(e[0], weight[1]) and e[1:].isnan().all()
+
+
+# ----------------------------------------------------------------------------- the module
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_float64_match_reference(preset):
+    config = DeFINEConfig.from_preset(preset, num_embeddings=300)
+    ref = DeFINE.from_config(config, backend="reference", device=DEVICE, dtype=torch.float64)
+    fast = DeFINE.from_config(config, backend="cuda", device=DEVICE, dtype=torch.float64)
+    fast.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, 300, (3, 41), device=DEVICE)
+    for training in (False, True):
+        results = []
+        for module in (ref, fast):
+            module.train(training).zero_grad(set_to_none=True)
+            torch.manual_seed(0)
+            out = module(ids)
+            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=out.dtype).to(DEVICE))
+            results.append((out.detach(), {n: p.grad for n, p in module.named_parameters()}))
+        (out_ref, g_ref), (out, g) = results
+        assert relative(out, out_ref) <= 1e-10
+        for name in g_ref:
+            assert relative(g[name], g_ref[name]) <= 1e-10, name
+
+
+@pytest.mark.parametrize(
+    "schedule,width_rule,skip,shuffle",
+    list(itertools.product(["halving", "cyclic"], ["paper", "linspace"], ["mix", "concat", "none"], [False, True])),
+)
+def test_option_grid_float64_matches_reference(schedule, width_rule, skip, shuffle):
+    for norm, activation in [("layer", "gelu"), (None, None), (None, "swish"), ("layer", "relu")]:
+        config = DeFINEConfig(
+            97, 40, input_dim=16, max_dim=96, depth=4, max_groups=8, group_schedule=schedule, width_rule=width_rule,
+            skip=skip, skip_into_reduce=skip != "none", shuffle=shuffle, norm=norm, activation=activation,
+            dropout=0.2, padding_idx=5,
+        )  # fmt: skip
+        ref = DeFINE.from_config(config, backend="reference", device=DEVICE, dtype=torch.float64).train()
+        fast = DeFINE.from_config(config, backend="cuda", device=DEVICE, dtype=torch.float64).train()
+        fast.load_state_dict(ref.state_dict())
+        ids = torch.randint(0, 97, (29,), device=DEVICE)
+        ids[3] = 5
+        outs = []
+        for module in (ref, fast):
+            torch.manual_seed(1)
+            out = module(ids)
+            out.sum().backward()
+            outs.append((out.detach(), {n: p.grad for n, p in module.named_parameters()}))
+        assert relative(outs[1][0], outs[0][0]) <= 1e-10
+        for name in outs[0][1]:
+            assert relative(outs[1][1][name], outs[0][1][name]) <= 1e-10, name
+
+
+def test_torch_compile_fullgraph():
+    config = DeFINEConfig.from_preset("nmt_wmt14", num_embeddings=200, depth=3)
+    eager = DeFINE.from_config(config, backend="cuda", device=DEVICE).train()
+    compiled = torch.compile(eager, fullgraph=True, dynamic=False)
+    ids = torch.randint(0, 200, (6, 7), device=DEVICE)
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        out = compiled(ids)
+        out.sum().backward()
+        assert eager.weight.grad is not None and eager.layers[0].weight.grad is not None
+        eager.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids), eager(ids))
+
+
+# ----------------------------------------------------------------------------- opcheck
+def _cuda_samples():
+    cases = [("first-layer", OPTIONS[2], 9), ("mix-middle", OPTIONS[4], 6), ("no-skip", OPTIONS[0], 4),
+             ("concat-grouped", OPTIONS[3], 0), ("eight-groups", OPTIONS[5], 1)]  # fmt: skip
+    return [make_step_inputs(layout, options, tokens, torch.float32, DEVICE) for layout, options, tokens in cases]
+
+
+@pytest.mark.parametrize("sample", range(5))
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_hgt_step(sample, requires_grad):
+    tensors, params = _cuda_samples()[sample]
+    if requires_grad:
+        tensors = {k: v.requires_grad_(True) if v is not None else None for k, v in tensors.items()}
+    torch.library.opcheck(torch.ops.define_ops.hgt_step.default, _op_args(tensors, params))
+
+
+@pytest.mark.parametrize("sample", range(5))
+def test_opcheck_hgt_step_backward(sample):
+    tensors, params = _cuda_samples()[sample]
+    args = _op_args(tensors, params)
+    out, saved, mean, rstd = torch.ops.define_ops.hgt_step(*args)
+    grad = torch.randn_like(out)
+    backward_args = (grad, *args[:6], saved, mean, rstd, *args[6:])
+    torch.library.opcheck(torch.ops.define_ops.hgt_step_backward.default, backward_args)
+
+
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_opcheck_embedding(padding_idx):
+    weight = torch.randn(10, 8, device=DEVICE, requires_grad=True)
+    ids = torch.tensor([1, 2, 9, 2, 0], device=DEVICE)
+    torch.library.opcheck(torch.ops.define_ops.embedding_lookup.default, (weight, ids, padding_idx, 1.5))
+    grad = torch.randn(5, 8, device=DEVICE)
+    torch.library.opcheck(torch.ops.define_ops.embedding_lookup_backward.default, (grad, ids, 10, padding_idx, 1.5))
+
+
+# ----------------------------------------------------------------------------- launch budget
+@pytest.mark.parametrize("layout", ["first-layer", "mix-middle", "no-skip"])
+def test_one_fused_kernel_per_step_and_pass(layout):
+    """Ours: exactly one kernel in the forward and one in the backward of a step; everything else
+    is the GEMMs (reported: cuBLAS may add a split-K reduction kernel for some shapes)."""
+    tensors, params = make_step_inputs(layout, OPTIONS[2], 1000, torch.bfloat16, DEVICE)
+    args = _op_args(tensors, params)
+    forward = perf.kernel_launches(lambda: torch.ops.define_ops.hgt_step(*args))
+    out, saved, mean, rstd = torch.ops.define_ops.hgt_step(*args)
+    grad = torch.randn_like(out)
+    backward = perf.kernel_launches(
+        lambda: torch.ops.define_ops.hgt_step_backward(grad, *args[:6], saved, mean, rstd, *args[6:])
+    )
+    print(f"\n{layout}: forward {forward}\nbackward {backward}")
+    assert len(perf.ours(forward["kernels"])) == 1 and len(perf.ours(backward["kernels"])) == 1
+    assert forward["memcpys"] == 0 and backward["memcpys"] == 0
+    assert len(forward["kernels"]) <= 3 and len(backward["kernels"]) <= 5  # 2 and 3 unless cuBLAS splits K
