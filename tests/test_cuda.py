@@ -29,10 +29,21 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------- the op, float64
-@pytest.mark.parametrize("tokens", [0, 1, 37, 4099])
+@pytest.mark.parametrize("tokens", [0, 1, 37])
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(str(v) for v in o))
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_step_float64_matches_reference(layout, options, tokens):
+    check_step_float64(layout, options, tokens)
+
+
+@pytest.mark.parametrize("options", [OPTIONS[2], OPTIONS[4]], ids=["shuffle-norm-gelu-drop", "norm-swish-drop"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_step_float64_many_tokens(layout, options):
+    """4099 rows: every block of the persistent grid walks several rows."""
+    check_step_float64(layout, options, 4099)
+
+
+def check_step_float64(layout, options, tokens):
     tensors, params = make_step_inputs(layout, options, tokens, torch.float64, DEVICE)
     out_ref, grads_ref = run_step("reference", tensors, params)
     out, grads = run_step("cuda", tensors, params)
@@ -44,7 +55,7 @@ def test_step_float64_matches_reference(layout, options, tokens):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(str(v) for v in o))
+@pytest.mark.parametrize("options", OPTIONS[1:5], ids=lambda o: "-".join(str(v) for v in o))
 @pytest.mark.parametrize("layout", ["first-layer", "mix-middle", "eight-groups", "dense-last"])
 def test_step_low_precision_within_reference_error(layout, options, dtype):
     tensors, params = make_step_inputs(layout, options, 301, torch.float64, DEVICE)

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# One GPU session for issue 4, on an H100/H200 lent through the device tool (torch 2.11 cu130,
+# nvcc 13.0, no network). Run from the repository root:
+#
+#   bash scripts/gpu_session.sh            # writes into $OUT (default ./gpu-out)
+#
+# Stages in priority order, each under its own timeout, all inside GPU_SESSION_BUDGET_S (default
+# 480 s; a stage that would start after the budget is skipped and says so):
+#   1. build the extension in place for this card (sm_90), print kernel resource usage;
+#   2. tests/test_cuda.py (not the slow ones);
+#   3. compute-sanitizer memcheck, racecheck and synccheck on scripts/cuda_smoke.py;
+#   4. benchmarks in bf16 at the five presets: the whole layer (reference, cuda, plain embedding),
+#      ceilings, floors, kernel launches per layer;
+#   5. the same layer benchmark in fp32;
+#   6. the cuda cases of tests/test_ops.py;
+#   7. torch.compile of the reference (bf16, forward + backward), the slowest benchmark;
+#   8. the slow int64 test.
+# Files in $OUT (8 at most come back): session.log, tests.xml, sanitizer.log, bench-bf16.json,
+# bench-fp32.json, bench-compiled.json, report.md, bench.png.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+BUDGET=${GPU_SESSION_BUDGET_S:-480}
+START=$(date +%s)
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 DEFINE_OPS_SKIP_EMULATION=1
+exec > >(tee -a "$OUT/session.log") 2>&1
+
+elapsed() { echo $(( $(date +%s) - START )); }
+# stage NAME SECONDS COMMAND...: runs COMMAND under `timeout SECONDS` if the budget allows.
+stage() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$(( BUDGET - $(elapsed) ))
+  if [ "$left" -le 20 ]; then
+    echo "=== [$(elapsed)s] SKIPPED $name: budget spent"
+    return 0
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "=== [$(elapsed)s] $name (limit ${limit}s)"
+  timeout --signal=INT --kill-after=10 "$limit" "$@"
+  local rc=$?
+  echo "=== [$(elapsed)s] $name: exit $rc"
+  return 0
+}
+
+echo "=== gpu_session: $(date -u) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
+nvcc --version | tail -2
+
+CAP=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+# cuSPARSE/cuBLAS headers of the nvidia wheels, where the toolkit lacks them (shared build_env.md §4).
+NV_INCLUDE=$("$PY" -c 'import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], "cu13", "include"))' 2>/dev/null)
+[ -n "$NV_INCLUDE" ] && [ -d "$NV_INCLUDE" ] && export CUDA_INC_PATH=$NV_INCLUDE
+stage build 240 env TORCH_CUDA_ARCH_LIST="$CAP" MAX_JOBS=16 "$PY" setup.py -q build_ext --inplace
+SO=$(ls define_ops/_C*.so 2>/dev/null | head -1)
+if [ -z "$SO" ]; then
+  echo "=== build failed: no define_ops/_C*.so; stopping"
+  exit 1
+fi
+cuobjdump --dump-resource-usage "$SO" 2>/dev/null | grep -E "Function|REG|STACK|SHARED|LOCAL" | sed -E 's/_ZN10define_ops[^ ]*(forward|backward|lookup|embedding_backward)_kernel/\1_kernel/' | head -60
+"$PY" -c "import define_ops; print('backends on cuda:', define_ops.available_backends('cuda'))"
+
+stage tests 210 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m "not slow" -rfE --maxfail=40 \
+  --junitxml="$OUT/tests.xml"
+
+for tool in memcheck racecheck synccheck; do
+  stage "sanitizer-$tool" 70 compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 20 \
+    --log-file "$OUT/sanitizer-$tool.tmp" "$PY" scripts/cuda_smoke.py
+  { echo "--- compute-sanitizer --tool $tool"; tail -60 "$OUT/sanitizer-$tool.tmp" 2>/dev/null; } >> "$OUT/sanitizer.log"
+  rm -f "$OUT/sanitizer-$tool.tmp"
+done
+grep -E "^---|ERROR SUMMARY|RACECHECK SUMMARY|Error" "$OUT/sanitizer.log" | head -20
+
+PRESETS=lstm_wt103,lstm_wt103_n7,txl_wt103,awd_ptb,nmt_wmt14
+stage bench-bf16 140 "$PY" -m pytest benchmarks/test_bench_layer.py benchmarks/test_bench_floor.py -q -p no:cacheprovider \
+  --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference,cuda,embedding \
+  --benchmark-json "$OUT/bench-bf16.json" --benchmark-columns=median,min,rounds
+stage bench-fp32 70 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider -k fwd_bwd \
+  --benchmark-only --dtype float32 --presets "$PRESETS" --providers reference,cuda,embedding \
+  --benchmark-json "$OUT/bench-fp32.json" --benchmark-columns=median,min,rounds
+stage test-ops 90 "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider -k "cuda-cuda" -rfE --maxfail=20
+stage bench-compiled 150 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider -k fwd_bwd \
+  --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference_compiled \
+  --benchmark-json "$OUT/bench-compiled.json" --benchmark-columns=median,min,rounds
+stage slow-tests 60 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m slow -rfE
+
+JSONS=$(ls "$OUT"/bench-*.json 2>/dev/null)
+if [ -n "$JSONS" ]; then
+  # shellcheck disable=SC2086
+  "$PY" benchmarks/report.py $JSONS --markdown "$OUT/report.md" --png "$OUT/bench.png"
+fi
+echo "=== gpu_session: done in $(elapsed)s"
