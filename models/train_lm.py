@@ -470,6 +470,11 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + (result.signal or 0)
         if dist.is_main and result.test is not None:
             best_ppl = math.exp(min(result.best["value"], 700))
+            summary = {"arch": cfg["arch"], "embedding": cfg["embedding"], "steps": result.step,
+                       "best_step": result.best["step"], "valid_ppl": best_ppl, "test_ppl": result.test["ppl"],
+                       "tokens_per_s": result.tokens_per_s, "parameters": count_parameters(trainer.model),
+                       "world_size": dist.world_size, "device": str(dist.device)}  # fmt: skip
+            (Path(cfg["out"]) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
             print(f"valid ppl {best_ppl:.2f} | test ppl {result.test['ppl']:.2f} | "
                   f"train {result.tokens_per_s:,.0f} tokens/s | checkpoints in {cfg['out']}")  # fmt: skip
         return 0

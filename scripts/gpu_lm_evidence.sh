@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# GPU evidence for the language models (issue 6), in one go on one card:
+#  1. LSTM LM on WikiText-2, same steps and seed: DeFINE (n=256, k=1024, N=3) vs a standard
+#     embedding of width 256 (projected to m) vs one of width m; validation curves, valid/test
+#     perplexity and parameter counts;
+#  2. the end-to-end training-step benchmark at the lstm_wt103 shapes (benchmarks/test_bench_lm.py).
+#
+#   bash scripts/gpu_lm_evidence.sh [RESULTS_DIR]      # default benchmarks/results
+#
+# Environment: PYTHON (default .venv-cuda/bin/python, else .venv/bin/python), DEFINE_OPS_DATA
+# (default ../shared/data), STEPS (default 2000), EVAL_EVERY (default 250), M (default 512),
+# EXTRA (more train_lm flags, e.g. "--max-eval-tokens 5000" for a smoke run), BENCH_ARGS (e.g. --quick).
+# Writes RESULTS_DIR/lm_wt2_<card>/{define,standard_256,standard_m}/{metrics.jsonl,summary.json},
+# RESULTS_DIR/lm_wt2_<card>/summary.md and RESULTS_DIR/lm_step_<card>.json. Checkpoints stay in
+# runs/ (not committed). Render the plot afterwards (needs matplotlib):
+#   python scripts/plot_lm_curves.py RESULTS_DIR/lm_wt2_<card>/* --out RESULTS_DIR/lm_wt2_<card>.png
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RESULTS=${1:-benchmarks/results}
+if [ -z "${PYTHON:-}" ]; then
+  for candidate in .venv-cuda/bin/python .venv/bin/python python3; do
+    if command -v "$candidate" >/dev/null 2>&1; then PYTHON=$candidate; break; fi
+  done
+fi
+DATA_ROOT=${DEFINE_OPS_DATA:-../shared/data}
+[ -f "$DATA_ROOT/wikitext-2/train.txt" ] || DATA_ROOT=shared/data
+[ -f "$DATA_ROOT/wikitext-2/train.txt" ] || { echo "error: WikiText-2 not found (set DEFINE_OPS_DATA)" >&2; exit 2; }
+STEPS=${STEPS:-2000}
+EVAL_EVERY=${EVAL_EVERY:-250}
+M=${M:-512}
+CARD=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_') if torch.cuda.is_available() else 'cpu')")
+OUT="$RESULTS/lm_wt2_$CARD"
+mkdir -p "$OUT"
+"$PYTHON" -c "import torch, define_ops; print('torch', torch.__version__, 'backends', define_ops.available_backends('cuda' if torch.cuda.is_available() else 'cpu'))"
+
+# Same LSTM (2 x 1024, input m, tied through a projection to the table width), optimiser, steps and seed.
+COMMON=(--arch lstm --data "$DATA_ROOT/wikitext-2" --layers 2 --hidden 1024 --input-dim "$M" --tie proj
+        --softmax adaptive --batch-size 60 --bptt 70 --optimizer sgd --lr 20 --clip 0.25 --dropout 0.25
+        --dropouth 0.25 --dropouti 0.25 --epochs 1000 --max-steps "$STEPS" --eval-every "$EVAL_EVERY"
+        --log-every 50 --seed 1111 --precision auto --no-progress)
+declare -A VARIANT=(
+  [define]="--embedding define --table-dim 256 --define-max-dim 1024 --define-depth 3 --define-max-groups 4 --define-dropout 0.1"
+  [standard_256]="--embedding standard --table-dim 256"
+  [standard_m]="--embedding standard --table-dim $M"
+)
+for name in define standard_256 standard_m; do
+  run="runs/evidence/lm_wt2_$CARD/$name"
+  # shellcheck disable=SC2086
+  "$PYTHON" -m models.train_lm "${COMMON[@]}" ${VARIANT[$name]} ${EXTRA:-} --out "$run" --overwrite
+  mkdir -p "$OUT/$name"
+  cp "$run/metrics.jsonl" "$run/summary.json" "$OUT/$name/"
+done
+
+"$PYTHON" - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+rows = ["| run | parameters (input / total) | valid ppl | test ppl | train tokens/s |", "|---|---|---|---|---|"]
+for name in ("define", "standard_256", "standard_m"):
+    s = json.loads((out / name / "summary.json").read_text())
+    p = s["parameters"]
+    rows.append(f"| {name} | {p['input'] / 1e6:.2f}M / {p['total'] / 1e6:.2f}M | {s['valid_ppl']:.2f} | "
+                f"{s['test_ppl']:.2f} | {s['tokens_per_s']:,.0f} |")
+(out / "summary.md").write_text("\n".join(rows) + "\n")
+print("\n".join(rows))
+EOF
+
+# shellcheck disable=SC2086
+"$PYTHON" -m pytest benchmarks/test_bench_lm.py -q -p no:cacheprovider --benchmark-only ${BENCH_ARGS:-} \
+  --benchmark-json "$RESULTS/lm_step_$CARD.json"
+if "$PYTHON" -c "import matplotlib" 2>/dev/null; then
+  "$PYTHON" scripts/plot_lm_curves.py "$OUT/define" "$OUT/standard_256" "$OUT/standard_m" --out "$OUT.png"
+fi
