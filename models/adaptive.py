@@ -173,8 +173,8 @@ class AdaptiveSoftmax(nn.Module):
                 head_bias = torch.cat([head_bias, self.cluster_bias])
             else:
                 head_bias = torch.cat([head_weight.new_zeros(shortlist), self.cluster_bias.to(head_weight.dtype)])
-        head_logprob = F.log_softmax(F.linear(self._project(hidden, 0, projections), head_weight, head_bias), -1)
-        # [N, shortlist + clusters]
+        head_logits = F.linear(self._project(hidden, 0, projections), head_weight, head_bias)  # [N, shortlist + K]
+        head_logprob = F.log_softmax(head_logits.float(), -1)  # float32 whatever autocast chose for the matmul
         nll = -head_logprob.gather(1, target.clamp(max=shortlist - 1).unsqueeze(1)).squeeze(1)  # right for head words
         unused = torch.zeros((), device=hidden.device)
         for band in range(1, len(tables)):
@@ -185,7 +185,7 @@ class AdaptiveSoftmax(nn.Module):
                 unused = unused + touch(tables[band], *extras)
                 continue
             h = self._project(hidden.index_select(0, index), band, projections)  # [n_i, d_i]
-            tail_logprob = F.log_softmax(F.linear(h, tables[band], biases[band]), -1)  # [n_i, V_i]
+            tail_logprob = F.log_softmax(F.linear(h, tables[band], biases[band]).float(), -1)  # [n_i, V_i]
             word = tail_logprob.gather(1, (target.index_select(0, index) - lo).unsqueeze(1)).squeeze(1)
             cluster = head_logprob.index_select(0, index)[:, shortlist + band - 1]
             nll = nll.index_copy(0, index, -(cluster + word))

@@ -573,7 +573,9 @@ class Trainer:
                     kept.append(line)
         self.metrics_path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
 
-    def fit(self, resume: str | os.PathLike | None = None, on_step: Callable[[Trainer, float], None] | None = None):
+    def fit(
+        self, resume: str | os.PathLike | None = None, on_step: Callable[[Trainer, float], None] | None = None
+    ) -> FitResult:
         """Train until ``epochs`` or ``max_steps``, then test with the best weights.
 
         Returns a FitResult; status "interrupted" after SIGINT/SIGTERM (last.pt holds the state to

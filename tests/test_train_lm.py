@@ -54,7 +54,7 @@ def test_dry_run_every_arch_and_input(arch, embedding, corpus_dir, cache_dir, tm
 
 
 # Learning rates for a few dozen steps of the tiny models (Transformer-XL takes Adam's).
-LEARN = {"lstm": ["--lr", "10"], "awd-lstm": ["--lr", "10", "--variable-bptt", "0"],
+LEARN = {"lstm": ["--lr", "3e-3"], "awd-lstm": ["--lr", "10", "--variable-bptt", "0"],
          "transformer-xl": ["--lr", "3e-3", "--warmup-steps", "5"]}  # fmt: skip
 
 

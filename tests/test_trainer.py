@@ -40,7 +40,8 @@ def config(corpus_dir, cache_dir, out, arch="lstm", *extra):
     argv = ["--arch", arch, "--data", str(corpus_dir), "--out", str(out), "--cache-dir", str(cache_dir),
             *TINY[arch], *TINY_DEFINE, "--softmax", "full", "--batch-size", "4", "--bptt", "8",
             "--max-train-tokens", "164", "--max-eval-tokens", "300", "--eval-every", "4", "--log-every", "1",
-            "--epochs", "100", "--max-steps", str(STEPS), "--lr", "1.0" if arch != "transformer-xl" else "3e-3",
+            "--epochs", "100", "--max-steps", str(STEPS), *(["--optimizer", "sgd"] if arch == "lstm" else []),
+            "--lr", "1.0" if arch != "transformer-xl" else "3e-3",
             "--define-dropout", "0.1", "--precision", "fp32", *extra]  # fmt: skip
     return resolve_config(parse_args(argv))
 
