@@ -128,10 +128,24 @@ def test_command_line_errors_are_clear(corpus_dir, cache_dir, tmp_path, capsys):
     assert "not a plain-data checkpoint" in error("--eval-only", str(REPO / "README.md"))
 
 
-def _run_cli(args: list[str], **kwargs) -> subprocess.Popen:
+def _spawn(cmd: list[str]) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-m", "models.train_lm", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)  # fmt: skip
+    # own session: on a timeout the whole group (torchrun's workers included) can be killed
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+
+
+def _run_cli(args: list[str]) -> subprocess.Popen:
+    return _spawn([sys.executable, "-m", "models.train_lm", *args])
 
 
 def test_sigterm_saves_and_exits_cleanly_then_resume_finishes(corpus_dir, cache_dir, tmp_path):
@@ -142,26 +156,25 @@ def test_sigterm_saves_and_exits_cleanly_then_resume_finishes(corpus_dir, cache_
     while not ((out / "metrics.jsonl").exists() and records(out, "train")) and time.time() < deadline:
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=60)
+    stdout, stderr = _finish(proc, 60)
     assert proc.returncode == 128 + signal.SIGTERM, stderr
     assert "SIGTERM received" in stderr and "Traceback" not in stderr
     assert "continue with --resume" in stdout
     step = records(out, "interrupted")[0]["step"]
     assert step >= 1 and (out / "last.pt").exists()
     done = _run_cli(["--resume", str(out / "last.pt"), "--max-steps", str(step + 3), "--no-progress"])
-    stdout, stderr = done.communicate(timeout=120)
+    stdout, stderr = _finish(done, 120)
     assert done.returncode == 0, stderr
     assert "test ppl" in stdout and max(r["step"] for r in records(out, "train")) == step + 3
 
 
 def test_torchrun_two_processes(corpus_dir, cache_dir, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     args = argv("lstm", corpus_dir, cache_dir, tmp_path / "ddp", "--dry-run", "--batch-size", "4")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "models.train_lm", *args]  # fmt: skip
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "2 process(es)" in done.stdout and done.stdout.count("test ppl") == 1  # rank 0 reports alone
+    proc = _spawn([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "-m", "models.train_lm", *args])  # fmt: skip
+    stdout, stderr = _finish(proc, 240)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "2 process(es)" in stdout and stdout.count("test ppl") == 1  # rank 0 reports alone
     assert [r["step"] for r in records(tmp_path / "ddp", "train")] == [1, 2]
 
 
