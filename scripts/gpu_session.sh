@@ -8,10 +8,10 @@
 # 480 s; a stage that would start after the budget is skipped and says so):
 #   1. build the extension in place for this card (sm_90), print kernel resource usage;
 #   2. tests/test_cuda.py (not the slow ones);
-#   3. compute-sanitizer memcheck, racecheck and synccheck on scripts/cuda_smoke.py;
-#   4. benchmarks in bf16 at the five presets: the whole layer (reference, cuda, plain embedding),
+#   3. benchmarks in bf16 at the five presets: the whole layer (reference, cuda, plain embedding),
 #      ceilings, floors, kernel launches per layer;
-#   5. the same layer benchmark in fp32;
+#   4. compute-sanitizer memcheck and racecheck on scripts/cuda_smoke.py;
+#   5. the layer benchmark in fp32, then compute-sanitizer synccheck;
 #   6. the cuda cases of tests/test_ops.py;
 #   7. torch.compile of the reference (bf16, forward + backward), the slowest benchmark;
 #   8. the slow int64 test.
@@ -63,24 +63,27 @@ fi
 cuobjdump --dump-resource-usage "$SO" 2>/dev/null | grep -E "Function|REG|STACK|SHARED|LOCAL" | sed -E 's/_ZN10define_ops[^ ]*(forward|backward|lookup|embedding_backward)_kernel/\1_kernel/' | head -60
 "$PY" -c "import define_ops; print('backends on cuda:', define_ops.available_backends('cuda'))"
 
-stage tests 210 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m "not slow" -rfE --maxfail=40 \
+stage tests 190 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m "not slow" -rfE --maxfail=40 \
   --junitxml="$OUT/tests.xml"
-
-for tool in memcheck racecheck synccheck; do
-  stage "sanitizer-$tool" 70 compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 20 \
-    --log-file "$OUT/sanitizer-$tool.tmp" "$PY" scripts/cuda_smoke.py
-  { echo "--- compute-sanitizer --tool $tool"; tail -60 "$OUT/sanitizer-$tool.tmp" 2>/dev/null; } >> "$OUT/sanitizer.log"
-  rm -f "$OUT/sanitizer-$tool.tmp"
-done
-grep -E "^---|ERROR SUMMARY|RACECHECK SUMMARY|Error" "$OUT/sanitizer.log" | head -20
 
 PRESETS=lstm_wt103,lstm_wt103_n7,txl_wt103,awd_ptb,nmt_wmt14
 stage bench-bf16 140 "$PY" -m pytest benchmarks/test_bench_layer.py benchmarks/test_bench_floor.py -q -p no:cacheprovider \
   --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference,cuda,embedding \
   --benchmark-json "$OUT/bench-bf16.json" --benchmark-columns=median,min,rounds
+
+sanitize() {  # sanitize TOOL LIMIT
+  stage "sanitizer-$1" "$2" compute-sanitizer --tool "$1" --error-exitcode 9 --print-limit 20 \
+    --log-file "$OUT/sanitizer-$1.tmp" "$PY" scripts/cuda_smoke.py
+  { echo "--- compute-sanitizer --tool $1"; tail -60 "$OUT/sanitizer-$1.tmp" 2>/dev/null; } >> "$OUT/sanitizer.log"
+  rm -f "$OUT/sanitizer-$1.tmp"
+}
+sanitize memcheck 70
+sanitize racecheck 70
 stage bench-fp32 70 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider -k fwd_bwd \
   --benchmark-only --dtype float32 --presets "$PRESETS" --providers reference,cuda,embedding \
   --benchmark-json "$OUT/bench-fp32.json" --benchmark-columns=median,min,rounds
+sanitize synccheck 60
+grep -E "^---|ERROR SUMMARY|RACECHECK SUMMARY|Error" "$OUT/sanitizer.log" | head -20
 stage test-ops 90 "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider -k "cuda-cuda" -rfE --maxfail=20
 stage bench-compiled 150 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider -k fwd_bwd \
   --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference_compiled \
