@@ -1,0 +1,129 @@
+"""Pieces shared by the Triton ops: interpreter detection, op registration, launching, configs.
+
+Two ways to run the same kernels:
+
+- on a GPU, ops are ``torch.library.triton_op``s whose kernels are launched through
+  ``wrap_triton`` and autotuned, so ``torch.compile`` traces into them;
+- on the CPU under ``TRITON_INTERPRET=1`` (CI), ``@triton.jit`` yields interpreted functions that
+  ``wrap_triton`` hands back unwrapped and fake tensors cannot run, so the same Python bodies are
+  registered as opaque ``custom_op``s with explicit fake kernels, and each kernel runs one
+  configuration (multi-config autotuning needs a GPU benchmarker).
+"""
+
+import functools
+import os
+import struct
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import triton
+from torch.library import wrap_triton
+
+# Decided once, like @triton.jit decides at decoration time.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def split_float(value: float) -> tuple[float, float, float]:
+    """Three float32-representable parts whose float64 sum is exactly ``value``.
+
+    Triton passes Python floats to kernels as float32; the kernels rebuild an exact float64 (or
+    the float32) constant as hi + mid + lo, so eps, dropout and embedding scales lose nothing in
+    float64 (53 bits fit in 3 × 24).
+    """
+
+    def f32(x: float) -> float:
+        return struct.unpack("f", struct.pack("f", x))[0]
+
+    hi = f32(value)
+    mid = f32(value - hi)
+    return hi, mid, f32(value - hi - mid)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation (and LayerNorm statistics) dtype: float64 stays float64, the rest use float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def allow_tf32(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+
+
+def dot_in_f32(dtype: torch.dtype) -> bool:
+    # The interpreter multiplies bf16 bit patterns as integers (triton#11584): upcast there only.
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def register_op(name: str, fn: Callable, fake: Callable) -> Any:
+    """``fn`` as ``define_ops::<name>``: a triton_op on a GPU, an opaque custom_op in the interpreter."""
+    qualname = f"define_ops::{name}"
+    if INTERPRET:
+        op = torch.library.custom_op(qualname, fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+    return torch.library.triton_op(qualname, fn, mutates_args=())
+
+
+def launch(
+    kernel: Any,
+    tuned: Any,
+    grid: Callable[[dict[str, Any]], tuple[int, ...]],
+    args: Sequence[Any],
+    flags: dict[str, Any],
+    interpret_meta: dict[str, Any],
+    gpu_meta: dict[str, Any] | None = None,
+) -> None:
+    """Launch ``kernel`` (the ``@triton.jit`` function) or its autotuned wrapper ``tuned``.
+
+    In the interpreter the single configuration ``interpret_meta`` is passed explicitly. On a GPU
+    ``tuned`` (if given) picks the block sizes; otherwise ``gpu_meta`` is used as is.
+    """
+    if INTERPRET:
+        kernel[grid](*args, **flags, **interpret_meta)
+    elif tuned is not None:
+        wrap_triton(tuned)[grid](*args, **flags)
+    else:
+        wrap_triton(kernel)[grid](*args, **flags, **(gpu_meta or {}))
+
+
+def autotuned(configs: list[triton.Config], key: list[str], prune: Callable) -> Callable:
+    """``triton.autotune`` on a GPU; the bare kernel in the interpreter (see module docstring)."""
+
+    def wrap(kernel: Any) -> Any:
+        if INTERPRET:
+            return None
+        return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+
+    return wrap
+
+
+def keep_fitting(configs: list[triton.Config], fits: Callable[[dict[str, Any]], bool]) -> list[triton.Config]:
+    """The configs whose block sizes ``fits``; if none does, the one with the smallest tiles.
+
+    Only filters (never builds configs), as torch.compile runs pruning functions in a sandbox.
+    """
+    kept = [c for c in configs if fits(c.kwargs)]
+    if kept:
+        return kept
+    return [min(configs, key=lambda c: sum(c.kwargs.values()))]
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (132, an H100's, for meta tensors in the AOT check)."""
+    if device.type != "cuda":
+        return 132
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def interpret_block(size: int, cap: int) -> int:
+    """Interpreter block: large (cost is per program × loop step), at least 16 (tl.dot)."""
+    return max(16, min(next_pow2(size), cap))

@@ -1,0 +1,185 @@
+"""Triton forward and backward of the Map step: ``define_ops::embedding_lookup_triton`` (+ ``_backward``).
+
+e = weight[ids] · scale, padding ids give zero rows and no gradient (``reference.lookup_ref``).
+
+The backward writes only the rows the batch touches: ids are sorted (stably), and the program
+at the first position of each run of equal ids sums that run's gradient rows in order and
+writes the row once — deterministic, no atomics, no data-dependent shapes (so it traces under
+torch.compile). Untouched rows are the zeros of the dense [V, n] gradient autograd expects.
+
+Ids are validated by the caller (``DeFINE`` checks them eagerly); an out-of-range id reads as a
+zero row and gets no gradient rather than touching memory outside the table.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import INTERPRET, launch, next_pow2, register_op, split_float
+
+# Interpreter blocks: ids per program and (largest) feature tile.
+INTERPRET_BLOCK_IDS = 128
+INTERPRET_MAX_BLOCK_N = 1024
+
+
+@triton.jit
+def _embedding_fwd_kernel(
+    WEIGHT,  # [V, n] table, any strides
+    IDS,  # [N] int32/int64 token ids, contiguous
+    OUT,  # [N, n] contiguous
+    N, V, n, stride_wv, stride_wn, pad,  # pad: padding id, or -1
+    scale_hi, scale_mid, scale_lo,  # the scale as three float32 parts
+    BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    i_ok = i < N
+    c_ok = c < n
+    ids = tl.load(IDS + i, mask=i_ok, other=0).to(tl.int64)
+    use = i_ok & (ids >= 0) & (ids < V) & (ids != pad)
+    rows = tl.load(WEIGHT + ids[:, None] * stride_wv + c.to(tl.int64)[None, :] * stride_wn,
+                   mask=use[:, None] & c_ok[None, :], other=0.0)  # fmt: skip
+    acc_t = tl.float64 if OUT.dtype.element_ty == tl.float64 else tl.float32
+    scale = tl.cast(scale_hi, acc_t) + tl.cast(scale_mid, acc_t) + tl.cast(scale_lo, acc_t)
+    e = rows.to(acc_t) * scale
+    out_offs = i.to(tl.int64)[:, None] * n + c[None, :]
+    tl.store(OUT + out_offs, e.to(OUT.dtype.element_ty), mask=i_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _embedding_bwd_kernel(
+    GRAD,  # [N, n] gradient of e, any strides
+    SORTED,  # [N] int64 ids, sorted (stable)
+    ORDER,  # [N] int64: SORTED[j] = ids[ORDER[j]]
+    DW,  # [V, n] contiguous dense gradient, zero-filled; touched rows are written here
+    N, V, n, stride_gi, stride_gn, pad,
+    scale_hi, scale_mid, scale_lo,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One program = (sorted position, feature tile); only the first position of each run works."""
+    j = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = c < n
+    token = tl.load(SORTED + j)
+    prev = tl.load(SORTED + tl.maximum(j - 1, 0))
+    starts = (j == 0) | (prev != token)
+    if starts & (token != pad) & (token >= 0) & (token < V):
+        acc_t = tl.float64 if DW.dtype.element_ty == tl.float64 else tl.float32
+        acc = tl.zeros((BLOCK_N,), dtype=acc_t)
+        k = j
+        same = True
+        while same:
+            src = tl.load(ORDER + k)
+            acc += tl.load(GRAD + src * stride_gi + c.to(tl.int64) * stride_gn, mask=c_ok, other=0.0).to(acc_t)
+            k += 1
+            same = k < N
+            if same:
+                same = tl.load(SORTED + k) == token
+        scale = tl.cast(scale_hi, acc_t) + tl.cast(scale_mid, acc_t) + tl.cast(scale_lo, acc_t)
+        tl.store(DW + token * n + c, (acc * scale).to(DW.dtype.element_ty), mask=c_ok)
+
+
+def _blocks(n: int) -> tuple[int, int]:
+    """(ids per program, feature tile) of the forward."""
+    if INTERPRET:
+        return INTERPRET_BLOCK_IDS, max(16, min(next_pow2(n), INTERPRET_MAX_BLOCK_N))
+    block_n = max(16, min(next_pow2(n), 256))
+    return max(1, 4096 // block_n), block_n
+
+
+def _check(weight: Tensor, ids: Tensor) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"define_ops::embedding_lookup_triton: weight must be [V, n], got {tuple(weight.shape)}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"define_ops::embedding_lookup_triton: ids must be int64 or int32, got {ids.dtype}")
+
+
+def _lookup(weight: Tensor, ids: Tensor, padding_idx: int | None, scale: float, run: bool) -> Tensor:
+    _check(weight, ids)
+    flat = ids.reshape(-1)
+    out = weight.new_empty((flat.numel(), weight.shape[1]))
+    if not run or flat.numel() == 0 or weight.shape[1] == 0:
+        return out
+    flat = flat.contiguous()
+    count, num_embeddings, width = flat.numel(), weight.shape[0], weight.shape[1]
+    block_i, block_n = _blocks(width)
+    args = (weight, flat, out, count, num_embeddings, width, weight.stride(0), weight.stride(1),
+            -1 if padding_idx is None else padding_idx, *split_float(scale))  # fmt: skip
+    meta = dict(BLOCK_I=block_i, BLOCK_N=block_n)
+    grid = (triton.cdiv(count, block_i), triton.cdiv(width, block_n))
+    launch(_embedding_fwd_kernel, None, lambda _: grid, args, {}, meta, dict(meta, num_warps=4))
+    return out
+
+
+def _lookup_backward(
+    grad: Tensor, ids: Tensor, num_embeddings: int, padding_idx: int | None, scale: float, run: bool
+) -> Tensor:
+    flat = ids.reshape(-1)
+    if grad.dim() != 2 or grad.shape[0] != flat.numel():
+        raise ValueError(
+            f"define_ops::embedding_lookup_triton_backward: grad must be [{flat.numel()}, n], got {tuple(grad.shape)}"
+        )
+    width = grad.shape[1]
+    grad_weight = grad.new_zeros((num_embeddings, width)) if run else grad.new_empty((num_embeddings, width))
+    if not run or flat.numel() == 0 or width == 0:
+        return grad_weight
+    sorted_ids, order = torch.sort(flat.to(torch.int64), stable=True)
+    block_n = max(16, min(next_pow2(width), INTERPRET_MAX_BLOCK_N if INTERPRET else 256))
+    args = (grad, sorted_ids, order, grad_weight, flat.numel(), num_embeddings, width, grad.stride(0), grad.stride(1),
+            -1 if padding_idx is None else padding_idx, *split_float(scale))  # fmt: skip
+    grid = (flat.numel(), triton.cdiv(width, block_n))
+    meta = dict(BLOCK_N=block_n)
+    warps = 4 if block_n >= 128 else 1
+    launch(_embedding_bwd_kernel, None, lambda _: grid, args, {}, meta, dict(meta, num_warps=warps))
+    return grad_weight
+
+
+def _lookup_impl(weight: Tensor, ids: Tensor, padding_idx: int | None, scale: float) -> Tensor:
+    """e [numel(ids), n] = weight[ids] · scale."""
+    return _lookup(weight, ids, padding_idx, scale, run=True)
+
+
+def _lookup_fake(weight: Tensor, ids: Tensor, padding_idx: int | None, scale: float) -> Tensor:
+    return _lookup(weight, ids, padding_idx, scale, run=False)
+
+
+def _lookup_backward_impl(
+    grad: Tensor, ids: Tensor, num_embeddings: int, padding_idx: int | None, scale: float
+) -> Tensor:
+    """Dense [V, n] gradient of the table; only touched, non-padding rows are non-zero."""
+    return _lookup_backward(grad, ids, num_embeddings, padding_idx, scale, run=True)
+
+
+def _lookup_backward_fake(
+    grad: Tensor, ids: Tensor, num_embeddings: int, padding_idx: int | None, scale: float
+) -> Tensor:
+    return _lookup_backward(grad, ids, num_embeddings, padding_idx, scale, run=False)
+
+
+embedding_lookup_op = register_op("embedding_lookup_triton", _lookup_impl, _lookup_fake)
+embedding_lookup_backward_op = register_op(
+    "embedding_lookup_triton_backward", _lookup_backward_impl, _lookup_backward_fake
+)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    weight, ids, padding_idx, scale = inputs
+    ctx.save_for_backward(ids)
+    ctx.num_embeddings = weight.shape[0]
+    ctx.padding_idx = padding_idx
+    ctx.scale = scale
+
+
+def _backward_autograd(ctx, grad: Tensor):
+    (ids,) = ctx.saved_tensors
+    grad_weight = embedding_lookup_backward_op(grad, ids, ctx.num_embeddings, ctx.padding_idx, ctx.scale)
+    return grad_weight, None, None, None
+
+
+embedding_lookup_op.register_autograd(_backward_autograd, setup_context=_setup_context)
+
+
+def embedding_lookup(weight: Tensor, ids_flat: Tensor, padding_idx: int | None, scale: float) -> Tensor:
+    """Differentiable Map step: weight [V, n], ids_flat [T] int32/int64 → [T, n]."""
+    return embedding_lookup_op(weight, ids_flat, padding_idx, scale)
