@@ -53,7 +53,10 @@ def test_presets_float64_match_reference(preset, backend):
     config = DeFINEConfig.from_preset(preset, num_embeddings=300)
     ref, fast = paired(config, backend)
     ids = torch.randint(0, 300, (3, 11))
-    for training in (False, True):
+    # The Triton interpreter pays per weight element loaded (txl_wt103: ~30 s a pass): there, only the
+    # training pass (dropout on); eval (dropout off) is covered op by op in test_ops.py.
+    modes = (True,) if backend == "triton" else (False, True)
+    for training in modes:
         ref.train(training)
         fast.train(training)
         assert_same(forward_backward(ref, ids), forward_backward(fast, ids), tol=1e-10)
