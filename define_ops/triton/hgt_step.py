@@ -322,7 +322,7 @@ def _hgt_step_bwd_dy_kernel(
     BETA,  # [s]
     SEED,  # [1] int64
     DY,  # [T, b] contiguous: gradient of the GEMM output (+bias), GEMM order
-    PART,  # [tiles, 2, g, s] contiguous: per token tile Σ dact·x̂ (dγ) and Σ dact (dβ), accumulation dtype
+    PART,  # [tiles · g, 2 · s] contiguous, accumulation dtype: per (token tile, group) Σ dact·x̂ (dγ) ‖ Σ dact (dβ)
     T, s, g, stride_gt, stride_gn, e_out, h_out, threshold, keep_hi, keep_mid, keep_lo,
     NORM: tl.constexpr, SHUFFLE: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, CARRY_E: tl.constexpr,
     HAS_SAVED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -367,9 +367,9 @@ def _hgt_step_bwd_dy_kernel(
         mean_dxh = tl.sum(dxh, axis=1) / s
         mean_dxh_xh = tl.sum(dxh * x_hat, axis=1) / s
         d = rstd[:, None] * (dxh - mean_dxh[:, None] - x_hat * mean_dxh_xh[:, None])
-        part = PART + (pid_t.to(tl.int64) * 2 * g + pid_n) * s + u
+        part = PART + (pid_t.to(tl.int64) * g + pid_n) * (2 * s) + u
         tl.store(part, tl.sum(d_act * x_hat, axis=0), mask=col_ok)
-        tl.store(part + g * s, tl.sum(d_act, axis=0), mask=col_ok)
+        tl.store(part + s, tl.sum(d_act, axis=0), mask=col_ok)
     tl.store(DY + rows64[:, None] * (g * s) + src[None, :], d.to(DY.dtype.element_ty), mask=valid)
 
 
@@ -668,7 +668,9 @@ def _backward(
         raise ValueError(f"{where}: mean and rstd must be [{p.tokens}, {p.g}]")
     stats = acc_dtype(x.dtype)
     grad_x = x.new_empty((p.tokens, p.a))
-    grad_weight = torch.empty_like(weight)  # same layout as the weight (the Reduce layer's is a transposed view)
+    # Same layout as the weight (the Reduce layer's is a transposed view); dense, as empty_like makes it
+    # for a dense weight (else contiguous), which the split partials below rely on.
+    grad_weight = torch.empty_like(weight)
     grad_bias = x.new_empty((p.b,)) if p.bias else x.new_empty((0,))
     grad_gamma = x.new_empty((p.s,)) if p.norm else x.new_empty((0,))
     grad_beta = x.new_empty((p.s,)) if p.norm else x.new_empty((0,))
@@ -694,7 +696,7 @@ def _backward(
             block_n = min(block_n, 256)
             block_t = max(1, min(64, _ROW_TILE // block_n))
         tiles = triton.cdiv(p.tokens, block_t)
-        part = x.new_empty((tiles, 2, p.g, p.s), dtype=stats) if p.norm else dummy
+        part = x.new_empty((tiles * p.g, 2 * p.s), dtype=stats) if p.norm else dummy
         args = (
             grad_out, saved if p.needs_saved else dummy, mean if p.norm else dummy, rstd if p.norm else dummy,
             norm_weight if p.norm else dummy, norm_bias if p.norm else dummy, seed if p.dropout else dummy, dy, part,
@@ -708,9 +710,7 @@ def _backward(
         grid = (tiles, n_tiles)
         launch(_hgt_step_bwd_dy_kernel, None, lambda _: grid, args, flags, meta, dict(meta, num_warps=warps))
         if p.norm:  # per-tile partial sums, added in a fixed order
-            sums = part.sum(dim=(0, 2))
-            grad_gamma.copy_(sums[0])
-            grad_beta.copy_(sums[1])
+            _sum_rows(part, grad_gamma, grad_beta)
 
     # dx = dY Wᵀ, plus e's gradient passed straight through to e's places in x.
     args = (
@@ -741,10 +741,12 @@ def _backward(
         dw_strides = (0, *grad_weight.stride())
         db_stride = 0
     else:
-        dw = x.new_empty((splits, p.g, p.a_g, p.s), dtype=stats)
-        db = x.new_empty((splits, p.b), dtype=stats) if p.bias else dummy
-        dw_strides = dw.stride()
-        db_stride = p.b
+        # One row per split: grad_weight's elements at their offsets in its (dense) layout, then bias.
+        width = grad_weight.numel() + (p.b if p.bias else 0)
+        partials = x.new_empty((splits, width), dtype=stats)
+        dw, db = partials, partials[:, grad_weight.numel() :] if p.bias else dummy
+        dw_strides = (width, *grad_weight.stride())
+        db_stride = width
     args = (
         x, dy, dw, db, p.tokens, p.a_g, p.s, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
         *dw_strides, db_stride, p.t_bucket,
@@ -759,15 +761,46 @@ def _backward(
         return (triton.cdiv(a_g, meta["BLOCK_K"]) * triton.cdiv(s, meta["BLOCK_N"]), groups, splits)
 
     launch(_hgt_step_bwd_dw_kernel, _hgt_step_bwd_dw_tuned, dw_grid, args, flags, meta)
-    if splits > 1:  # partials summed in split order
-        grad_weight.copy_(dw.sum(dim=0))
-        if p.bias:
-            grad_bias.copy_(db.sum(dim=0))
+    if splits > 1:
+        _sum_rows(partials, grad_weight, grad_bias if p.bias else None)
     return grad_x, grad_weight, grad_bias, grad_gamma, grad_beta
 
 
 # Token splits of the dW kernel under the interpreter (tests raise it to cover the split path).
 DW_SPLITS_INTERPRET = 1
+
+
+@triton.jit
+def _sum_rows_kernel(
+    P,  # [R, C] contiguous partial sums, accumulation dtype
+    OUT_A,  # [C_A] dense: column sums [0, C_A), at their flat offsets
+    OUT_B,  # [C - C_A] dense: column sums [C_A, C)
+    R, C, C_A,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Column sums of P, rows added in order (deterministic), written to two outputs."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    acc = tl.zeros((BLOCK_C,), dtype=P.dtype.element_ty)
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        offs = r.to(tl.int64)[:, None] * C + c[None, :]
+        acc += tl.sum(tl.load(P + offs, mask=(r < R)[:, None] & c_ok[None, :], other=0.0), axis=0)
+    tl.store(OUT_A + c, acc.to(OUT_A.dtype.element_ty), mask=c < C_A)
+    tl.store(OUT_B + (c - C_A), acc.to(OUT_B.dtype.element_ty), mask=c_ok & (c >= C_A))
+
+
+def _sum_rows(partials: Tensor, out_a: Tensor, out_b: Tensor | None) -> None:
+    """out_a ‖ out_b (flat) = partials [R, C].sum(0), in row order: one launch for two outputs."""
+    rows, cols = partials.shape
+    if INTERPRET:
+        block_r, block_c = max(1, min(next_pow2(rows), 64)), min(next_pow2(cols), 1024)
+    else:
+        block_r, block_c = 4, 1024
+    args = (partials, out_a, out_b if out_b is not None else out_a, rows, cols, out_a.numel())
+    meta = dict(BLOCK_R=block_r, BLOCK_C=block_c)
+    grid = (triton.cdiv(cols, block_c),)
+    launch(_sum_rows_kernel, None, lambda _: grid, args, {}, meta, dict(meta, num_warps=4))
 
 
 # ----------------------------------------------------------------------------- ops and autograd
