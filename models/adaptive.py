@@ -60,6 +60,7 @@ class AdaptiveInput(nn.Module):
         self.bounds = check_cutoffs(cutoffs, vocab_size)
         self.dims = band_dims(base_dim, len(self.bounds), div_val)
         self.out_dim = out_dim
+        self.projection_dim = out_dim  # band projections map d_i → out_dim
         sizes = [hi - lo for lo, hi in zip([0, *self.bounds[:-1]], self.bounds, strict=True)]
         self.tables = nn.ParameterList(
             nn.Parameter(torch.randn(v, d) * d**-0.5) for v, d in zip(sizes, self.dims, strict=True)

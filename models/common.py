@@ -37,6 +37,7 @@ class StandardInput(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(vocab_size, table_dim) * table_dim**-0.5)
         self.proj = nn.Linear(table_dim, out_dim, bias=False) if table_dim != out_dim else None
+        self.projection_dim = out_dim
 
     def band_tables(self) -> list[Tensor]:
         return [self.weight]
@@ -51,22 +52,38 @@ class StandardInput(nn.Module):
 
 
 class DeFINEInput(nn.Module):
-    """``define_ops.DeFINE``; its [V, n] Map table ``define.weight`` is what an output layer ties to."""
+    """``define_ops.DeFINE``. Its Map is what an output layer ties to: the [V, n] table
+    ``define.weight``, or with ``map="adaptive"`` the band tables ``define.map.bands[i].weight``
+    and their projections up to n (linear, so a tied adaptive softmax reuses them, as it does with
+    adaptive input)."""
 
-    def __init__(self, vocab_size: int, out_dim: int, table_dim: int, **define_kwargs: Any) -> None:
+    def __init__(
+        self, vocab_size: int, out_dim: int, table_dim: int, cutoffs: list[int] | None = None, div_val: int = 1,
+        **define_kwargs: Any,
+    ) -> None:  # fmt: skip
         super().__init__()
+        if define_kwargs.get("map") == "adaptive":
+            define_kwargs.update(cutoffs=tuple(cutoffs or ()), adaptive_factor=div_val)
         self.define = define_ops.DeFINE(vocab_size, out_dim, input_dim=table_dim, **define_kwargs)
+        self.adaptive = self.define.config.map == "adaptive"
+        self.dims = [width for _, _, width in self.define.config.bands()]
+        self.projection_dim = table_dim  # band projections map d_i → n
 
     def band_tables(self) -> list[Tensor]:
+        if self.adaptive:
+            return [band.weight for band in self.define.map.bands]
         return [self.define.weight]
 
     def projections(self) -> list[Tensor | None]:
+        if self.adaptive:
+            return [self.define.map.weights_for_band(i)[1] for i in range(len(self.dims))]
         return [None]  # the expansion is not linear: an output layer has no input projection to tie to
 
     def forward(self, ids: Tensor, tables: list[Tensor] | None = None) -> Tensor:
         if tables is None:
             return self.define(ids)
-        return functional_call(self.define, {"weight": tables[0]}, (ids,))
+        names = [f"map.bands.{i}.weight" for i in range(len(tables))] if self.adaptive else ["weight"]
+        return functional_call(self.define, dict(zip(names, tables, strict=True)), (ids,))
 
 
 def build_input(
@@ -82,7 +99,7 @@ def build_input(
     """The input layer ``kind`` ∈ {define, standard, adaptive}: ids → [*, out_dim] through tables
     of width ``table_dim`` (n)."""
     if kind == "define":
-        return DeFINEInput(vocab_size, out_dim, table_dim, **(define or {}))
+        return DeFINEInput(vocab_size, out_dim, table_dim, cutoffs=cutoffs, div_val=div_val, **(define or {}))
     if kind == "standard":
         return StandardInput(vocab_size, out_dim, table_dim)
     if kind == "adaptive":

@@ -47,7 +47,8 @@ class LSTMLM(nn.Module):
         c = self.config = config
         if c.tie not in TIES:
             raise ValueError(f"unknown tie mode {c.tie!r}; choose one of {TIES}")
-        in_cutoffs = c.cutoffs if c.embedding == "adaptive" else []
+        banded_input = c.embedding == "adaptive" or (c.embedding == "define" and c.define.get("map") == "adaptive")
+        in_cutoffs = c.cutoffs if banded_input else []
         out_cutoffs = c.cutoffs if c.softmax == "adaptive" else []
         self.embed = build_input(
             c.embedding, c.vocab_size, c.input_dim, c.table_dim, cutoffs=in_cutoffs, div_val=c.div_val, define=c.define
@@ -69,7 +70,9 @@ class LSTMLM(nn.Module):
         else:
             dims = [c.table_dim] * len(self.bounds)  # bands are slices of one [V, n] table
         # tie the softmax's band projections to the adaptive input's where both map n <-> d_i
-        self.tied_proj = c.tie != "none" and banded and c.softmax == "adaptive" and c.input_dim == out_dim
+        self.tied_proj = (
+            c.tie != "none" and banded and c.softmax == "adaptive" and self.embed.projection_dim == out_dim
+        )
         tied_proj = [p is not None for p in self.embed.projections()] if self.tied_proj else None
         self.softmax = AdaptiveSoftmax(
             c.vocab_size, out_dim, out_cutoffs, dims, tied=c.tie != "none", tied_projections=tied_proj

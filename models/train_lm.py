@@ -51,7 +51,8 @@ ARCHS = ("lstm", "awd-lstm", "transformer-xl")
 COMMON = {
     "embedding": "define", "table_dim": 128, "softmax": "adaptive", "cutoffs": None, "div_val": None,
     "define_max_dim": 1024, "define_depth": 3, "define_max_groups": 4, "define_dropout": 0.0,
-    "define_backend": "auto", "optimizer": "sgd", "lr": 20.0, "weight_decay": 0.0, "clip": 0.25,
+    "define_map": "table", "define_backend": "auto", "optimizer": "sgd", "lr": 20.0, "weight_decay": 0.0,
+    "clip": 0.25,
     "scheduler": "none", "lr_milestones": [], "lr_gamma": 0.1, "warmup_steps": 0, "lr_decay_steps": None, "nonmono": 5,
     "epochs": 1, "max_steps": None, "batch_size": 20, "eval_batch_size": 10, "test_batch_size": 10,
     "bptt": 35, "eval_bptt": None, "variable_bptt": False, "max_train_tokens": None, "max_eval_tokens": None,
@@ -80,12 +81,14 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 PRESETS: dict[str, dict[str, Any]] = {
     # Table 9 of the paper (LSTM LM on WikiText-103), dropout as in Merity et al. 2018a's WT-103 run;
-    # DeFINE n = m = 256, k = 1024, N = 3 (Table 1a R3). Until DeFINE has an adaptive-input Map the
-    # adaptive softmax ties to slices of DeFINE's one [V, n] table (bands all n wide).
+    # DeFINE n = m = 256, k = 1024, N = 3 (Table 1a R3) with adaptive input as its Map (cutoffs
+    # 20k/40k/200k, factor 4), the adaptive softmax tied to the band tables and projections: the
+    # paper's 9.25M input/output parameters.
     "lstm_wt103": {
         "arch": "lstm", "table_dim": 256, "input_dim": 256, "hidden": 1024, "layers": 4, "tie": "width",
-        "softmax": "adaptive", "cutoffs": [20000, 40000, 200000], "div_val": 1, "dropout": 0.1, "dropouth": 0.1,
+        "softmax": "adaptive", "cutoffs": [20000, 40000, 200000], "div_val": 4, "dropout": 0.1, "dropouth": 0.1,
         "dropouti": 0.1, "define_max_dim": 1024, "define_depth": 3, "define_max_groups": 4, "define_dropout": 0.1,
+        "define_map": "adaptive",
         "optimizer": "sgd", "lr": 20.0, "weight_decay": 0.0, "bptt": 140, "batch_size": 60, "epochs": 20,
         "scheduler": "multistep", "lr_milestones": [15], "lr_gamma": 0.1, "max_steps": None, "eval_every": 0,
     },
@@ -200,7 +203,7 @@ def auto_cutoffs(vocab_size: int) -> list[int]:
 def build_model(cfg: dict[str, Any], vocab_size: int) -> nn.Module:
     define = {
         "max_dim": cfg["define_max_dim"], "depth": cfg["define_depth"], "max_groups": cfg["define_max_groups"],
-        "dropout": cfg["define_dropout"], "backend": cfg["define_backend"],
+        "dropout": cfg["define_dropout"], "backend": cfg["define_backend"], "map": cfg["define_map"],
     }  # fmt: skip
     check_cutoffs(cfg["cutoffs"], vocab_size)
     arch = cfg["arch"]
@@ -306,6 +309,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--define-depth", type=int, default=S, help="N")
     g.add_argument("--define-max-groups", type=int, default=S, help="g_max")
     g.add_argument("--define-dropout", type=float, default=S)
+    g.add_argument("--define-map", choices=("table", "adaptive"), default=S,
+                   help="DeFINE's Map: one [V, n] table, or adaptive input over --cutoffs/--div-val bands")
     g.add_argument("--define-backend", default=S, help="auto | reference | cpu | cuda | triton")
     t = p.add_argument_group("training")
     t.add_argument("--optimizer", choices=("sgd", "adam", "ntasgd"), default=S)

@@ -280,3 +280,31 @@ def test_transformer_xl_context_and_io_match_table_2():
     assert round(context(ours) / 1e6, 2) == 36.25 and round(context(original) / 1e6, 2) == 41.07
     assert round(io(ours) / 1e6, 2) == 103.08 and round(io(original) / 1e6, 2) == 110.04
     assert round(io(small) / 1e6, 2) == 69.20  # 4 clusters n wide, 4 tied n×384 projections, token bias
+
+
+def test_define_with_adaptive_map_ties_the_paper_io_parameters():
+    # Table 1a R3: adaptive input as DeFINE's Map, the adaptive softmax tied to its band tables and
+    # projections: the input/output part is the 9.25M of R2, DeFINE's own layers come on top.
+    with torch.device("meta"):
+        model = LSTMLM(LSTMLMConfig(WT103_V, "define", table_dim=256, input_dim=256, hidden=1024, layers=4,
+                                    cutoffs=[20_000, 40_000, 200_000], div_val=4,
+                                    define={"map": "adaptive", "max_dim": 1024, "depth": 3,
+                                            "max_groups": 4}))  # fmt: skip
+        plain = LSTMLM(LSTMLMConfig(WT103_V, "adaptive", table_dim=256, input_dim=256, hidden=1024, layers=4,
+                                    cutoffs=[20_000, 40_000, 200_000], div_val=4))  # fmt: skip
+    hgt = ("embed.define.layers.", "embed.define.reduce.")
+    io = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("rnns.", *hgt)))
+    plain_io = sum(p.numel() for n, p in plain.named_parameters() if not n.startswith("rnns."))
+    assert io == plain_io and round(io / 1e6, 2) == 9.25  # tables + projections + the softmax head
+    assert model.embed.define.config.num_map_parameters() == 9_252_444
+    assert model.tied_proj
+
+
+def test_define_adaptive_map_model_trains_a_step():
+    model = LSTMLM(LSTMLMConfig(500, "define", table_dim=16, input_dim=16, hidden=32, layers=2, cutoffs=[50, 200],
+                                div_val=2, define={"map": "adaptive", "max_dim": 32, "depth": 2, "max_groups": 2}))
+    ids = torch.randint(0, 500, (7, 3))
+    out = model(ids, ids.roll(1, 0), model.init_state(3))
+    out.nll.backward()
+    assert model.embed.define.map.bands[2].weight.grad is not None
+    assert model.embed.define.map.bands[1].projection.weight.grad.abs().sum() > 0
