@@ -119,17 +119,19 @@ def test_reduce_layer_transposed_weight_and_expanded_grad(small_blocks):
         assert max_err(g, g_ref) <= 1e-10
 
 
+@pytest.mark.parametrize("shuffle,groups,width", [(True, 4, 48), (False, 4, 48), (False, 3, 30)])
 @pytest.mark.parametrize("seed", [987654321, 2**40 + 12345, 2**62 - 1])
-def test_dropout_mask_is_the_reference_mask(seed):
+def test_dropout_mask_is_the_reference_mask(seed, shuffle, groups, width):
     """Dropped elements (exact zeros) sit exactly where the reference's Philox mask drops them,
-    across token tiles (300 rows) and after the shuffle."""
+    across token tiles (300 rows), after the shuffle (one Philox call per element) and without it
+    (one call per four features when group widths are multiples of 4, here 12 but not 10)."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(300, 32, generator=gen)
-    weight = torch.randn(4, 8, 12, generator=gen)
+    x = torch.randn(300, 8 * groups, generator=gen)
+    weight = torch.randn(groups, 8, width // groups, generator=gen)
     seed_t = torch.tensor(seed, dtype=torch.int64)
-    kwargs = dict(e_width=0, e_in_chunks=0, e_out_chunks=0, shuffle=True, dropout_p=0.35)
+    kwargs = dict(e_width=0, e_in_chunks=0, e_out_chunks=0, shuffle=shuffle, dropout_p=0.35)
     out = define_ops.hgt_step(x, weight, None, None, None, seed_t, backend="triton", **kwargs)
-    keep = reference.dropout_keep_mask(seed, 300, 48, 0.35)
+    keep = reference.dropout_keep_mask(seed, 300, width, 0.35)
     assert torch.equal(out != 0, keep)
     out_ref = define_ops.hgt_step(x, weight, None, None, None, seed_t, backend="reference", **kwargs)
     torch.testing.assert_close(out, out_ref)

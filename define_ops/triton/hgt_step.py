@@ -96,15 +96,29 @@ def _f64(hi, mid, lo, dtype: tl.constexpr):
 
 
 @triton.jit
-def _dropout_keep(SEED, rows, f, threshold):
-    """Keep mask [rows, f]: word f % 4 of philox(seed, (f // 4, row, 0, 0)) >= threshold."""
+def _dropout_keep(SEED, rows, f, f0, threshold, QUADS: tl.constexpr):
+    """Keep mask [rows, f]: word f % 4 of philox(seed, (f // 4, row, 0, 0)) >= threshold.
+
+    QUADS: f is f0, f0 + 1, ... with f0 % 4 == 0, so one Philox call yields the words of four
+    features; otherwise each element runs its own call and keeps the word it needs.
+    """
     seed = tl.load(SEED)
-    zero = (rows[:, None] * 0 + f[None, :] * 0).to(tl.uint32)
-    c0 = (f // 4).to(tl.uint32)[None, :] + zero
-    c1 = rows.to(tl.uint32)[:, None] + zero
-    w0, w1, w2, w3 = tl.philox(seed, c0, c1, zero, zero)
-    sel = (f % 4)[None, :] + zero
-    word = tl.where(sel == 0, w0, tl.where(sel == 1, w1, tl.where(sel == 2, w2, w3)))
+    if QUADS:
+        q = f0 // 4 + tl.arange(0, f.shape[0] // 4)
+        zero = (rows[:, None] * 0 + q[None, :] * 0).to(tl.uint32)
+        c0 = q.to(tl.uint32)[None, :] + zero
+        c1 = rows.to(tl.uint32)[:, None] + zero
+        w0, w1, w2, w3 = tl.philox(seed, c0, c1, zero, zero)
+        # tl.join stacks along a new minor axis: [rows, quads, k, i] holds (w0, w2)[k] for i = 0 and
+        # (w1, w3)[k] for i = 1, i.e. word 2k + i, which lands at feature 4q + 2k + i.
+        word = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (rows.shape[0], f.shape[0]))
+    else:
+        zero = (rows[:, None] * 0 + f[None, :] * 0).to(tl.uint32)
+        c0 = (f // 4).to(tl.uint32)[None, :] + zero
+        c1 = rows.to(tl.uint32)[:, None] + zero
+        w0, w1, w2, w3 = tl.philox(seed, c0, c1, zero, zero)
+        sel = (f % 4)[None, :] + zero
+        word = tl.where(sel == 0, w0, tl.where(sel == 1, w1, tl.where(sel == 2, w2, w3)))
     return word.to(tl.int64) >= threshold  # uint32 → int64 zero-extends
 
 
@@ -135,13 +149,14 @@ def _copy_e(X, OUT, rows64, row_ok, stride_xt, stride_xk, out_width, e_width, e_
 
 @triton.jit
 def _norm_act_dropout_store(
-    v, rows, u, f, grp, row_ok, col_ok,
+    v, rows, u, f, f0, grp, row_ok, col_ok,
     GAMMA, BETA, SEED, MEAN, RSTD, OUT,
     s, g, out_width, e_out, h_out, threshold, keep_scale, eps,
-    NORM: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, CARRY_E: tl.constexpr,
+    NORM: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, CARRY_E: tl.constexpr, QUADS: tl.constexpr,
 ):  # fmt: skip
     """The epilogue after the bias: v [rows, u] holds features f (after shuffle) in the
-    accumulation dtype; with NORM the tile is norm group ``grp`` (u < s its features)."""
+    accumulation dtype; with NORM the tile is norm group ``grp`` (u < s its features).
+    QUADS: f = f0 + u with f0 % 4 == 0 (see ``_dropout_keep``)."""
     rows64 = rows.to(tl.int64)
     if NORM:
         mean = tl.sum(tl.where(col_ok[None, :], v, 0.0), axis=1) / s
@@ -154,7 +169,7 @@ def _norm_act_dropout_store(
         v = d * rstd[:, None] * gamma[None, :] + beta[None, :]
     v = _activation(v, ACT)
     if DROPOUT:
-        v = tl.where(_dropout_keep(SEED, rows, f, threshold), v * keep_scale, 0.0)
+        v = tl.where(_dropout_keep(SEED, rows, f, f0, threshold, QUADS), v * keep_scale, 0.0)
     col = f
     if CARRY_E:
         col = _mix_pos(f, h_out, e_out, False)
@@ -212,7 +227,7 @@ def _hgt_step_fwd_kernel(
     eps_hi, eps_mid, eps_lo,  # LayerNorm eps
     t_bucket,  # next_pow2(T): read only by the autotuner's key
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SHUFFLE: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr,
-    CARRY_E: tl.constexpr, SAVE: tl.constexpr, ALLOW_TF32: tl.constexpr, DOT_F32: tl.constexpr,
+    CARRY_E: tl.constexpr, SAVE: tl.constexpr, QUADS: tl.constexpr, ALLOW_TF32: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_t = tl.program_id(0)
@@ -255,8 +270,8 @@ def _hgt_step_fwd_kernel(
     keep_scale = _f64(keep_hi, keep_mid, keep_lo, acc.dtype)
     eps = _f64(eps_hi, eps_mid, eps_lo, acc.dtype)
     _norm_act_dropout_store(
-        v, rows, u, f, grp, row_ok, col_ok, GAMMA, BETA, SEED, MEAN, RSTD, OUT,
-        s, g, out_width, e_out, h_out, threshold, keep_scale, eps, NORM, ACT, DROPOUT, CARRY_E,
+        v, rows, u, f, grp * s + pid_n * BLOCK_N, grp, row_ok, col_ok, GAMMA, BETA, SEED, MEAN, RSTD, OUT,
+        s, g, out_width, e_out, h_out, threshold, keep_scale, eps, NORM, ACT, DROPOUT, CARRY_E, QUADS,
     )  # fmt: skip
     if CARRY_E:
         if (grp == 0) & (pid_n == 0):
@@ -284,7 +299,7 @@ def _hgt_step_fwd_rows_kernel(
     T, s, g, out_width, stride_xt, stride_xk,
     e_width, e_in, h_in, e_out, h_out,
     threshold, keep_hi, keep_mid, keep_lo, eps_hi, eps_mid, eps_lo,
-    SHUFFLE: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, CARRY_E: tl.constexpr,
+    SHUFFLE: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, CARRY_E: tl.constexpr, QUADS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """LayerNorm → activation → dropout → mixed store from SAVED; one program = (token tile, norm group)."""
@@ -302,8 +317,8 @@ def _hgt_step_fwd_rows_kernel(
     keep_scale = _f64(keep_hi, keep_mid, keep_lo, v.dtype)
     eps = _f64(eps_hi, eps_mid, eps_lo, v.dtype)
     _norm_act_dropout_store(
-        v, rows, u, f, grp, row_ok, col_ok, GAMMA, BETA, SEED, MEAN, RSTD, OUT,
-        s, g, out_width, e_out, h_out, threshold, keep_scale, eps, True, ACT, DROPOUT, CARRY_E,
+        v, rows, u, f, grp * s, grp, row_ok, col_ok, GAMMA, BETA, SEED, MEAN, RSTD, OUT,
+        s, g, out_width, e_out, h_out, threshold, keep_scale, eps, True, ACT, DROPOUT, CARRY_E, QUADS,
     )  # fmt: skip
     if CARRY_E:
         if grp == 0:
@@ -325,7 +340,7 @@ def _hgt_step_bwd_dy_kernel(
     PART,  # [tiles · g, 2 · s] contiguous, accumulation dtype: per (token tile, group) Σ dact·x̂ (dγ) ‖ Σ dact (dβ)
     T, s, g, stride_gt, stride_gn, e_out, h_out, threshold, keep_hi, keep_mid, keep_lo,
     NORM: tl.constexpr, SHUFFLE: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, CARRY_E: tl.constexpr,
-    HAS_SAVED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SAVED: tl.constexpr, QUADS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One program = (token tile, norm group) with NORM, else (token tile, feature tile)."""
     pid_t = tl.program_id(0)
@@ -335,11 +350,12 @@ def _hgt_step_bwd_dy_kernel(
     rows64 = rows.to(tl.int64)
     u = tl.arange(0, BLOCK_N)
     if NORM:
+        f0 = pid_n * s
         col_ok = u < s
-        f = pid_n * s + u
     else:
-        f = pid_n * BLOCK_N + u
-        col_ok = f < g * s
+        f0 = pid_n * BLOCK_N
+        col_ok = f0 + u < g * s
+    f = f0 + u
     valid = row_ok[:, None] & col_ok[None, :]
     src = (f % g) * s + f // g if SHUFFLE else f
     out_col = f
@@ -349,7 +365,7 @@ def _hgt_step_bwd_dy_kernel(
     d = d.to(tl.float64 if DY.dtype.element_ty == tl.float64 else tl.float32)
     if DROPOUT:
         keep_scale = _f64(keep_hi, keep_mid, keep_lo, d.dtype)
-        d = tl.where(_dropout_keep(SEED, rows, f, threshold), d * keep_scale, 0.0)
+        d = tl.where(_dropout_keep(SEED, rows, f, f0, threshold, QUADS), d * keep_scale, 0.0)
     if HAS_SAVED:
         pre = tl.load(SAVED + rows64[:, None] * (g * s) + src[None, :], mask=valid, other=0.0).to(d.dtype)
         if NORM:
@@ -621,7 +637,7 @@ def _forward(
     flags = dict(
         HAS_BIAS=p.bias, NORM=p.norm and fused, SHUFFLE=p.shuffle and fused, ACT=p.act if fused else 0,
         DROPOUT=p.dropout and fused, CARRY_E=p.carry_e and fused, SAVE=p.needs_saved and fused,
-        ALLOW_TF32=p.allow_tf32, DOT_F32=p.dot_f32,
+        QUADS=not p.shuffle and p.s % 4 == 0, ALLOW_TF32=p.allow_tf32, DOT_F32=p.dot_f32,
     )  # fmt: skip
     tokens, groups, s = p.tokens, p.g, p.s
 
@@ -643,7 +659,7 @@ def _forward(
         p.tokens, p.s, p.g, p.out_width, x.stride(0), x.stride(1), p.e_width, p.e_in, p.h_in, p.e_out, p.h_out,
         p.threshold, *p.keep_scale, *p.eps,
     )  # fmt: skip
-    rows_flags = dict(SHUFFLE=p.shuffle, ACT=p.act, DROPOUT=p.dropout, CARRY_E=p.carry_e)
+    rows_flags = dict(SHUFFLE=p.shuffle, ACT=p.act, DROPOUT=p.dropout, CARRY_E=p.carry_e, QUADS=p.s % 4 == 0)
     meta = dict(BLOCK_T=block_t, BLOCK_N=block_n)
     launch(
         _hgt_step_fwd_rows_kernel, None, lambda _: (triton.cdiv(tokens, block_t), groups), rows_args, rows_flags, meta,
@@ -703,8 +719,9 @@ def _backward(
             p.tokens, p.s, p.g, grad_out.stride(0), grad_out.stride(1), p.e_out, p.h_out, p.threshold, *p.keep_scale,
         )  # fmt: skip
         flags = dict(
-            NORM=p.norm, SHUFFLE=p.shuffle, ACT=p.act, DROPOUT=p.dropout, CARRY_E=p.carry_e, HAS_SAVED=p.needs_saved
-        )
+            NORM=p.norm, SHUFFLE=p.shuffle, ACT=p.act, DROPOUT=p.dropout, CARRY_E=p.carry_e, HAS_SAVED=p.needs_saved,
+            QUADS=not p.norm or p.s % 4 == 0,  # tiles start at multiples of BLOCK_N, or of s
+        )  # fmt: skip
         n_tiles = p.g if p.norm else triton.cdiv(p.b, block_n)
         meta = dict(BLOCK_T=block_t, BLOCK_N=block_n)
         grid = (tiles, n_tiles)
