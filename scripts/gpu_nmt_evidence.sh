@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# GPU evidence for issue 7: Transformer base on Multi30k En→De with DeFINE inputs (n=128, k=1024,
+# N=3, m=512; define_paper.md §5.4) against standard nn.Embedding(V, 512) inputs, the same fixed
+# budget of optimizer steps for both, the same joint BPE model (trained deterministically on the
+# training split), then beam search (beam 4, length penalty 0.6) on test_2016_flickr with sacrebleu.
+# Writes benchmarks/results/nmt_multi30k_<gpu>.json (parameter counts, BLEU with its signature,
+# tokens/s, wall time per run) and prints a Markdown table for the README.
+#
+#   bash scripts/gpu_nmt_evidence.sh                      # both runs, ~6-8 min on one H100 (estimate)
+#   STEPS=1000 bash scripts/gpu_nmt_evidence.sh           # a smaller budget
+#
+# Settings (environment):
+#   NMT_DATA   Multi30k directory (default ${DEFINE_OPS_DATA:-../shared/data}/multi30k). The device
+#              machine does not receive ../shared: copy the six raw files into an ignored folder of
+#              the repo (e.g. `mkdir -p .nmt-data && cp ../shared/data/multi30k/*.{en,de} .nmt-data/`
+#              with `.nmt-data/` in .git/info/exclude), carry it, and set NMT_DATA=.nmt-data.
+#   PYTHON     interpreter with torch (CUDA), sentencepiece and sacrebleu (default: python3)
+#   STEPS      optimizer steps per run (default 1800: ~25 epochs of 8192-token batches)
+#   WARMUP     warm-up steps (default 1000; the base preset's 8000 suits WMT-sized runs, not this budget)
+#   EVAL_EVERY validation (greedy BLEU on val, picks best.pt) every N steps (default 600)
+#   RUNS_DIR   where the runs go (default runs/nmt/evidence; runs/ is git-ignored)
+#   OUT        if set, the results JSON and logs are copied there too
+#   SMOKE=1    check the plumbing on a CPU in a minute: small preset, 2000 pairs, 20 steps; the results
+#              go to RUNS_DIR only, never to benchmarks/results
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+DATA=${NMT_DATA:-${DEFINE_OPS_DATA:-../shared/data}/multi30k}
+STEPS=${STEPS:-1800}
+WARMUP=${WARMUP:-1000}
+EVAL_EVERY=${EVAL_EVERY:-600}
+RUNS=${RUNS_DIR:-runs/nmt/evidence}
+PRECISION=bf16
+EXTRA=()
+RESULTS=benchmarks/results
+if [ "${SMOKE:-0}" = 1 ]; then
+  STEPS=20 WARMUP=10 EVAL_EVERY=10 PRECISION=fp32 RESULTS=$RUNS
+  EXTRA=(--preset small --max-train-pairs 2000 --max-eval-lines 50 --device cpu)
+fi
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+for f in train.en train.de val.en val.de test.en test.de; do
+  [ -f "$DATA/$f" ] || { echo "gpu_nmt_evidence: $DATA/$f is missing (set NMT_DATA)" >&2; exit 2; }
+done
+SMOKE=${SMOKE:-0} "$PYTHON" - <<'PY'
+import os, torch, sentencepiece, sacrebleu, define_ops
+device = "cpu" if os.environ["SMOKE"] == "1" else "cuda"
+assert device == "cpu" or torch.cuda.is_available(), "needs a CUDA device (or SMOKE=1)"
+name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+print("torch", torch.__version__, "|", name, "| sentencepiece", sentencepiece.__version__, "| sacrebleu",
+      sacrebleu.__version__, f"| DeFINE backends on {device}:", define_ops.available_backends(device))
+PY
+mkdir -p "$RUNS" "$RESULTS"
+for emb in define standard; do
+  start=$(date +%s)
+  "$PYTHON" -m models.train_nmt --data "$DATA" --src en --tgt de --embedding "$emb" --out "$RUNS/$emb" --overwrite \
+    --max-steps "$STEPS" --warmup-steps "$WARMUP" --eval-every "$EVAL_EVERY" --eval-beam 1 --log-every 100 \
+    --no-progress --precision "$PRECISION" "${EXTRA[@]}" 2>&1 | tee "$RUNS/$emb.train.log"
+  "$PYTHON" -m models.translate "$RUNS/$emb/best.pt" --beam 4 --lenpen 0.6 --precision "$PRECISION" \
+    --reference "$DATA/test.de" --bleu-json "$RUNS/$emb/test.beam4.bleu.json" \
+    < "$DATA/test.en" > "$RUNS/$emb/test.beam4.de" 2> >(tee "$RUNS/$emb.translate.log" >&2)
+  echo "$(( $(date +%s) - start ))" > "$RUNS/$emb.seconds"
+done
+"$PYTHON" - "$RUNS" "$STEPS" "$WARMUP" "$RESULTS" <<'PY'
+import json, sys
+from pathlib import Path
+import torch
+from models.nmt import count_parameters
+from models.train_nmt import build_model
+from models.trainer import load_checkpoint
+
+runs, steps, warmup, where = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+results = {"what": "Transformer base, Multi30k En-De, DeFINE vs standard input, same step budget and BPE",
+           "device": device, "torch": torch.__version__, "steps": steps, "warmup": warmup, "runs": {}}
+digests = set()
+for emb in ("define", "standard"):
+    state = load_checkpoint(runs / emb / "best.pt")
+    cfg = state["config"]
+    digests.add(cfg["bpe_digest"])
+    with torch.device("meta"):
+        params = count_parameters(build_model(cfg))
+    metrics = [json.loads(line) for line in (runs / emb / "metrics.jsonl").read_text().splitlines()]
+    end = next(m for m in metrics if m["event"] == "end")
+    greedy = next(m for m in metrics if m["event"] == "test")
+    beam = json.loads((runs / emb / "test.beam4.bleu.json").read_text())
+    results["runs"][emb] = {
+        "parameters": params, "vocab": cfg["tgt_vocab_size"], "best_step": state["trainer"]["best"]["step"],
+        "best_valid_bleu_greedy": state["trainer"]["best"]["value"], "test_bleu_greedy": greedy["bleu"],
+        "test_loss": greedy["loss"], "test_bleu_beam4": beam["score"], "bleu_signature": beam["signature"],
+        "bleu_verbose": beam["verbose"], "train_tokens_per_s": end["tokens_per_s"],
+        "wall_s": int((runs / f"{emb}.seconds").read_text()),
+    }
+assert len(digests) == 1, "the two runs must share one BPE model"
+out = where / f"nmt_multi30k_{device.replace(' ', '_')}.json"
+out.write_text(json.dumps(results, indent=1) + "\n")
+print(f"\nwrote {out}\n")
+print("| input | parameters (total / input layer) | test_2016_flickr BLEU, beam 4 | greedy | best valid (greedy) | "
+      "train tokens/s |")
+print("|---|---|---|---|---|---|")
+for emb, r in results["runs"].items():
+    p = r["parameters"]
+    print(f"| {emb} | {p['total'] / 1e6:.2f}M / {p['src_embed'] / 1e6:.2f}M | {r['test_bleu_beam4']:.2f} | "
+          f"{r['test_bleu_greedy']:.2f} | {r['best_valid_bleu_greedy']:.2f} (step {r['best_step']}) | "
+          f"{r['train_tokens_per_s']:,.0f} |")
+cfg = load_checkpoint(runs / "define" / "best.pt")["config"]
+print(f"\nsacrebleu: {results['runs']['define']['bleu_signature']}; {steps} steps of {cfg['max_tokens']}-token "
+      f"batches, warm-up {warmup}, {cfg['precision']} autocast, {results['device']}")
+PY
+if [ -n "${OUT:-}" ]; then
+  cp "$RESULTS"/nmt_multi30k_*.json "$OUT"/ 2>/dev/null || true
+  for emb in define standard; do cp "$RUNS/$emb.train.log" "$OUT/nmt_$emb.train.log"; done
+fi
