@@ -22,6 +22,9 @@ from torch.library import wrap_triton
 
 # Decided once, like @triton.jit decides at decoration time.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# DEFINE_OPS_TRITON_AUTOTUNE=0 on a GPU: launch each kernel with its first pruned config instead of
+# benchmarking them all (correctness runs, where autotuning every shape would cost minutes).
+AUTOTUNE = os.environ.get("DEFINE_OPS_TRITON_AUTOTUNE", "1") != "0"
 
 
 def next_pow2(n: int) -> int:
@@ -84,8 +87,13 @@ def launch(
     """
     if INTERPRET:
         kernel[grid](*args, **flags, **interpret_meta)
-    elif tuned is not None:
+    elif tuned is not None and AUTOTUNE:
         wrap_triton(tuned)[grid](*args, **flags)
+    elif tuned is not None:
+        named = dict(zip(kernel.arg_names, args, strict=False))
+        config = tuned.early_config_prune(tuned.configs, named, **flags)[0]
+        meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        wrap_triton(kernel)[grid](*args, **flags, **meta)
     else:
         wrap_triton(kernel)[grid](*args, **flags, **(gpu_meta or {}))
 
@@ -105,11 +113,12 @@ def keep_fitting(configs: list[triton.Config], fits: Callable[[dict[str, Any]], 
     """The configs whose block sizes ``fits``; if none does, the one with the smallest tiles.
 
     Only filters (never builds configs), as torch.compile runs pruning functions in a sandbox.
+    The first config kept is the one used when autotuning is off (``AUTOTUNE``).
     """
     kept = [c for c in configs if fits(c.kwargs)]
     if kept:
         return kept
-    return [min(configs, key=lambda c: sum(c.kwargs.values()))]
+    return [min(configs, key=lambda c: (sum(c.kwargs.values()), c.num_stages))]
 
 
 def sm_count(device: torch.device) -> int:

@@ -178,8 +178,18 @@ def _norm_act_dropout_store(
 
 
 # ----------------------------------------------------------------------------- forward
+# Shared memory the pipelined x and W tiles may take (bytes): fits sm_80 (163 KB) and sm_90.
+_SMEM_BUDGET = 160 * 1024
+
+
+def _smem(m: dict, elem: int, stages: int, reduce: str = "BLOCK_K") -> int:
+    """Bytes of a config's operand tiles: (the two output block sizes) × the reduction block, per stage."""
+    return (sum(m.values()) - m[reduce]) * m[reduce] * elem * stages
+
+
 def _fwd_configs() -> list[triton.Config]:
-    # Generic GEMM tiles, plus whole-group tiles (BLOCK_N = next_pow2(s)) for the fused norm.
+    # Generic GEMM tiles, plus whole-group tiles (BLOCK_N = next_pow2(s)) for the fused norm, each
+    # with pipelines from deep to shallow (pruning keeps the deepest that fits the dtype).
     tiles = [(64, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 256, 32, 8, 3),
              (32, 64, 64, 4, 4)]  # fmt: skip
     configs = [triton.Config({"BLOCK_T": t, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
@@ -188,22 +198,25 @@ def _fwd_configs() -> list[triton.Config]:
         for t in [16, 32, 64]:
             if t * n > 16384 or (n >= 64 and t >= 64):  # too many registers, or already above
                 continue
-            # Deepest pipeline whose x and W tiles fit ~160 KB of shared memory at 4 bytes an element.
-            pipelines = [(32, 3), (32, 2), (16, 2), (16, 1)]
-            k, stages = next((k, st) for k, st in pipelines if (t + n) * k * 4 * st <= 163840)
-            warps = 4 if t * n <= 4096 else 8
-            block = {"BLOCK_T": t, "BLOCK_N": n, "BLOCK_K": k}
-            configs.append(triton.Config(block, num_warps=warps, num_stages=stages))
+            for k, stages in [(32, 3), (32, 2), (16, 2), (16, 1)]:
+                block = {"BLOCK_T": t, "BLOCK_N": n, "BLOCK_K": k}
+                configs.append(triton.Config(block, num_warps=4 if t * n <= 4096 else 8, num_stages=stages))
     return configs
 
 
 def _prune_fwd(configs, named_args, **kwargs):
     s_p, k_p = max(16, next_pow2(named_args["s"])), max(32, next_pow2(named_args["a_g"]))
     t_p = max(16, named_args["t_bucket"])
+    elem = named_args["X"].element_size()
     if kwargs.get("NORM", named_args.get("NORM")):
-        whole = [c for c in configs if c.kwargs["BLOCK_N"] == s_p]
-        return keep_fitting(whole, lambda m: m["BLOCK_T"] <= t_p)
-    generic = configs[:6]
+        whole, seen = [], set()
+        for c in configs[6:]:  # the deepest pipeline that fits, per tile shape
+            tile = (c.kwargs["BLOCK_T"], c.kwargs["BLOCK_N"])
+            if c.kwargs["BLOCK_N"] == s_p and tile not in seen and _smem(c.kwargs, elem, c.num_stages) <= _SMEM_BUDGET:
+                seen.add(tile)
+                whole.append(c)
+        return keep_fitting(whole or configs[6:], lambda m: m["BLOCK_T"] <= t_p)
+    generic = [c for c in configs[:6] if _smem(c.kwargs, elem, c.num_stages) <= _SMEM_BUDGET]
     return keep_fitting(generic, lambda m: m["BLOCK_N"] <= s_p and m["BLOCK_T"] <= t_p and m["BLOCK_K"] <= k_p)
 
 
@@ -399,7 +412,9 @@ def _dx_configs() -> list[triton.Config]:
 def _prune_dx(configs, named_args, **kwargs):
     k_p, n_p = max(32, next_pow2(named_args["a_g"])), max(32, next_pow2(named_args["s"]))
     t_p = max(16, named_args["t_bucket"])
-    return keep_fitting(configs, lambda m: m["BLOCK_K"] <= k_p and m["BLOCK_N"] <= n_p and m["BLOCK_T"] <= t_p)
+    elem = named_args["DY"].element_size()
+    fitting = [c for c in configs if _smem(c.kwargs, elem, c.num_stages, "BLOCK_N") <= _SMEM_BUDGET]
+    return keep_fitting(fitting, lambda m: m["BLOCK_K"] <= k_p and m["BLOCK_N"] <= n_p and m["BLOCK_T"] <= t_p)
 
 
 @triton.jit
@@ -464,7 +479,9 @@ def _dw_configs() -> list[triton.Config]:
 
 def _prune_dw(configs, named_args, **kwargs):
     k_p, n_p = max(32, next_pow2(named_args["a_g"])), max(32, next_pow2(named_args["s"]))
-    return keep_fitting(configs, lambda m: m["BLOCK_K"] <= k_p and m["BLOCK_N"] <= n_p)
+    elem = named_args["DY"].element_size()
+    fitting = [c for c in configs if _smem(c.kwargs, elem, c.num_stages, "BLOCK_T") <= _SMEM_BUDGET]
+    return keep_fitting(fitting, lambda m: m["BLOCK_K"] <= k_p and m["BLOCK_N"] <= n_p)
 
 
 @triton.jit
