@@ -1,7 +1,9 @@
 """The Triton backend on a real GPU (compiled kernels, autotuning): whole-layer parity, bf16,
-torch.compile through triton_op. Skipped without CUDA; run with the interpreter off:
+torch.compile through triton_op. Skipped without CUDA; run with the interpreter off (and,
+for a quick correctness pass, autotuning off: each kernel then runs its first pruned config):
 
-    TRITON_INTERPRET=0 python -m pytest tests/test_ops.py tests/test_triton_gpu.py -k "triton or gpu" -q
+    TRITON_INTERPRET=0 DEFINE_OPS_TRITON_AUTOTUNE=0 python -m pytest tests/test_ops.py tests/test_triton_gpu.py \
+        -k "triton or gpu" -q
 """
 
 from __future__ import annotations
