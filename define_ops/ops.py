@@ -14,8 +14,6 @@ below. Each public function takes ``backend=`` (see ``_backend.py``).
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 from torch import Tensor
 
@@ -160,7 +158,10 @@ if _build.HAS_EXTENSION:
 
 
 def _triton():
-    return importlib.import_module("define_ops.triton")
+    # An import statement, not importlib.import_module: torch.compile traces the former.
+    from . import triton
+
+    return triton
 
 
 def _autocast(tensors: tuple[Tensor | None, ...], device_type: str) -> tuple[Tensor | None, ...]:
