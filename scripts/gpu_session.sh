@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session for issue 4, on an H100/H200 lent through the device tool (torch 2.11 cu130,
+# One GPU session for issues 4 and 5 (CUDA and Triton backends), on an H100/H200 lent through the device tool (torch 2.11 cu130,
 # nvcc 13.0, no network). Run from the repository root:
 #
 #   bash scripts/gpu_session.sh            # writes into $OUT (default ./gpu-out)
@@ -8,8 +8,10 @@
 # 480 s; a stage that would start after the budget is skipped and says so):
 #   1. build the extension in place for this card (sm_90), print kernel resource usage;
 #   2. tests/test_cuda.py (not the slow ones);
-#   3. benchmarks in bf16 at the five presets: the whole layer (reference, cuda, plain embedding),
-#      ceilings, floors, kernel launches per layer;
+#   2b. the Triton backend's GPU tests (tests/test_triton_gpu.py and the triton-cuda cases of
+#      tests/test_ops.py), autotuning off so the stage stays short;
+#   3. benchmarks in bf16 at the five presets: the whole layer (reference, cuda, triton, plain
+#      embedding), ceilings, floors, kernel launches per layer;
 #   4. compute-sanitizer memcheck and racecheck on scripts/cuda_smoke.py;
 #   5. the layer benchmark in fp32, then compute-sanitizer synccheck;
 #   6. the cuda cases of tests/test_ops.py;
@@ -21,7 +23,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-BUDGET=${GPU_SESSION_BUDGET_S:-480}
+BUDGET=${GPU_SESSION_BUDGET_S:-540}
 START=$(date +%s)
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 DEFINE_OPS_SKIP_EMULATION=1
@@ -66,9 +68,12 @@ cuobjdump --dump-resource-usage "$SO" 2>/dev/null | grep -E "Function|REG|STACK|
 stage tests 190 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m "not slow" -rfE --maxfail=40 \
   --junitxml="$OUT/tests.xml"
 
+stage tests-triton 120 env DEFINE_OPS_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_triton_gpu.py tests/test_ops.py -q \
+  -p no:cacheprovider -k "gpu or triton-cuda" -rfE --maxfail=40
+
 PRESETS=lstm_wt103,lstm_wt103_n7,txl_wt103,awd_ptb,nmt_wmt14
-stage bench-bf16 140 "$PY" -m pytest benchmarks/test_bench_layer.py benchmarks/test_bench_floor.py -q -p no:cacheprovider \
-  --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference,cuda,embedding \
+stage bench-bf16 170 "$PY" -m pytest benchmarks/test_bench_layer.py benchmarks/test_bench_floor.py -q -p no:cacheprovider \
+  --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference,cuda,triton,embedding \
   --benchmark-json "$OUT/bench-bf16.json" --benchmark-columns=median,min,rounds
 
 sanitize() {  # sanitize TOOL LIMIT
