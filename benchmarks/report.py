@@ -37,7 +37,11 @@ def load(paths: list[Path]) -> tuple[dict, dict, dict, dict]:
                 launches[info["preset"]] = info
             elif info.get("kind") == "ceilings":
                 machine.update({k: info.get(k) for k in ("device", "torch", "cuda", "driver")})
-                machine.update(matmul_tflops=info.get("matmul_tflops"), copy_tbps=info.get("copy_tbps"))
+                machine.update(
+                    matmul_tflops=info.get("matmul_tflops"),
+                    matmul_dtype=info.get("matmul_dtype", "bfloat16"),
+                    copy_tbps=info.get("copy_tbps"),
+                )
             elif name.startswith("test_layer[") and bench.get("stats"):
                 times[info["dtype"]][info["mode"]][info["preset"]][info["provider"]] = bench["stats"]["median"] * 1e3
                 machine.setdefault("device", info.get("device"))
@@ -105,8 +109,9 @@ def launch_table(launches: dict) -> str:
 def render(times: dict, floors: dict, launches: dict, machine: dict) -> str:
     parts = [
         f"Device: {machine.get('device')}, torch {machine.get('torch')}, CUDA {machine.get('cuda')}, "
-        f"driver {machine.get('driver')}; measured ceilings: {machine.get('matmul_tflops') or 0:.0f} TFLOP/s bf16 "
-        f"matmul, {machine.get('copy_tbps') or 0:.2f} TB/s copy. Medians; speed-ups are other / ours."
+        f"driver {machine.get('driver')}; measured ceilings: {machine.get('matmul_tflops') or 0:.3g} TFLOP/s "
+        f"{machine.get('matmul_dtype')} matmul, {machine.get('copy_tbps') or 0:.3g} TB/s copy. Medians; speed-ups "
+        "are other / ours; floor fraction = floor / ours."
     ]
     for dtype in sorted(times):
         for mode, title in (("fwd_bwd", "forward + backward"), ("fwd", "forward only (eval, no cache)")):

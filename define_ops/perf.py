@@ -73,7 +73,7 @@ def measure_ceilings(device: torch.device | str, quick: bool = False) -> dict:
     bandwidth (bytes read + written) in TB/s, means of timed rounds after warm-ups."""
     device = torch.device(device)
     gpu = device.type == "cuda"
-    size = 8192 if gpu and not quick else (2048 if gpu else 256)
+    size = (8192 if gpu else 2048) if not quick else (2048 if gpu else 256)
     dtype = torch.bfloat16 if gpu else torch.float32
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
