@@ -1,7 +1,8 @@
 """End-to-end training step of the LSTM LM at the ``lstm_wt103`` preset's shapes (Table 9: V = 267,735,
 4 LSTM layers of 1024, n = m = 256, batch 60 × BPTT 140, tied adaptive softmax 20k/40k/200k):
-DeFINE on each backend vs a standard embedding vs adaptive input. Target: DeFINE's step at most
-1.1× the standard embedding's. Ids are Zipf-distributed like word frequencies; under ``--quick``
+DeFINE on each backend (with adaptive input as its Map, as Table 1a R3, plain and with ``dedup``)
+vs a standard embedding vs adaptive input. Target: DeFINE's step at most 1.1× the standard
+embedding's. Ids are Zipf-distributed like word frequencies; under ``--quick``
 the shapes shrink so CI runs every body once.
 
     pytest benchmarks/test_bench_lm.py --benchmark-only --benchmark-json benchmarks/results/lm_step_<card>.json
@@ -24,7 +25,8 @@ QUICK = {"vocab": 2_000, "n": 32, "hidden": 64, "layers": 2, "batch": 4, "bptt":
 def lm_providers() -> list[str]:
     dev = device()
     backends = [b for b in define_ops.available_backends(dev) if not (dev.type == "cpu" and b == "triton")]
-    return [f"define-{b}" for b in backends] + ["standard", "adaptive"]
+    ours = [f"define-{b}" for b in backends] + [f"define-{b}-dedup" for b in backends if b != "reference"]
+    return ours + ["standard", "adaptive"]
 
 
 def zipf_ids(shape: tuple[int, int], vocab: int, generator: torch.Generator) -> torch.Tensor:
@@ -36,12 +38,14 @@ def zipf_ids(shape: tuple[int, int], vocab: int, generator: torch.Generator) -> 
 def test_lstm_lm_training_step(benchmark, bench_options, lm_provider):
     s = QUICK if bench_options["quick"] else FULL
     dev = device()
-    embedding, _, backend = lm_provider.partition("-")
+    embedding, _, rest = lm_provider.partition("-")
+    backend, _, variant = rest.partition("-")
     config = LSTMLMConfig(
         s["vocab"], embedding, table_dim=s["n"], input_dim=s["n"], hidden=s["hidden"], layers=s["layers"],
-        cutoffs=s["cutoffs"], div_val=4 if embedding == "adaptive" else 1,
+        cutoffs=s["cutoffs"], div_val=1 if embedding == "standard" else 4,
         define={"max_dim": 1024 if not bench_options["quick"] else 64, "depth": 3, "max_groups": 4, "dropout": 0.1,
-                "backend": backend or "auto"},
+                "backend": backend or "auto", "map": "adaptive", "dedup": variant == "dedup",
+                "validate_ids": False},
     )  # fmt: skip
     torch.manual_seed(0)
     model = LSTMLM(config).to(dev).train()
