@@ -109,11 +109,11 @@ class AdaptiveMap(nn.Module):
         for band in self.bands:
             band.reset_parameters()
 
-    def forward(self, ids: Tensor) -> Tensor:
+    def forward(self, ids: Tensor, sparse: bool = False) -> Tensor:
         e = None
         for (lo, hi), band in zip(self.bounds, self.bands, strict=True):
             local = (ids - lo).clamp(0, hi - lo - 1)
-            vectors = F.embedding(local, band.weight)
+            vectors = F.embedding(local, band.weight, sparse=sparse)
             if band.projection is not None:
                 vectors = band.projection(vectors)
             inside = ((ids >= lo) & (ids < hi)).unsqueeze(-1)
@@ -122,7 +122,7 @@ class AdaptiveMap(nn.Module):
 
 
 # Constructor options that are not part of DeFINEConfig (how the layer runs, not what it computes).
-_MODULE_OPTIONS = ("backend", "dedup", "cache", "validate_ids", "device", "dtype")
+_MODULE_OPTIONS = ("backend", "dedup", "cache", "validate_ids", "sparse", "device", "dtype")
 
 
 class DeFINE(nn.Module):
@@ -166,6 +166,7 @@ class DeFINE(nn.Module):
         dedup: bool = False,
         cache: str = "auto",
         validate_ids: bool = True,
+        sparse: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -184,6 +185,7 @@ class DeFINE(nn.Module):
         self.validate_ids = validate_ids
         self.dedup = dedup
         self.cache = cache
+        self.sparse = sparse
         self._cache_table: Tensor | None = None  # a plain attribute: never part of state_dict
         self._cache_key: tuple | None = None
         plans = config.layer_plans()
@@ -293,9 +295,13 @@ class DeFINE(nn.Module):
         """The Map step alone: ids [T] → e [T, n] (padding ids give zeros)."""
         backend = backend or resolve_backend(self.backend, self.device)
         pad = self.config.padding_idx
-        if self.config.map == "table":
+        if self.config.map == "table" and not self.sparse:
             return ops.embedding_lookup(self.weight, flat_ids, pad, self.embedding_scale, backend=backend)
-        e = self.map(flat_ids)
+        if self.config.map == "table":  # sparse: ATen's lookup, whose gradient is a sparse COO tensor
+            e = F.embedding(flat_ids, self.weight, padding_idx=pad, sparse=True)
+            e = e * self.embedding_scale if self.embedding_scale != 1.0 else e
+        else:
+            e = self.map(flat_ids, sparse=self.sparse)
         return e if pad is None else e.masked_fill((flat_ids == pad).unsqueeze(-1), 0.0)
 
     def _unit(self, flat_ids: Tensor) -> Tensor:

@@ -57,7 +57,7 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class StepResult:
-    loss: Tensor  # what backward() sees (may include regularisers)
+    loss: Tensor  # what backward() sees (may include regularisers): a mean over ``tokens``
     tokens: int  # targets this rank's step covered: the weight of its loss and the tokens/s counter
     log_loss: Tensor | None = None  # what is logged, e.g. the NLL without AR/TAR (defaults to ``loss``)
     lr_scale: float = 1.0  # multiplies every group's lr for this step only (AWD-LSTM's variable BPTT)
@@ -498,6 +498,11 @@ class Trainer:
         self._stop = stop > 0
         if nonfinite > 0:
             self._raise_nonfinite("loss", loss_sum / max(tokens, 1.0))
+        if self.dist.active and self.dist.world_size > 1:
+            # ``loss`` is a mean over this rank's tokens and DDP averages gradients over ranks:
+            # weight each rank by its share of the step's tokens, so the gradient is the mean over
+            # all tokens even when ranks hold different counts (exactly 1 when they are equal).
+            loss = loss * (result.tokens * self.dist.world_size / tokens)
         self.scaler.scale(loss).backward()
         grad_norm = None
         if self.cfg.clip > 0:

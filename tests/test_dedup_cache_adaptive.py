@@ -14,9 +14,9 @@ BACKENDS = ["reference", *[b for b in ("cpu", "triton") if b in define_ops.avail
 
 
 def small_layer(backend: str, **overrides) -> DeFINE:
-    kwargs = dict(input_dim=16, max_dim=64, depth=3, max_groups=4, padding_idx=1, backend=backend)
+    kwargs = dict(input_dim=16, max_dim=64, depth=3, max_groups=4, padding_idx=1, backend=backend, dtype=torch.float64)
     kwargs.update(overrides)
-    return DeFINE(50, 24, dtype=torch.float64, **kwargs)
+    return DeFINE(50, 24, **kwargs)
 
 
 def repeated_ids() -> torch.Tensor:
@@ -201,3 +201,45 @@ def test_autocast_runs_the_layer_in_bfloat16(backend):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = reference_layer(ids)
     torch.testing.assert_close(out.float(), expected.float(), rtol=0.05, atol=0.05)
+
+
+# ----------------------------------------------------------------------------- sparse table gradient
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sparse_table_gradient_equals_the_dense_one(adaptive):
+    extra = dict(map="adaptive", cutoffs=(10, 30), adaptive_factor=2) if adaptive else {}
+    dense = small_layer(BACKENDS[-1], **extra).train()
+    sparse = small_layer(BACKENDS[-1], sparse=True, **extra).train()
+    sparse.load_state_dict(dense.state_dict())
+    ids = repeated_ids()
+    outs = []
+    for module in (dense, sparse):
+        out = module(ids)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape))
+        outs.append(out)
+    assert max_err(outs[0], outs[1]) < 1e-12
+    tables = ["weight"] if not adaptive else [f"map.bands.{b}.weight" for b in range(3)]
+    grads_dense, grads_sparse = dict(dense.named_parameters()), dict(sparse.named_parameters())
+    for name in tables:
+        assert grads_sparse[name].grad.is_sparse, name
+        assert max_err(grads_sparse[name].grad.to_dense(), grads_dense[name].grad) < 1e-12, name
+    for name, p in grads_dense.items():
+        if name not in tables:
+            assert max_err(grads_sparse[name].grad, p.grad) < 1e-12, name
+    if not adaptive:
+        assert (grads_sparse["weight"].grad.to_dense()[1] == 0).all()  # padding row
+
+
+def test_sparse_gradient_trains_with_sparse_adam():
+    layer = small_layer(BACKENDS[-1], sparse=True, dtype=torch.float32).train()
+    table_optimizer = torch.optim.SparseAdam([layer.weight], lr=1e-2)
+    rest = torch.optim.Adam([p for n, p in layer.named_parameters() if n != "weight"], lr=1e-2)
+    ids = repeated_ids()
+    before = layer.weight.detach().clone()
+    layer(ids).pow(2).mean().backward()
+    table_optimizer.step()
+    rest.step()
+    touched = torch.zeros(50, dtype=torch.bool)
+    touched[ids.unique()] = True
+    touched[1] = False  # padding
+    changed = (layer.weight.detach() != before).any(dim=1)
+    assert torch.equal(changed, touched)
