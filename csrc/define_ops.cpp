@@ -83,6 +83,29 @@ StepParams make_step_params(const at::Tensor& x, const at::Tensor& weight, const
   return p;
 }
 
+void check_backward_inputs(const StepParams& p, const at::Tensor& x, const at::Tensor& grad_out,
+                           const at::Tensor& saved, const at::Tensor& mean, const at::Tensor& rstd) {
+  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == p.tokens && grad_out.size(1) == p.out_width,
+                    "define_ops::hgt_step_backward: grad_out must be [", p.tokens, ", ", p.out_width, "], got ",
+                    grad_out.sizes());
+  TORCH_CHECK_VALUE(grad_out.device() == x.device() && grad_out.scalar_type() == x.scalar_type(),
+                    "define_ops::hgt_step_backward: grad_out must match x's device and dtype, got ",
+                    grad_out.device(), " ", grad_out.scalar_type());
+  if (p.needs_saved()) {
+    TORCH_CHECK_VALUE(saved.dim() == 2 && saved.size(0) == p.tokens && saved.size(1) == p.out_h &&
+                          saved.scalar_type() == x.scalar_type(),
+                      "define_ops::hgt_step_backward: saved must be [", p.tokens, ", ", p.out_h, "] ",
+                      x.scalar_type());
+  }
+  if (p.norm) {
+    const auto stats_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    TORCH_CHECK_VALUE(mean.numel() == p.tokens * p.groups && rstd.numel() == p.tokens * p.groups &&
+                          mean.scalar_type() == stats_dtype && rstd.scalar_type() == stats_dtype,
+                      "define_ops::hgt_step_backward: mean and rstd must be [", p.tokens, ", ", p.groups, "] ",
+                      stats_dtype);
+  }
+}
+
 }  // namespace define_ops
 
 TORCH_LIBRARY(define_ops, m) {

@@ -74,4 +74,8 @@ StepParams make_step_params(const at::Tensor& x, const at::Tensor& weight, const
                             int64_t e_out_chunks, bool shuffle, std::string_view activation, double dropout_p,
                             double norm_eps);
 
+// Validates hgt_step_backward's own inputs (the gradient and what the forward saved) against p.
+void check_backward_inputs(const StepParams& p, const at::Tensor& x, const at::Tensor& grad_out,
+                           const at::Tensor& saved, const at::Tensor& mean, const at::Tensor& rstd);
+
 }  // namespace define_ops

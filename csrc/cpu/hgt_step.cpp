@@ -486,17 +486,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgt_step_
                                   shuffle, std::string_view(activation.data(), activation.size()), dropout_p,
                                   norm_eps);
   p.seed = read_seed(seed, p);
-  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == p.tokens && grad_out.size(1) == p.out_width,
-                    "define_ops::hgt_step_backward: grad_out must be [", p.tokens, ", ", p.out_width, "], got ",
-                    grad_out.sizes());
-  if (p.needs_saved()) {
-    TORCH_CHECK_VALUE(saved.dim() == 2 && saved.size(0) == p.tokens && saved.size(1) == p.out_h,
-                      "define_ops::hgt_step_backward: saved must be [", p.tokens, ", ", p.out_h, "]");
-  }
-  if (p.norm) {
-    TORCH_CHECK_VALUE(mean.numel() == p.tokens * p.groups && rstd.numel() == p.tokens * p.groups,
-                      "define_ops::hgt_step_backward: mean and rstd must be [", p.tokens, ", ", p.groups, "]");
-  }
+  check_backward_inputs(p, x, grad_out, saved, mean, rstd);
   const at::Tensor x_c = x.contiguous();
   const at::Tensor g_c = grad_out.contiguous();
   const auto opts = x.options();

@@ -668,22 +668,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgt_step_
                                         dropout_p, norm_eps);
   const cuda::DeviceGuard guard(x.device());
   const RowShape shape = make_row_shape(p);
-  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == p.tokens && grad_out.size(1) == p.out_width,
-                    "define_ops::hgt_step_backward: grad_out must be [", p.tokens, ", ", p.out_width, "], got ",
-                    grad_out.sizes());
-  TORCH_CHECK_VALUE(grad_out.device() == x.device() && grad_out.scalar_type() == x.scalar_type(),
-                    "define_ops::hgt_step_backward: grad_out must match x's device and dtype");
-  if (p.needs_saved()) {
-    TORCH_CHECK_VALUE(saved.dim() == 2 && saved.size(0) == p.tokens && saved.size(1) == p.out_h,
-                      "define_ops::hgt_step_backward: saved must be [", p.tokens, ", ", p.out_h, "]");
-  }
-  const auto stats_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  if (p.norm) {
-    TORCH_CHECK_VALUE(mean.numel() == p.tokens * p.groups && rstd.numel() == p.tokens * p.groups &&
-                          mean.scalar_type() == stats_dtype && rstd.scalar_type() == stats_dtype,
-                      "define_ops::hgt_step_backward: mean and rstd must be [", p.tokens, ", ", p.groups, "] ",
-                      stats_dtype);
-  }
+  check_backward_inputs(p, x, grad_out, saved, mean, rstd);
   const auto opts = x.options();
   at::Tensor grad_x = at::empty({p.tokens, p.in_width}, opts);
   // Same layout as the weight (the Reduce layer passes a transposed view of nn.Linear's weight).
