@@ -79,7 +79,6 @@ class Workload:
             "device": device_name(),
             "torch": torch.__version__,
             "define_ops": _version(),
-            
             "gflop": flops / 1e9,
             "config": {k: v for k, v in c.to_dict().items()},
         }

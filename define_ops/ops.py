@@ -67,9 +67,7 @@ if _build.HAS_EXTENSION:
         )
         return grad_weight, None, None, None
 
-    torch.library.register_autograd(
-        "define_ops::embedding_lookup", _embedding_backward, setup_context=_embedding_setup
-    )
+    torch.library.register_autograd("define_ops::embedding_lookup", _embedding_backward, setup_context=_embedding_setup)
 
     @torch.library.register_fake("define_ops::hgt_step")
     def _hgt_step_fake(

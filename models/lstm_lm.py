@@ -70,9 +70,7 @@ class LSTMLM(nn.Module):
         else:
             dims = [c.table_dim] * len(self.bounds)  # bands are slices of one [V, n] table
         # tie the softmax's band projections to the adaptive input's where both map n <-> d_i
-        self.tied_proj = (
-            c.tie != "none" and banded and c.softmax == "adaptive" and self.embed.projection_dim == out_dim
-        )
+        self.tied_proj = c.tie != "none" and banded and c.softmax == "adaptive" and self.embed.projection_dim == out_dim
         tied_proj = [p is not None for p in self.embed.projections()] if self.tied_proj else None
         self.softmax = AdaptiveSoftmax(
             c.vocab_size, out_dim, out_cutoffs, dims, tied=c.tie != "none", tied_projections=tied_proj

@@ -296,8 +296,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--input-dim", type=int, default=S, help="m: input layer width (LSTM)")
     g.add_argument("--hidden", type=int, default=S, help="LSTM hidden size")
     g.add_argument("--layers", type=int, default=S, help="LSTM layers")
-    g.add_argument("--tie", choices=("width", "proj", "none"), default=S,
-                   help="tie the softmax to the n-dim table: last LSTM layer n wide, a projection, or not")
+    g.add_argument(
+        "--tie",
+        choices=("width", "proj", "none"),
+        default=S,
+        help="tie the softmax to the n-dim table: last LSTM layer n wide, a projection, or not",
+    )
     g.add_argument("--softmax", choices=("adaptive", "full"), default=S)
     g.add_argument("--cutoffs", type=int, nargs="*", default=S, help="adaptive cutoffs (default ~6%% and 30%% of V)")
     g.add_argument("--div-val", type=int, default=S, help="band width factor of adaptive input/softmax")
@@ -309,8 +313,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--define-depth", type=int, default=S, help="N")
     g.add_argument("--define-max-groups", type=int, default=S, help="g_max")
     g.add_argument("--define-dropout", type=float, default=S)
-    g.add_argument("--define-map", choices=("table", "adaptive"), default=S,
-                   help="DeFINE's Map: one [V, n] table, or adaptive input over --cutoffs/--div-val bands")
+    g.add_argument(
+        "--define-map",
+        choices=("table", "adaptive"),
+        default=S,
+        help="DeFINE's Map: one [V, n] table, or adaptive input over --cutoffs/--div-val bands",
+    )
     g.add_argument("--define-backend", default=S, help="auto | reference | cpu | cuda | triton")
     t = p.add_argument_group("training")
     t.add_argument("--optimizer", choices=("sgd", "adam", "ntasgd"), default=S)

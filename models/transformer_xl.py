@@ -163,8 +163,7 @@ class TransformerXL(nn.Module):
         mem_len = c.mem_len if self.training else c.eval_mem_len
         with torch.no_grad():  # memories carry no gradient into the next segment
             new_mems = [
-                torch.cat([mem, x], dim=0)[-mem_len:] if mem_len else mem
-                for mem, x in zip(mems, hiddens, strict=True)
+                torch.cat([mem, x], dim=0)[-mem_len:] if mem_len else mem for mem, x in zip(mems, hiddens, strict=True)
             ]  # [min(M + T, mem_len), B, d] per layer
         return h, new_mems
 

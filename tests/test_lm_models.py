@@ -301,8 +301,19 @@ def test_define_with_adaptive_map_ties_the_paper_io_parameters():
 
 
 def test_define_adaptive_map_model_trains_a_step():
-    model = LSTMLM(LSTMLMConfig(500, "define", table_dim=16, input_dim=16, hidden=32, layers=2, cutoffs=[50, 200],
-                                div_val=2, define={"map": "adaptive", "max_dim": 32, "depth": 2, "max_groups": 2}))
+    model = LSTMLM(
+        LSTMLMConfig(
+            500,
+            "define",
+            table_dim=16,
+            input_dim=16,
+            hidden=32,
+            layers=2,
+            cutoffs=[50, 200],
+            div_val=2,
+            define={"map": "adaptive", "max_dim": 32, "depth": 2, "max_groups": 2},
+        )
+    )
     ids = torch.randint(0, 500, (7, 3))
     out = model(ids, ids.roll(1, 0), model.init_state(3))
     out.nll.backward()

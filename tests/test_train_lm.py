@@ -117,7 +117,8 @@ def test_command_line_errors_are_clear(corpus_dir, cache_dir, tmp_path, capsys):
 
     assert "does not exist" in error("--arch", "lstm", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o"))
     assert "--hidden does not apply to --arch transformer-xl" in error(
-        "--arch", "transformer-xl", "--data", str(corpus_dir), "--hidden", "10")
+        "--arch", "transformer-xl", "--data", str(corpus_dir), "--hidden", "10"
+    )
     assert "is for --arch awd-lstm" in error("--arch", "lstm", "--preset", "awd_ptb", "--data", str(corpus_dir))
     assert "--data DIR is required" in error("--arch", "lstm")
     assert "cutoffs" in error(*argv("lstm", corpus_dir, cache_dir, tmp_path / "c", "--cutoffs", "99999"))
