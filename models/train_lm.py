@@ -56,7 +56,7 @@ COMMON = {
     "scheduler": "none", "lr_milestones": [], "lr_gamma": 0.1, "warmup_steps": 0, "lr_decay_steps": None, "nonmono": 5,
     "epochs": 1, "max_steps": None, "batch_size": 20, "eval_batch_size": 10, "test_batch_size": 10,
     "bptt": 35, "eval_bptt": None, "variable_bptt": False, "max_train_tokens": None, "max_eval_tokens": None,
-    "eval_every": 0, "save_every": 0, "log_every": 50, "seed": 1111, "precision": "auto",
+    "eval_every": 0, "save_every": 0, "accum_steps": 1, "log_every": 50, "seed": 1111, "precision": "auto",
 }  # fmt: skip
 # Without a preset each architecture gets a small configuration that trains in minutes on a CPU
 # (the LSTM: 600 steps of 20 x 35 tokens with Adam, which beats SGD at so short a budget).
@@ -325,6 +325,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--lr", type=float, default=S)
     t.add_argument("--weight-decay", type=float, default=S)
     t.add_argument("--clip", type=float, default=S, help="max gradient norm (0: off)")
+    t.add_argument("--accum-steps", type=int, default=S, help="batches per optimizer step (gradient accumulation)")
     t.add_argument("--scheduler", choices=("none", "multistep", "cosine"), default=S)
     t.add_argument("--lr-milestones", type=int, nargs="*", default=S, help="epochs where multistep divides the lr")
     t.add_argument("--lr-gamma", type=float, default=S)
@@ -426,6 +427,7 @@ def build_trainer(cfg: dict[str, Any], dist: Dist, corpus: Corpus | None = None,
     train_cfg = TrainConfig(
         out_dir=cfg["out"], epochs=cfg["epochs"], max_steps=cfg["max_steps"], eval_every=cfg["eval_every"],
         save_every=cfg["save_every"], log_every=cfg["log_every"], clip=cfg["clip"], precision=cfg["precision"],
+        accum_steps=cfg["accum_steps"],
         seed=cfg["seed"], scheduler_interval=interval, progress=progress,
     )  # fmt: skip
     return Trainer(model, optimizer, task, train_cfg, cfg, scheduler=scheduler, dist=dist, resume_ignore=RESUME_IGNORE)

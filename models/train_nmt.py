@@ -74,8 +74,9 @@ BASE: dict[str, Any] = {
     "d_model": 512, "n_heads": 8, "ffn_dim": 2048, "encoder_layers": 6, "decoder_layers": 6, "dropout": 0.1,
     "attention_dropout": 0.1, "activation_dropout": 0.1, "norm_first": True, "max_positions": 1024,
     "label_smoothing": 0.1, "lr": 2 * 512**-0.5 * 8000**-0.5, "warmup_steps": 8000, "adam_betas": [0.9, 0.998],
-    "adam_eps": 1e-9, "weight_decay": 0.0, "clip": 0.0, "max_tokens": 8192, "max_len": 256, "epochs": 10_000,
-    "max_steps": 200_000, "eval_every": 10_000, "save_every": 0, "log_every": 100, "seed": 1, "precision": "auto",
+    "adam_eps": 1e-9, "weight_decay": 0.0, "clip": 0.0, "max_tokens": 8192, "accum_steps": 1, "max_len": 256,
+    "epochs": 10_000, "max_steps": 200_000, "eval_every": 10_000, "save_every": 0, "log_every": 100, "seed": 1,
+    "precision": "auto",
     "eval_max_tokens": 8192, "eval_beam": 4, "lenpen": 0.6, "max_len_a": 1.0, "max_len_b": 50,
     "eval_bleu_lines": None, "metric": "bleu", "max_train_pairs": None, "max_eval_lines": None,
 }  # fmt: skip
@@ -275,6 +276,7 @@ def build_trainer(cfg: dict[str, Any], dist: Dist, *, resume_dir: str | None = N
     train_cfg = TrainConfig(
         out_dir=cfg["out"], epochs=cfg["epochs"], max_steps=cfg["max_steps"], eval_every=cfg["eval_every"],
         save_every=cfg["save_every"], log_every=cfg["log_every"], clip=cfg["clip"], precision=cfg["precision"],
+        accum_steps=cfg["accum_steps"],
         seed=cfg["seed"], metric=cfg["metric"], mode="max" if cfg["metric"] == "bleu" else "min", progress=progress,
     )  # fmt: skip
     return Trainer(model, optimizer, task, train_cfg, cfg, scheduler=scheduler, dist=dist, resume_ignore=RESUME_IGNORE)
@@ -326,6 +328,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--adam-eps", type=float, default=S)
     t.add_argument("--weight-decay", type=float, default=S)
     t.add_argument("--clip", type=float, default=S, help="max gradient norm (0: off)")
+    t.add_argument("--accum-steps", type=int, default=S, help="batches per optimizer step (gradient accumulation)")
     t.add_argument("--max-tokens", type=int, default=S, help="padded tokens per batch and process")
     t.add_argument("--epochs", type=int, default=S)
     t.add_argument("--max-steps", type=int, default=S, help="total optimizer steps (0: no limit)")

@@ -21,6 +21,7 @@ configuration; resuming under a different one is refused, naming the differing s
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -96,6 +97,11 @@ class TrainConfig:
     progress: bool = True
     show_ppl: bool = True  # progress bar shows exp(loss)
     find_unused_parameters: bool = False
+    accum_steps: int = 1  # batches per optimizer step (gradient accumulation); an epoch's last step may get fewer
+
+    def __post_init__(self) -> None:
+        if self.accum_steps < 1:
+            raise ValueError(f"TrainConfig.accum_steps must be >= 1, got {self.accum_steps}")
 
 
 @dataclass
@@ -479,31 +485,65 @@ class Trainer:
         return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
 
     # ------------------------------------------------------------------ one step
-    def _train_step(self, batch: Any) -> tuple[float, int, float | None]:
-        with self.autocast():
-            result = self.task.train_step(self.ddp_model, batch)
-        loss = result.loss
-        log_loss = (result.log_loss if result.log_loss is not None else loss).detach().float()
-        finite = torch.isfinite(loss.detach()) & torch.isfinite(log_loss)
+    def _train_step(self, micro_batches: list[Any]) -> tuple[float, int, float | None]:
+        """One optimizer step over ``accum_steps`` micro-batches (fewer at the end of an epoch).
+
+        The gradient is the mean over every token of every micro-batch on every rank, whatever
+        their sizes. All but the last micro-batch run backward without DDP's all-reduce, each loss
+        (a mean over its own tokens) weighted by its token count relative to the first one's so
+        that backward sees values near 1 (no fp16 overflow from raw token counts). The last one's
+        forward reveals this rank's token total; one small all-reduce gives the global total T;
+        the accumulated gradients are rescaled and the last loss weighted so that DDP's average
+        over ranks becomes the sum over all tokens / T. One batch on one process: weight 1 exactly.
+        """
         device = self.dist.device
+        world = self.dist.world_size if self.dist.active else 1
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        nonfinite = torch.zeros((), dtype=torch.float64, device=device)
+        local_tokens, lr_scale_sum = 0, 0.0
+        unit = 1  # token count that a micro-batch's weight of 1 stands for
+        lr_scale = 1.0
+        for index, batch in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            # DDP decides in forward whether this backward all-reduces: only the last one does
+            no_sync = self.ddp_model.no_sync() if self.dist.active and not last else contextlib.nullcontext()
+            with no_sync:
+                with self.autocast():
+                    result = self.task.train_step(self.ddp_model, batch)
+                loss, tokens = result.loss, int(result.tokens)
+                if tokens > 0:  # an empty micro-batch's mean is NaN: it carries no loss and no weight
+                    log_loss = (result.log_loss if result.log_loss is not None else loss).detach().float()
+                    loss_sum += log_loss.to(device, torch.float64) * tokens
+                    finite = torch.isfinite(loss.detach()) & torch.isfinite(log_loss)
+                    nonfinite += (~finite).to(device, torch.float64)
+                if index == 0:
+                    unit, lr_scale = max(tokens, 1), result.lr_scale
+                local_tokens += tokens
+                lr_scale_sum += result.lr_scale * tokens
+                if not last:
+                    self.scaler.scale(loss * (tokens / unit)).backward()
+        if len(micro_batches) > 1 and local_tokens > 0:
+            lr_scale = lr_scale_sum / local_tokens  # AWD-LSTM's per-batch lr scale, token-weighted
         check = torch.stack([
-            log_loss.to(device, torch.float64) * result.tokens,
-            torch.tensor(float(result.tokens), dtype=torch.float64, device=device),
-            (~finite).to(device, torch.float64),
+            loss_sum,
+            torch.tensor(float(local_tokens), dtype=torch.float64, device=device),
+            nonfinite,
             torch.tensor(float(self._signal is not None), dtype=torch.float64, device=device),
         ])  # fmt: skip
-        if self.dist.active:  # one small collective per step: global loss, NaN anywhere, stop anywhere
+        if self.dist.active:  # one small collective per step: global loss and tokens, NaN anywhere, stop anywhere
             torch_dist.all_reduce(check)
-        loss_sum, tokens, nonfinite, stop = check.tolist()
+        loss_total, total_tokens, nonfinite_count, stop = check.tolist()
         self._stop = stop > 0
-        if nonfinite > 0:
-            self._raise_nonfinite("loss", loss_sum / max(tokens, 1.0))
-        if self.dist.active and self.dist.world_size > 1:
-            # ``loss`` is a mean over this rank's tokens and DDP averages gradients over ranks:
-            # weight each rank by its share of the step's tokens, so the gradient is the mean over
-            # all tokens even when ranks hold different counts (exactly 1 when they are equal).
-            loss = loss * (result.tokens * self.dist.world_size / tokens)
-        self.scaler.scale(loss).backward()
+        if nonfinite_count > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._raise_nonfinite("loss", loss_total / max(total_tokens, 1.0))
+        total_tokens = max(total_tokens, 1.0)
+        if len(micro_batches) > 1:
+            for param in self.model.parameters():
+                if param.grad is not None:
+                    param.grad.mul_(unit * world / total_tokens)  # DDP then divides the ranks' sum by world
+        weight = tokens * world / total_tokens  # exactly 1.0 for one batch on one process
+        self.scaler.scale(loss if weight == 1.0 else loss * weight).backward()
         grad_norm = None
         if self.cfg.clip > 0:
             self.scaler.unscale_(self.optimizer)
@@ -511,9 +551,9 @@ class Trainer:
             if not math.isfinite(grad_norm) and not self.scaler.is_enabled():  # fp16 skips such steps itself
                 self._raise_nonfinite("gradient norm", grad_norm)
         saved_lrs = [group["lr"] for group in self.optimizer.param_groups]
-        if result.lr_scale != 1.0:
+        if lr_scale != 1.0:
             for group in self.optimizer.param_groups:
-                group["lr"] = group["lr"] * result.lr_scale
+                group["lr"] = group["lr"] * lr_scale
         self.scaler.step(self.optimizer)
         self.scaler.update()
         for group, lr in zip(self.optimizer.param_groups, saved_lrs, strict=True):
@@ -521,7 +561,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None and self.cfg.scheduler_interval == "step":
             self.scheduler.step()
-        return loss_sum / tokens, int(tokens), grad_norm
+        return loss_total / total_tokens, int(total_tokens), grad_norm
 
     def _raise_nonfinite(self, what: str, value: float) -> None:
         if self.last_saved_step is not None:
@@ -563,7 +603,7 @@ class Trainer:
     def _progress_total(self) -> int | None:
         per_epoch = None
         with contextlib.suppress(TypeError, AttributeError):
-            per_epoch = self.task.steps_per_epoch()
+            per_epoch = -(-self.task.steps_per_epoch() // self.cfg.accum_steps)
         totals = [t for t in (self.cfg.max_steps, per_epoch and per_epoch * self.cfg.epochs) if t]
         return min(totals) if totals else None
 
@@ -609,11 +649,10 @@ class Trainer:
                         if self._should_stop():
                             return self._interrupted()
                         started = time.perf_counter()
-                        try:
-                            batch = next(batches)
-                        except StopIteration:
+                        micro_batches = list(itertools.islice(batches, cfg.accum_steps))
+                        if not micro_batches:
                             break
-                        loss, tokens, grad_norm = self._train_step(batch)
+                        loss, tokens, grad_norm = self._train_step(micro_batches)
                         self.step += 1
                         elapsed = time.perf_counter() - started
                         self.train_time += elapsed

@@ -63,17 +63,20 @@ def force_averaging(trainer, loss):
         trainer.optimizer.param_groups[0]["averaging"] = True
 
 
-CASES = [("lstm", "budget"), ("lstm", "SIGINT"), ("lstm", "SIGTERM"), ("awd-lstm", "budget"), ("awd-lstm", "SIGINT"),
-         ("transformer-xl", "budget"), ("transformer-xl", "SIGTERM")]  # fmt: skip
+# (arch, how the first part stops, batches per optimizer step)
+CASES = [("lstm", "budget", 1), ("lstm", "SIGINT", 1), ("lstm", "SIGTERM", 1), ("awd-lstm", "budget", 1),
+         ("awd-lstm", "SIGINT", 1), ("transformer-xl", "budget", 1), ("transformer-xl", "SIGTERM", 1),
+         ("lstm", "SIGTERM", 2), ("awd-lstm", "budget", 3)]  # fmt: skip
 
 
-@pytest.mark.parametrize("arch,stop", CASES)
-def test_resumed_run_reproduces_the_uninterrupted_one(corpus_dir, cache_dir, tmp_path, arch, stop):
-    full, _ = run(config(corpus_dir, cache_dir, tmp_path / "full", arch), on_step=force_averaging)
+@pytest.mark.parametrize("arch,stop,accum", CASES)
+def test_resumed_run_reproduces_the_uninterrupted_one(corpus_dir, cache_dir, tmp_path, arch, stop, accum):
+    accum_args = ("--accum-steps", str(accum))
+    full, _ = run(config(corpus_dir, cache_dir, tmp_path / "full", arch, *accum_args), on_step=force_averaging)
     expected = train_losses(tmp_path / "full")
     assert sorted(expected) == list(range(1, STEPS + 1))
 
-    cfg = config(corpus_dir, cache_dir, tmp_path / "split", arch)
+    cfg = config(corpus_dir, cache_dir, tmp_path / "split", arch, *accum_args)
 
     def interrupt(trainer, loss):
         force_averaging(trainer, loss)
