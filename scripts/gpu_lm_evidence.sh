@@ -7,7 +7,7 @@
 #
 #   bash scripts/gpu_lm_evidence.sh [RESULTS_DIR]      # default benchmarks/results
 #
-# Environment: PYTHON (default .venv-cuda/bin/python, else .venv/bin/python), DEFINE_OPS_DATA
+# Environment: PYTHON (default .venv/bin/python where it exists, else python3), DEFINE_OPS_DATA
 # (default ../shared/data), STEPS (default 2000), EVAL_EVERY (default 250), M (default 512),
 # EXTRA (more train_lm flags, e.g. "--max-eval-tokens 5000" for a smoke run), BENCH_ARGS (e.g. --quick).
 # Writes RESULTS_DIR/lm_wt2_<card>/{define,standard_256,standard_m}/{metrics.jsonl,summary.json},
@@ -18,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:-benchmarks/results}
 if [ -z "${PYTHON:-}" ]; then
-  for candidate in .venv-cuda/bin/python .venv/bin/python python3; do
+  for candidate in .venv/bin/python python3; do
     if command -v "$candidate" >/dev/null 2>&1; then PYTHON=$candidate; break; fi
   done
 fi
