@@ -155,6 +155,18 @@ def test_embedding_gradient_touched_rows_deterministic(small_blocks, ids_dtype):
     assert (first[12:] == 0).all() and (first[3] == 0).all()
 
 
+def test_embedding_out_of_range_ids_give_nan_rows_and_no_gradient():
+    # same contract as the CUDA lookup: no out-of-bounds access, and the error cannot pass silently
+    weight = torch.randn(10, 8)
+    ids = torch.tensor([1, 10, -1, 2, 0])
+    e = torch.ops.define_ops.embedding_lookup_triton(weight, ids, 0, 1.0)
+    assert torch.equal(e[0], weight[1]) and torch.equal(e[3], weight[2])
+    assert e[1].isnan().all() and e[2].isnan().all()
+    assert (e[4] == 0).all()  # the padding id
+    g = torch.ops.define_ops.embedding_lookup_triton_backward(torch.ones(5, 8), ids, 10, 0, 1.0)
+    assert g.sum().item() == 16.0 and (g[1] == 1).all() and (g[2] == 1).all()
+
+
 def test_bfloat16_runs_in_the_interpreter():
     """bf16 tl.dot is wrong in the interpreter; the kernels upcast the operands there."""
     tensors, params = _inputs(AWKWARD["three-groups"], OPTIONS[0], 19)

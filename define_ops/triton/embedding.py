@@ -7,8 +7,9 @@ at the first position of each run of equal ids sums that run's gradient rows in 
 writes the row once — deterministic, no atomics, no data-dependent shapes (so it traces under
 torch.compile). Untouched rows are the zeros of the dense [V, n] gradient autograd expects.
 
-Ids are validated by the caller (``DeFINE`` checks them eagerly); an out-of-range id reads as a
-zero row and gets no gradient rather than touching memory outside the table.
+Ids are validated by the caller (``DeFINE`` checks them eagerly, except under torch.compile). An
+out-of-range id that gets here never touches memory outside the table: its row is NaN (as in the
+CUDA kernel, so the error shows in the loss instead of passing silently) and it gets no gradient.
 """
 
 import torch
@@ -43,6 +44,8 @@ def _embedding_fwd_kernel(
     acc_t = tl.float64 if OUT.dtype.element_ty == tl.float64 else tl.float32
     scale = tl.cast(scale_hi, acc_t) + tl.cast(scale_mid, acc_t) + tl.cast(scale_lo, acc_t)
     e = rows.to(acc_t) * scale
+    out_of_range = i_ok & ((ids < 0) | (ids >= V))
+    e = tl.where(out_of_range[:, None], float("nan"), e)
     out_offs = i.to(tl.int64)[:, None] * n + c[None, :]
     tl.store(OUT + out_offs, e.to(OUT.dtype.element_ty), mask=i_ok[:, None] & c_ok[None, :])
 
