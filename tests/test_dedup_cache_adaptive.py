@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import define_ops
 from define_ops import DeFINE, DeFINEConfig, reference
@@ -111,6 +112,30 @@ def test_cache_detects_load_state_dict_and_is_skipped_in_training():
         layer.train()
         layer(ids)
     assert layer._cache_key is not None
+
+
+def test_cache_detects_replaced_parameters_and_submodules_and_data_edits_on_request():
+    layer = small_layer(BACKENDS[-1]).eval()
+    ids = torch.arange(50)
+
+    def uncached():
+        layer.cache = "off"
+        try:
+            return layer(ids)
+        finally:
+            layer.cache = "auto"
+
+    with torch.no_grad():
+        layer(ids)
+        layer.reduce.bias = nn.Parameter(torch.randn_like(layer.reduce.bias))  # a new parameter
+        assert max_err(layer(ids), uncached()) < 1e-12
+        old = layer(ids)
+        replacement = nn.Linear(layer.reduce.in_features, layer.reduce.out_features).double()
+        layer.reduce = replacement  # a new submodule
+        assert max_err(layer(ids), uncached()) < 1e-12 and not torch.allclose(layer(ids), old)
+        layer.weight.data.mul_(2.0)  # bypasses the version counter: documented, needs invalidate_cache()
+        layer.invalidate_cache()
+        assert max_err(layer(ids), uncached()) < 1e-12
 
 
 def test_cache_option_is_validated():
