@@ -22,7 +22,7 @@ OURS = ("cuda", "triton", "cpu")
 
 
 def load(paths: list[Path]) -> tuple[dict, dict, dict, dict]:
-    """(times[dtype][mode][preset][provider] ms, floors[dtype][preset], launches[preset], machine)."""
+    """(times[dtype][mode][preset][provider] ms, floors[dtype][preset], launches[backend][preset], machine)."""
     times: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
     floors: dict = defaultdict(dict)
     launches: dict = {}
@@ -34,7 +34,7 @@ def load(paths: list[Path]) -> tuple[dict, dict, dict, dict]:
             if info.get("kind") == "floor":
                 floors[info["dtype"]][info["preset"]] = info
             elif info.get("kind") == "launch_count":
-                launches[info["preset"]] = info
+                launches.setdefault(info.get("backend", "cuda"), {})[info["preset"]] = info
             elif info.get("kind") == "ceilings":
                 machine.update({k: info.get(k) for k in ("device", "torch", "cuda", "driver")})
                 machine.update(
@@ -73,6 +73,9 @@ def table(times: dict, floors: dict, dtype: str, mode: str) -> str:
         head += [f"{p} vs ref", f"{p} vs compile", f"{p} vs embedding"]
         if mode == "fwd_bwd":
             head.append(f"{p} floor fraction")
+    both = "cuda" in ours and "triton" in ours
+    if both:
+        head.append("triton vs cuda")  # issue 5: at least 1/1.25 = 0.80×
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for preset in presets:
         row = times[dtype][mode][preset]
@@ -88,21 +91,26 @@ def table(times: dict, floors: dict, dtype: str, mode: str) -> str:
             ]
             if mode == "fwd_bwd":
                 cells.append(_ratio(floor, row.get(p)))
+        if both:
+            cells.append(_ratio(row.get("cuda"), row.get("triton")))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def launch_table(launches: dict) -> str:
     lines = [
-        "| preset | kernels per layer, forward (max) | backward (max) | whole unit forward | forward + backward |",
-        "|---|---|---|---|---|",
+        "| backend | preset | kernels per layer, forward (max) | backward (max) | whole unit forward | "
+        "forward + backward |",
+        "|---|---|---|---|---|---|",
     ]
-    for preset in [p for p in PRESET_ORDER if p in launches]:
-        info = launches[preset]
-        lines.append(
-            f"| {preset} | {info['max_forward_kernels_per_layer']} | {info['max_backward_kernels_per_layer']} | "
-            f"{info['unit_forward_kernels']} | {info['unit_forward_backward_kernels']} |"
-        )
+    for backend in sorted(launches):
+        for preset in [p for p in PRESET_ORDER if p in launches[backend]]:
+            info = launches[backend][preset]
+            lines.append(
+                f"| {backend} | {preset} | {info['max_forward_kernels_per_layer']} | "
+                f"{info['max_backward_kernels_per_layer']} | {info['unit_forward_kernels']} | "
+                f"{info['unit_forward_backward_kernels']} |"
+            )
     return "\n".join(lines)
 
 
@@ -118,7 +126,7 @@ def render(times: dict, floors: dict, launches: dict, machine: dict) -> str:
             if times[dtype].get(mode):
                 parts += [f"\n**{dtype}, {title}**\n", table(times, floors, dtype, mode)]
     if launches:
-        parts += ["\n**Kernel launches (cuda backend)**\n", launch_table(launches)]
+        parts += ["\n**Kernel launches**\n", launch_table(launches)]
     return "\n".join(parts) + "\n"
 
 

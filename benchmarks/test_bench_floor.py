@@ -3,9 +3,9 @@
 - ``test_ceilings``: bf16 8192³ matmul rate and copy bandwidth, measured in this run;
 - ``test_floor``: per preset, max(FLOPs at that rate, bytes that must move at that bandwidth)
   (define_ops/perf.py says what is counted), next to the times of test_bench_layer.py;
-- ``test_launch_count``: kernels per HGT layer in the forward and backward of the cuda backend,
-  counted with the torch profiler on each layer's real shapes (target: at most 2 and 3), and the
-  whole unit's totals (lookup, Reduce and padding mask included).
+- ``test_launch_count``: kernels per HGT layer in the forward and backward of each GPU backend
+  (cuda, triton), counted with the torch profiler on each layer's real shapes (target: at most 2
+  and 3), and the whole unit's totals (lookup, Reduce and padding mask included).
 
 ``extra_info`` carries the numbers; benchmarks/report.py turns the JSON into the README table.
 """
@@ -58,6 +58,9 @@ def test_floor(benchmark, bench_options, preset):
 
 def _layer_counts(module: DeFINE, ids: torch.Tensor) -> list[dict]:
     """Per HGT layer (and the Reduce layer): kernels of its forward and of its backward."""
+    suffix = "_triton" if module.backend == "triton" else ""
+    step_op = getattr(torch.ops.define_ops, f"hgt_step{suffix}")
+    step_backward_op = getattr(torch.ops.define_ops, f"hgt_step{suffix}_backward")
     counts = []
     seeds = torch.randint(0, 2**62, (module.config.depth,), device=ids.device)
     x = module.embed_ids(ids.reshape(-1)).detach()
@@ -72,13 +75,12 @@ def _layer_counts(module: DeFINE, ids: torch.Tensor) -> list[dict]:
         else:
             args = (x, module.reduce.weight.t().unsqueeze(0), module.reduce.bias, None, None, None, plan.e_width,
                     plan.e_in_chunks, 0, False, "none", 0.0, module.config.norm_eps)  # fmt: skip
-        outputs = torch.ops.define_ops.hgt_step(*args)
+        outputs = step_op(*args)  # also the warm-up (Triton autotunes on its first call)
         grad = torch.randn_like(outputs[0])
-        forward = perf.kernel_launches(lambda args=args: torch.ops.define_ops.hgt_step(*args))
+        step_backward_op(grad, *args[:6], *outputs[1:], *args[6:])
+        forward = perf.kernel_launches(lambda args=args: step_op(*args))
         backward = perf.kernel_launches(
-            lambda args=args, outputs=outputs, grad=grad: torch.ops.define_ops.hgt_step_backward(
-                grad, *args[:6], *outputs[1:], *args[6:]
-            )
+            lambda args=args, outputs=outputs, grad=grad: step_backward_op(grad, *args[:6], *outputs[1:], *args[6:])
         )
         counts.append(
             {
@@ -95,17 +97,18 @@ def _layer_counts(module: DeFINE, ids: torch.Tensor) -> list[dict]:
     return counts
 
 
-def test_launch_count(benchmark, bench_options, preset):
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_launch_count(benchmark, bench_options, preset, backend):
     if not torch.cuda.is_available():
         pytest.skip("kernel launches are counted on a GPU")
     from define_ops import available_backends
 
-    if "cuda" not in available_backends("cuda"):
-        pytest.skip("the CUDA kernels are not built")
+    if backend not in available_backends("cuda"):
+        pytest.skip(f"the {backend} backend is unavailable on this GPU")
     quick = bench_options["quick"]
     config = DeFINEConfig.from_preset(preset, **({"num_embeddings": QUICK_VOCAB} if quick else {}))
     tokens = QUICK_TOKENS if quick else PRESET_TOKENS[preset]
-    module = DeFINE.from_config(config, backend="cuda", device="cuda", dtype=bench_options["dtype"]).train()
+    module = DeFINE.from_config(config, backend=backend, device="cuda", dtype=bench_options["dtype"]).train()
     ids = torch.randint(0, config.num_embeddings, (tokens,), device="cuda")
     with torch.no_grad():
         layers = _layer_counts(module, ids)
@@ -115,8 +118,8 @@ def test_launch_count(benchmark, bench_options, preset):
     hgt = [c for c in layers if c["layer"] != "reduce"]
     benchmark.group = "launch-count"
     benchmark.extra_info.update(
-        kind="launch_count", preset=preset, tokens=tokens, dtype=str(bench_options["dtype"]).replace("torch.", ""),
-        layers=layers,
+        kind="launch_count", backend=backend, preset=preset, tokens=tokens,
+        dtype=str(bench_options["dtype"]).replace("torch.", ""), layers=layers,
         max_forward_kernels_per_layer=max(c["forward_kernels"] for c in hgt),
         max_backward_kernels_per_layer=max(c["backward_kernels"] for c in hgt),
         unit_forward_kernels=len(whole_forward["kernels"]),

@@ -5,19 +5,22 @@
 #   bash scripts/gpu_session.sh            # writes into $OUT (default ./gpu-out)
 #
 # Stages in priority order, each under its own timeout, all inside GPU_SESSION_BUDGET_S (default
-# 480 s; a stage that would start after the budget is skipped and says so):
+# 540 s; a stage that would start after the budget is skipped and says so). Each benchmark stage
+# writes its own JSON, so a stage cut by its timeout (Triton's autotuning compiles many configs)
+# never loses another stage's numbers:
 #   1. build the extension in place for this card (sm_90), print kernel resource usage;
-#   2. tests/test_cuda.py (not the slow ones);
-#   2b. the Triton backend's GPU tests (tests/test_triton_gpu.py and the triton-cuda cases of
+#   2. benchmarks in bf16 at the five presets: the whole layer (reference, cuda, plain embedding),
+#      ceilings, floors, kernel launches per layer;
+#   3. tests/test_cuda.py (not the slow ones);
+#   4. the same layer benchmark for the Triton backend (autotuned);
+#   5. the Triton backend's GPU tests (tests/test_triton_gpu.py and the triton-cuda cases of
 #      tests/test_ops.py), autotuning off so the stage stays short;
-#   3. benchmarks in bf16 at the five presets: the whole layer (reference, cuda, triton, plain
-#      embedding), ceilings, floors, kernel launches per layer;
-#   4. compute-sanitizer memcheck and racecheck on scripts/cuda_smoke.py;
-#   5. the layer benchmark in fp32, then compute-sanitizer synccheck;
-#   6. the cuda cases of tests/test_ops.py;
-#   7. torch.compile of the reference (bf16, forward + backward), the slowest benchmark;
-#   8. the slow int64 test.
-# Files in $OUT (8 at most come back): session.log, tests.xml, sanitizer.log, bench-bf16.json,
+#   6. compute-sanitizer memcheck and racecheck on scripts/cuda_smoke.py;
+#   7. the layer benchmark in fp32, then compute-sanitizer synccheck;
+#   8. the cuda cases of tests/test_ops.py;
+#   9. torch.compile of the reference (bf16, forward + backward), the slowest benchmark;
+#  10. the slow int64 test.
+# Files in $OUT: session.log, tests.xml, sanitizer.log, bench-bf16.json, bench-triton-bf16.json,
 # bench-fp32.json, bench-compiled.json, report.md, bench.png.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -65,16 +68,20 @@ fi
 cuobjdump --dump-resource-usage "$SO" 2>/dev/null | grep -E "Function|REG|STACK|SHARED|LOCAL" | sed -E 's/_ZN10define_ops[^ ]*(forward|backward|lookup|embedding_backward)_kernel/\1_kernel/' | head -60
 "$PY" -c "import define_ops; print('backends on cuda:', define_ops.available_backends('cuda'))"
 
-stage tests 190 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m "not slow" -rfE --maxfail=40 \
+PRESETS=lstm_wt103,lstm_wt103_n7,txl_wt103,awd_ptb,nmt_wmt14
+stage bench-bf16 150 "$PY" -m pytest benchmarks/test_bench_layer.py benchmarks/test_bench_floor.py -q -p no:cacheprovider \
+  --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference,cuda,embedding \
+  --benchmark-json "$OUT/bench-bf16.json" --benchmark-columns=median,min,rounds
+
+stage tests 150 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m "not slow" -rfE --maxfail=40 \
   --junitxml="$OUT/tests.xml"
 
-stage tests-triton 120 env DEFINE_OPS_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_triton_gpu.py tests/test_ops.py -q \
-  -p no:cacheprovider -k "gpu or triton-cuda" -rfE --maxfail=40
+stage bench-triton-bf16 150 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider \
+  --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers triton \
+  --benchmark-json "$OUT/bench-triton-bf16.json" --benchmark-columns=median,min,rounds
 
-PRESETS=lstm_wt103,lstm_wt103_n7,txl_wt103,awd_ptb,nmt_wmt14
-stage bench-bf16 170 "$PY" -m pytest benchmarks/test_bench_layer.py benchmarks/test_bench_floor.py -q -p no:cacheprovider \
-  --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference,cuda,triton,embedding \
-  --benchmark-json "$OUT/bench-bf16.json" --benchmark-columns=median,min,rounds
+stage tests-triton 90 env DEFINE_OPS_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_triton_gpu.py tests/test_ops.py -q \
+  -p no:cacheprovider -k "gpu or triton-cuda" -rfE --maxfail=40
 
 sanitize() {  # sanitize TOOL LIMIT
   stage "sanitizer-$1" "$2" compute-sanitizer --tool "$1" --error-exitcode 9 --print-limit 20 \
