@@ -427,7 +427,7 @@ def build_trainer(cfg: dict[str, Any], dist: Dist, corpus: Corpus | None = None,
     train_cfg = TrainConfig(
         out_dir=cfg["out"], epochs=cfg["epochs"], max_steps=cfg["max_steps"], eval_every=cfg["eval_every"],
         save_every=cfg["save_every"], log_every=cfg["log_every"], clip=cfg["clip"], precision=cfg["precision"],
-        accum_steps=cfg["accum_steps"],
+        accum_steps=cfg.get("accum_steps", 1),  # checkpoints from before the option have none
         seed=cfg["seed"], scheduler_interval=interval, progress=progress,
     )  # fmt: skip
     return Trainer(model, optimizer, task, train_cfg, cfg, scheduler=scheduler, dist=dist, resume_ignore=RESUME_IGNORE)

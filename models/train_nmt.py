@@ -276,7 +276,7 @@ def build_trainer(cfg: dict[str, Any], dist: Dist, *, resume_dir: str | None = N
     train_cfg = TrainConfig(
         out_dir=cfg["out"], epochs=cfg["epochs"], max_steps=cfg["max_steps"], eval_every=cfg["eval_every"],
         save_every=cfg["save_every"], log_every=cfg["log_every"], clip=cfg["clip"], precision=cfg["precision"],
-        accum_steps=cfg["accum_steps"],
+        accum_steps=cfg.get("accum_steps", 1),  # checkpoints from before the option have none
         seed=cfg["seed"], metric=cfg["metric"], mode="max" if cfg["metric"] == "bleu" else "min", progress=progress,
     )  # fmt: skip
     return Trainer(model, optimizer, task, train_cfg, cfg, scheduler=scheduler, dist=dist, resume_ignore=RESUME_IGNORE)

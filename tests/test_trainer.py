@@ -134,6 +134,16 @@ def test_checkpoint_from_another_configuration_is_refused(corpus_dir, cache_dir,
         run(dict(cfg, max_steps=4), resume=tmp_path / "a" / "two.pt")
 
 
+def test_checkpoint_from_before_accum_steps_resumes(corpus_dir, cache_dir, tmp_path):
+    run(config(corpus_dir, cache_dir, tmp_path, "lstm", "--max-steps", "2"))
+    state = trainer_mod.load_checkpoint(tmp_path / "last.pt")
+    del state["config"]["accum_steps"]  # as written before gradient accumulation existed
+    torch.save(state, tmp_path / "old.pt")
+    args = parse_args(["--resume", str(tmp_path / "old.pt"), "--max-steps", "3"])
+    trainer, result = run(resolve_config(args, base=state["config"]), resume=tmp_path / "old.pt")
+    assert result.step == 3 and trainer.cfg.accum_steps == 1
+
+
 class _Payload:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
