@@ -60,3 +60,18 @@ print("ok")
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+def test_gpu_scripts_parse_and_name_files_and_options_that_exist():
+    # The GPU scripts run only on a lent GPU, minutes at a time: a typo there must fail here.
+    import subprocess
+
+    conftest = (ROOT / "benchmarks" / "conftest.py").read_text(encoding="utf-8")
+    for script in sorted((ROOT / "scripts").glob("*.sh")):
+        subprocess.run(["bash", "-n", str(script)], check=True)
+        text = script.read_text(encoding="utf-8")
+        for path in re.findall(r"\b(?:tests|benchmarks|scripts)/[\w/]+\.py\b", text):
+            assert (ROOT / path).exists(), f"{script.name} names {path}, which does not exist"
+        for option in ("--presets", "--providers", "--dtype", "--quick"):
+            if option in text:
+                assert f'"{option}"' in conftest, f"{script.name} passes {option}, which benchmarks/conftest.py lacks"
