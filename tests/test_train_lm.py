@@ -182,3 +182,19 @@ def test_torchrun_two_processes(corpus_dir, cache_dir, tmp_path):
 def test_auto_cutoffs():
     assert train_lm.auto_cutoffs(33_278) == [1997, 9983]
     assert train_lm.auto_cutoffs(50) == []
+
+
+def test_validation_curves_plot_from_the_logs(corpus_dir, cache_dir, tmp_path):
+    # scripts/plot_lm_curves.py renders the GPU evidence's figure: check it on two tiny real runs
+    runs = []
+    for embedding in ("define", "standard"):
+        out = tmp_path / embedding
+        assert main(argv("lstm", corpus_dir, cache_dir, out, "--embedding", embedding, "--max-steps", "4",
+                         "--eval-every", "2")) == 0  # fmt: skip
+        assert len(records(out, "valid")) == 2 and (out / "summary.json").exists()
+        runs.append(str(out))
+    png = tmp_path / "curves.png"
+    done = subprocess.run([sys.executable, "scripts/plot_lm_curves.py", *runs, "--out", str(png)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert png.stat().st_size > 1000
