@@ -9,7 +9,8 @@
 #
 # Environment: PYTHON (default .venv/bin/python where it exists, else python3), DEFINE_OPS_DATA
 # (default ../shared/data), STEPS (default 2000), EVAL_EVERY (default 250), M (default 512),
-# EXTRA (more train_lm flags, e.g. "--max-eval-tokens 5000" for a smoke run), BENCH_ARGS (e.g. --quick).
+# EXTRA (more train_lm flags, e.g. "--max-eval-tokens 5000" for a smoke run), BENCH_ARGS (e.g. --quick),
+# RUNS_DIR (where the runs' checkpoints go; default runs/evidence, git-ignored).
 # Writes RESULTS_DIR/lm_wt2_<card>/{define,standard_256,standard_m}/{metrics.jsonl,summary.json},
 # RESULTS_DIR/lm_wt2_<card>/summary.md and RESULTS_DIR/lm_step_<card>.json. Checkpoints stay in
 # runs/ (not committed). Render the plot afterwards (needs matplotlib):
@@ -44,7 +45,7 @@ declare -A VARIANT=(
   [standard_m]="--embedding standard --table-dim $M"
 )
 for name in define standard_256 standard_m; do
-  run="runs/evidence/lm_wt2_$CARD/$name"
+  run="${RUNS_DIR:-runs/evidence}/lm_wt2_$CARD/$name"
   # shellcheck disable=SC2086
   "$PYTHON" -m models.train_lm "${COMMON[@]}" ${VARIANT[$name]} ${EXTRA:-} --out "$run" --overwrite
   mkdir -p "$OUT/$name"

@@ -1,0 +1,51 @@
+"""The GPU evidence scripts of issues 6 and 7 end to end, at smoke size on the CPU: a GPU session
+has minutes, so their plumbing (training, summaries, tables, plot, results JSON) is checked here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("DEFINE_OPS_DATA", ROOT.parent / "shared" / "data"))
+
+
+def run_script(script: str, env: dict[str, str]) -> str:
+    done = subprocess.run(["bash", f"scripts/{script}", *env.pop("ARGS", "").split()], cwd=ROOT,
+                          env={**os.environ, "PYTHON": sys.executable, **env}, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.skipif(not (DATA / "wikitext-2" / "train.txt").exists(), reason="needs ../shared/data/wikitext-2")
+def test_lm_evidence_script_smoke(tmp_path):
+    results = tmp_path / "results"
+    out = run_script("gpu_lm_evidence.sh", {
+        "ARGS": str(results), "DEFINE_OPS_DATA": str(DATA), "RUNS_DIR": str(tmp_path / "runs"), "STEPS": "2",
+        "EVAL_EVERY": "1", "M": "32", "BENCH_ARGS": "--quick",
+        "EXTRA": "--max-eval-tokens 500 --hidden 32 --layers 1 --batch-size 2 --bptt 4",
+    })  # fmt: skip
+    assert "| define |" in out and "| standard_256 |" in out and "| standard_m |" in out
+    for name in ("define", "standard_256", "standard_m"):
+        summary = json.loads((results / "lm_wt2_cpu" / name / "summary.json").read_text())
+        assert summary["valid_ppl"] > 1 and summary["parameters"]["total"] > 0
+    assert (results / "lm_wt2_cpu" / "summary.md").exists() and (results / "lm_wt2_cpu.png").exists()
+    bench = json.loads((results / "lm_step_cpu.json").read_text())
+    assert len(bench["benchmarks"]) >= 3
+
+
+@pytest.mark.skipif(not (DATA / "multi30k" / "train.en").exists(), reason="needs ../shared/data/multi30k")
+def test_nmt_evidence_script_smoke(tmp_path):
+    out = run_script("gpu_nmt_evidence.sh", {
+        "SMOKE": "1", "NMT_DATA": str(DATA / "multi30k"), "RUNS_DIR": str(tmp_path / "runs"),
+    })  # fmt: skip
+    assert "| define |" in out and "| standard |" in out and "sacrebleu: nrefs:1" in out
+    results = json.loads((tmp_path / "runs" / "nmt_multi30k_cpu.json").read_text())
+    assert set(results["runs"]) == {"define", "standard"}
+    assert results["runs"]["define"]["parameters"]["total"] > 0
