@@ -125,6 +125,22 @@ class AdaptiveMap(nn.Module):
 _MODULE_OPTIONS = ("backend", "dedup", "cache", "validate_ids", "sparse", "device", "dtype")
 
 
+def distinct_ids(flat_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Sorted distinct ids without a host synchronisation: static shapes only.
+
+    flat_ids [T] → (distinct [T]: the distinct ids in ascending order, then padding repeating the
+    smallest id; inverse [T] int64: flat_ids == distinct[inverse]; count [1] int64: how many are
+    distinct). The same order and positions as ``torch.unique(sorted=True, return_inverse=True)``.
+    """
+    sorted_ids, order = torch.sort(flat_ids)
+    first = torch.ones(1, dtype=torch.bool, device=flat_ids.device)
+    starts = torch.cat([first, sorted_ids[1:] != sorted_ids[:-1]])  # [T]: a new id starts here
+    segment = torch.cumsum(starts, 0) - 1  # [T] int64: position of each sorted id among the distinct ones
+    distinct = sorted_ids[:1].expand_as(sorted_ids).clone().scatter_(0, segment, sorted_ids)
+    inverse = torch.empty_like(segment).scatter_(0, order, segment)
+    return distinct, inverse, segment[-1:] + 1
+
+
 class DeFINE(nn.Module):
     """Deep factorized input token embeddings (Mehta et al., ICLR 2020).
 
@@ -304,8 +320,9 @@ class DeFINE(nn.Module):
             e = self.map(flat_ids, sparse=self.sparse)
         return e if pad is None else e.masked_fill((flat_ids == pad).unsqueeze(-1), 0.0)
 
-    def _unit(self, flat_ids: Tensor) -> Tensor:
-        """Map → HGT → Reduce for ids [T] → [T, m]; padding ids give zero vectors."""
+    def _unit(self, flat_ids: Tensor, row_count: Tensor | None = None) -> Tensor:
+        """Map → HGT → Reduce for ids [T] → [T, m]; padding ids give zero vectors. With
+        ``row_count`` (a device scalar) only the first rows are needed (see ``ops.hgt_step``)."""
         backend = resolve_backend(self.backend, self.device)
         seeds = self._dropout_seeds()
         cfg = self.config
@@ -324,11 +341,13 @@ class DeFINE(nn.Module):
                     e_width=plan.e_width, e_in_chunks=plan.e_in_chunks, e_out_chunks=plan.e_out_chunks,
                     shuffle=plan.shuffle, activation=plan.activation,
                     dropout_p=plan.dropout if seeds is not None else 0.0, norm_eps=cfg.norm_eps, backend=backend,
+                    row_count=row_count,
                 )  # fmt: skip
             reduce_plan = self.plans[-1]
             out = ops.hgt_step(
                 x, self.reduce.weight.t().unsqueeze(0), self.reduce.bias,
                 e_width=reduce_plan.e_width, e_in_chunks=reduce_plan.e_in_chunks, e_out_chunks=0, backend=backend,
+                row_count=row_count,
             )  # fmt: skip
         if cfg.padding_idx is not None:  # like nn.Embedding: a padding token embeds to zeros
             out = out.masked_fill((flat_ids == cfg.padding_idx).unsqueeze(-1), 0.0)
@@ -341,15 +360,21 @@ class DeFINE(nn.Module):
         of the batch and gathers the result; the backward sums the gradients of repeated ids
         before the transformation's backward. Results equal the plain path when dropout is off;
         with dropout, each distinct token gets one mask per call (like word-level embedding
-        dropout) instead of one per occurrence. ``torch.unique`` needs the number of distinct ids
-        on the host (one device synchronisation on CUDA); under ``torch.compile`` the plain path
-        runs instead.
+        dropout) instead of one per occurrence. The Triton backend needs no host synchronisation
+        and traces under ``torch.compile``: the distinct ids are padded to the batch size and the
+        kernels read their count from device memory, skipping the padding. The other backends
+        use ``torch.unique``, which needs the count on the host (one synchronisation on CUDA);
+        under ``torch.compile`` they run the plain path instead.
         """
         self._check_ids(ids)
         flat = ids.reshape(-1)
+        use_dedup = (self.dedup if dedup is None else dedup) and flat.numel() > 0
         if self._cache_usable():
             out = F.embedding(flat, self._cached_table())
-        elif (self.dedup if dedup is None else dedup) and flat.numel() > 0 and not torch.compiler.is_compiling():
+        elif use_dedup and resolve_backend(self.backend, self.device) == "triton":
+            distinct, inverse, count = distinct_ids(flat)
+            out = self._unit(distinct, row_count=count).index_select(0, inverse)
+        elif use_dedup and not torch.compiler.is_compiling():
             distinct, inverse = torch.unique(flat, return_inverse=True)
             out = self._unit(distinct).index_select(0, inverse)
         else:

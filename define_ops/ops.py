@@ -209,6 +209,7 @@ def hgt_step(
     dropout_p: float = 0.0,
     norm_eps: float = 1e-5,
     backend: str = "auto",
+    row_count: Tensor | None = None,
 ) -> Tensor:
     """One HGT layer: grouped linear → +bias → shuffle → per-group LayerNorm → activation → dropout.
 
@@ -223,6 +224,10 @@ def hgt_step(
             next layer with c groups (c = 1 is [e ‖ h]).
         shuffle: ShuffleNet channel shuffle z[t·g + i] = y[i·s + t] after the bias.
         activation: "gelu" (exact), "relu", "swish" or None.
+        row_count: optional one-element int64 tensor on x's device: only rows [0, row_count) are
+            needed (the rest is padding, e.g. distinct ids padded to T). The Triton backend skips
+            the other rows without a host synchronisation (their output and their gradient into x
+            are zero); the other backends compute every row.
     Returns:
         [T, b] or [T, n + b].
     """
@@ -239,7 +244,7 @@ def hgt_step(
     args = (x, weight, bias, norm_weight, norm_bias, seed_tensor, e_width, e_in_chunks, e_out_chunks)
     args += (shuffle, activation_name, float(dropout_p), float(norm_eps))
     if name == "triton":
-        return _triton().hgt_step(*args)
+        return _triton().hgt_step(*args, row_count)
     return torch.ops.define_ops.hgt_step(*args)[0]
 
 

@@ -52,12 +52,50 @@ def test_dedup_dropout_is_one_mask_per_distinct_token(backend):
     assert not torch.equal(plain[ids == 3][0], plain[ids == 3][1])  # one mask per occurrence
 
 
-def test_dedup_under_compile_falls_back_to_the_plain_path():
-    layer = small_layer(BACKENDS[-1], dedup=True).eval()
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_dedup_under_compile(backend):
+    layer = small_layer(backend, dedup=True).eval()
     compiled = torch.compile(layer, fullgraph=True)
     ids = repeated_ids()
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids), layer(ids, dedup=False))
+    # With dropout, repeated ids share a mask only when dedup really ran inside the graph: Triton
+    # does (static shapes, no host sync); the backends that need torch.unique run the plain path.
+    layer = small_layer(backend, dedup=True, dropout=0.5).train()
+    flat = repeated_ids().reshape(-1)
+    threes = torch.compile(layer, fullgraph=True)(flat)[flat == 3]
+    shared = torch.equal(threes[0], threes[1]) and torch.equal(threes[0], threes[2])
+    assert shared == (backend == "triton")
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton backend runs on the CPU under TRITON_INTERPRET=1")
+def test_triton_dedup_without_sync_gives_the_unique_paths_masks():
+    # the sync-free distinct ids have torch.unique's order, so the dropout rows (and masks) agree
+    flat = torch.cat([repeated_ids().reshape(-1), torch.tensor([42, 0, 42])])
+    layers = {b: small_layer(b, dropout=0.5, dedup=True).train() for b in ("reference", "triton")}
+    layers["triton"].load_state_dict(layers["reference"].state_dict())
+    outs, grads = {}, {}
+    for backend, layer in layers.items():
+        torch.manual_seed(3)
+        outs[backend] = layer(flat)
+        outs[backend].backward(torch.linspace(-1, 1, outs[backend].numel(), dtype=torch.float64).reshape(-1, 24))
+        grads[backend] = {n: p.grad for n, p in layer.named_parameters()}
+    assert max_err(outs["triton"], outs["reference"]) < 1e-12
+    for name, g in grads["reference"].items():
+        assert max_err(grads["triton"][name], g) < 1e-10, name
+
+
+def test_distinct_ids_match_torch_unique():
+    from define_ops.layer import distinct_ids
+
+    for flat in (torch.tensor([5, 3, 5, 9, 3, 3, 0]), torch.tensor([7]), torch.randint(0, 50, (1000,)),
+                 torch.arange(10, dtype=torch.int32)):  # fmt: skip
+        distinct, inverse, count = distinct_ids(flat)
+        expected, expected_inverse = torch.unique(flat, return_inverse=True)
+        n = int(count)
+        assert n == expected.numel() and torch.equal(distinct[:n], expected)
+        assert torch.equal(inverse, expected_inverse) and torch.equal(distinct[inverse], flat)
+        assert (distinct[n:] == expected[0]).all()  # padding: a valid id
 
 
 # ----------------------------------------------------------------------------- cache

@@ -92,6 +92,42 @@ def test_multi_tile_float64_matches_reference(small_blocks, layout, options):
     _assert_step_matches(tensors, params)
 
 
+# every epilogue (dropout + shuffle + norm) and none (the Reduce layer's plain GEMM path)
+@pytest.mark.parametrize("options", [OPTIONS[0], OPTIONS[3]], ids=lambda o: "-".join(str(v) for v in o))
+@pytest.mark.parametrize("layout", list(AWKWARD))
+@pytest.mark.parametrize("count", [1, 23, 37])
+def test_row_count_computes_exactly_the_leading_rows(small_blocks, layout, options, count):
+    # Dedup pads the distinct ids to the batch size and passes their count on the device: the
+    # first `count` rows must be what a `count`-row call gives (dropout masks included: they key on
+    # the row), the padding rows must send no gradient back, and no host sync is involved.
+    tokens = 37
+    tensors, params = _inputs(AWKWARD[layout], options, tokens)
+
+    def step(rows, row_count):
+        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in tensors.items() if v is not None}
+        args = {k: leaves.get(k) for k in tensors}
+        args["x"] = args["x"][:rows]
+        out = define_ops.hgt_step(**args, **params, backend="triton", row_count=row_count)
+        grad = torch.randn(tokens, out.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        grad[count:] = 0  # what index_select's backward hands the padding rows
+        out.backward(grad[:rows])
+        return out.detach(), {k: v.grad for k, v in leaves.items()}
+
+    out_k, grads_k = step(count, None)
+    out, grads = step(tokens, torch.tensor([count], dtype=torch.int64))
+    assert max_err(out[:count], out_k) <= 1e-12
+    assert (out[count:] == 0).all() and (grads["x"][count:] == 0).all()
+    for name, g_k in grads_k.items():
+        assert max_err(grads[name], g_k) <= 1e-10, name
+
+
+def test_row_count_is_validated():
+    tensors, params = _inputs(AWKWARD["no-skip"], OPTIONS[3], 5)
+    for bad in (torch.tensor([2], dtype=torch.int32), torch.tensor([1, 2])):
+        with pytest.raises(ValueError, match="row_count must be a one-element int64 tensor"):
+            define_ops.hgt_step(**tensors, **params, backend="triton", row_count=bad)
+
+
 @pytest.mark.parametrize("tokens", [1, 16, 17])
 def test_token_tile_edges(small_blocks, tokens):
     tensors, params = _inputs(AWKWARD["three-groups"], OPTIONS[0], tokens)
@@ -187,11 +223,15 @@ def _opcheck_args(layout, options, tokens):
 
 
 @pytest.mark.parametrize(
-    "sample", [("three-groups", OPTIONS[0], 6), ("five-groups-first", OPTIONS[2], 1), ("no-skip", OPTIONS[3], 0)]
-)
+    "sample",
+    [("three-groups", OPTIONS[0], 6), ("five-groups-first", OPTIONS[2], 1), ("no-skip", OPTIONS[3], 0),
+     ("three-groups", OPTIONS[0], 7, 4), ("dense-wide", OPTIONS[2], 5, 2)],
+)  # fmt: skip
 def test_opcheck_triton_ops(sample):
     step, _ = _modules()
-    args = _opcheck_args(*sample)
+    args = _opcheck_args(*sample[:3])
+    if len(sample) > 3:  # dedup's device-side row count
+        args = (*args, torch.tensor([sample[3]], dtype=torch.int64))
     grad_args = tuple(a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                       for a in args)  # fmt: skip
     torch.library.opcheck(step.hgt_step_op, grad_args)

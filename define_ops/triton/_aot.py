@@ -68,22 +68,28 @@ def _run_scenarios(dtype: torch.dtype) -> None:
     seed = torch.empty((), device="meta", dtype=torch.int64)
     tokens = 4096
 
-    def step(a, g, b, n, e_in, e_out, shuffle, norm, act, p, bias=True, transposed=False):
+    rows = torch.empty(1, device="meta", dtype=torch.int64)  # dedup's device-side row count
+
+    def step(a, g, b, n, e_in, e_out, shuffle, norm, act, p, bias=True, transposed=False, row_count=None):
         x = torch.empty(tokens, a, **meta)
         w = torch.empty(b, a, **meta).t().unsqueeze(0) if transposed else torch.empty(g, a // g, b // g, **meta)
         bb = torch.empty(b, **meta) if bias else None
         gamma = torch.empty(b // g, **meta) if norm else None
         beta = torch.empty(b // g, **meta) if norm else None
         args = (x, w, bb, gamma, beta, seed if p else None, n, e_in, e_out, shuffle, act, p, 1e-5)
-        out, saved, mean, rstd = hgt_step._forward(*args, run=True)
+        out, saved, mean, rstd = hgt_step._forward(*args, run=True, row_count=row_count)
         grad = torch.empty(out.shape, **meta)
-        hgt_step._backward(grad, *args[:6], saved, mean, rstd, *args[6:], run=True)
+        hgt_step._backward(grad, *args[:6], saved, mean, rstd, *args[6:], run=True, row_count=row_count)
 
     step(256, 1, 512, 256, 1, 2, False, True, "gelu", 0.1)  # first layer, fused norm over a 512-wide group
     step(768, 2, 768, 256, 2, 1, True, False, "relu", 0.1, bias=False)  # shuffle without norm or bias
     step(864, 4, 568, 384, 4, 2, True, True, "swish", 0.1)  # shuffle + norm: row-wise epilogue
     step(3248, 1, 4096, 384, 1, 1, False, True, "gelu", 0.0)  # norm group too wide to fuse
     step(1280, 1, 256, 256, 1, 0, False, False, "none", 0.0, transposed=True)  # Reduce layer
+    # the same kernels with dedup's row count (HAS_ROWS: device-side count, early exit)
+    step(256, 1, 512, 256, 1, 2, False, True, "gelu", 0.1, row_count=rows)
+    step(864, 4, 568, 384, 4, 2, True, True, "swish", 0.1, row_count=rows)
+    step(1280, 1, 256, 256, 1, 0, False, False, "none", 0.0, transposed=True, row_count=rows)
     table = torch.empty(1000, 256, **meta)
     ids = torch.empty(tokens, device="meta", dtype=torch.int64)
     embedding._lookup(table, ids, 0, 16.0, run=True)

@@ -232,6 +232,7 @@ def _hgt_step_fwd_kernel(
     SAVED,  # [T, b] contiguous pre-norm values (after the bias), GEMM order
     MEAN,  # [T, g] contiguous per-(token, group) mean, accumulation dtype
     RSTD,  # [T, g] contiguous per-(token, group) 1/std
+    ROWS,  # [1] int64: rows to compute (dedup's device-side count of distinct ids); read when HAS_ROWS
     T, a_g, s, g, out_width,
     stride_xt, stride_xk, stride_wg, stride_wk, stride_wn,
     e_width, e_in, h_in, e_out, h_out,  # e width; e and h chunk widths of x and of the output
@@ -241,11 +242,15 @@ def _hgt_step_fwd_kernel(
     t_bucket,  # next_pow2(T): read only by the autotuner's key
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SHUFFLE: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr,
     CARRY_E: tl.constexpr, SAVE: tl.constexpr, QUADS: tl.constexpr, ALLOW_TF32: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_t = tl.program_id(0)
     grp = tl.program_id(1)
     pid_n = tl.program_id(2)
+    if HAS_ROWS:  # the grid covers T rows; only the first ROWS are real (the rest: dedup padding)
+        T = tl.load(ROWS)
+        if pid_t * BLOCK_T >= T:
+            return
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     rows64 = rows.to(tl.int64)
@@ -309,15 +314,20 @@ def _hgt_step_fwd_rows_kernel(
     OUT,  # [T, out_width] contiguous
     MEAN,  # [T, g] contiguous
     RSTD,  # [T, g] contiguous
+    ROWS,  # [1] int64 rows to compute, read when HAS_ROWS
     T, s, g, out_width, stride_xt, stride_xk,
     e_width, e_in, h_in, e_out, h_out,
     threshold, keep_hi, keep_mid, keep_lo, eps_hi, eps_mid, eps_lo,
     SHUFFLE: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, CARRY_E: tl.constexpr, QUADS: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """LayerNorm → activation → dropout → mixed store from SAVED; one program = (token tile, norm group)."""
     pid_t = tl.program_id(0)
     grp = tl.program_id(1)
+    if HAS_ROWS:
+        T = tl.load(ROWS)
+        if pid_t * BLOCK_T >= T:
+            return
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     rows64 = rows.to(tl.int64)
@@ -351,13 +361,17 @@ def _hgt_step_bwd_dy_kernel(
     SEED,  # [1] int64
     DY,  # [T, b] contiguous: gradient of the GEMM output (+bias), GEMM order
     PART,  # [tiles · g, 2 · s] contiguous, accumulation dtype: per (token tile, group) Σ dact·x̂ (dγ) ‖ Σ dact (dβ)
+    ROWS,  # [1] int64 rows to compute, read when HAS_ROWS
     T, s, g, stride_gt, stride_gn, e_out, h_out, threshold, keep_hi, keep_mid, keep_lo,
     NORM: tl.constexpr, SHUFFLE: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, CARRY_E: tl.constexpr,
-    HAS_SAVED: tl.constexpr, QUADS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SAVED: tl.constexpr, QUADS: tl.constexpr, HAS_ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One program = (token tile, norm group) with NORM, else (token tile, feature tile)."""
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
+    if HAS_ROWS:  # no early exit: a tile past the count still writes its (zero) partial sums
+        T = tl.load(ROWS)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     rows64 = rows.to(tl.int64)
@@ -423,15 +437,20 @@ def _hgt_step_bwd_dx_kernel(
     W,  # [g, a/g, s] grouped weight, any strides
     GRAD,  # [T, out_width] gradient of the output, any strides (read at e's places)
     DX,  # [T, a] contiguous
+    ROWS,  # [1] int64 rows to compute, read when HAS_ROWS (DX rows past it are left as they are)
     T, a_g, s, stride_dyt, stride_dyn, stride_wg, stride_wk, stride_wn, stride_gt, stride_gn,
     e_in, h_in, e_out, h_out, t_bucket,
-    CARRY_E: tl.constexpr, ALLOW_TF32: tl.constexpr, DOT_F32: tl.constexpr,
+    CARRY_E: tl.constexpr, ALLOW_TF32: tl.constexpr, DOT_F32: tl.constexpr, HAS_ROWS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """dx_j = dY_j W_jᵀ (+ e's gradient, copied through from the output); program = (token tile, group, x tile)."""
     pid_t = tl.program_id(0)
     grp = tl.program_id(1)
     pid_k = tl.program_id(2)
+    if HAS_ROWS:
+        T = tl.load(ROWS)
+        if pid_t * BLOCK_T >= T:
+            return
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     rows64 = rows.to(tl.int64)
@@ -490,12 +509,15 @@ def _hgt_step_bwd_dw_kernel(
     DY,  # [T, b] gradient of the GEMM output, GEMM order, any strides
     DW,  # [g, a/g, s] grad_weight (any strides), or [splits, g, a/g, s] partials (accumulation dtype)
     DB,  # [b] grad_bias, or [splits, b] partials
+    ROWS,  # [1] int64 rows to reduce over, read when HAS_ROWS
     T, a_g, s, stride_xt, stride_xk, stride_dyt, stride_dyn,
     stride_dws, stride_dwg, stride_dwk, stride_dwn, stride_dbs, t_bucket,
-    HAS_BIAS: tl.constexpr, ALLOW_TF32: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ALLOW_TF32: tl.constexpr, DOT_F32: tl.constexpr, HAS_ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     """dW_j = x_jᵀ dY_j and d bias = Σ_t dY over token split ``program_id(2)``; program = (W tile, group, split)."""
+    if HAS_ROWS:  # the splits share the first ROWS rows; every split still writes its partials
+        T = tl.load(ROWS)
     n_tiles = tl.cdiv(s, BLOCK_N)
     pid_k = tl.program_id(0) // n_tiles
     pid_n = tl.program_id(0) % n_tiles
@@ -624,18 +646,32 @@ def _row_blocks(tokens: int, width: int) -> tuple[int, int, int]:
     return block_t, block_n, 4 if block_t * block_n <= 2048 else 8
 
 
+def _check_row_count(row_count: Tensor | None, x: Tensor, where: str) -> None:
+    if row_count is None:
+        return
+    if row_count.dtype != torch.int64 or row_count.numel() != 1 or row_count.device != x.device:
+        raise ValueError(
+            f"{where}: row_count must be a one-element int64 tensor on {x.device}, got {row_count.dtype} "
+            f"{tuple(row_count.shape)} on {row_count.device}"
+        )
+
+
 def _forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, norm_weight: Tensor | None, norm_bias: Tensor | None,
     seed: Tensor | None, e_width: int, e_in_chunks: int, e_out_chunks: int, shuffle: bool, activation: str,
-    dropout_p: float, norm_eps: float, run: bool,
+    dropout_p: float, norm_eps: float, run: bool, row_count: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     p = _Step(x, weight, bias, norm_weight, norm_bias, seed, e_width, e_in_chunks, e_out_chunks, shuffle, activation,
               dropout_p, norm_eps)  # fmt: skip
+    _check_row_count(row_count, x, "define_ops::hgt_step_triton")
     stats = acc_dtype(x.dtype)
-    out = x.new_empty((p.tokens, p.out_width))
-    saved = x.new_empty((p.tokens, p.b)) if p.needs_saved else x.new_empty((0,))
-    mean = x.new_empty((p.tokens, p.g), dtype=stats) if p.norm else x.new_empty((0,), dtype=stats)
-    rstd = torch.empty_like(mean)
+    # With a row count the kernels skip the rows past it: zero them here (one memset each, far
+    # cheaper than the GEMM rows skipped), so every output is fully defined.
+    alloc = torch.zeros if run and row_count is not None else torch.empty
+    out = alloc((p.tokens, p.out_width), dtype=x.dtype, device=x.device)
+    saved = alloc((p.tokens, p.b) if p.needs_saved else (0,), dtype=x.dtype, device=x.device)
+    mean = alloc((p.tokens, p.g) if p.norm else (0,), dtype=stats, device=x.device)
+    rstd = torch.empty_like(mean) if alloc is torch.empty else torch.zeros_like(mean)
     if not run or p.tokens == 0:
         return out, saved, mean, rstd
     if p.dropout:
@@ -647,7 +683,8 @@ def _forward(
     args = (
         x, weight, bias if p.bias else dummy, norm_weight if p.norm else dummy, norm_bias if p.norm else dummy,
         seed if p.dropout else dummy, gemm_out, saved if p.needs_saved else dummy, mean if p.norm else dummy,
-        rstd if p.norm else dummy, p.tokens, p.a_g, p.s, p.g, p.out_width if fused else p.b,
+        rstd if p.norm else dummy, row_count if row_count is not None else dummy, p.tokens, p.a_g, p.s, p.g,
+        p.out_width if fused else p.b,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), weight.stride(2),
         p.e_width, p.e_in, p.h_in, p.e_out, p.h_out, p.threshold, *p.keep_scale, *p.eps, p.t_bucket,
     )  # fmt: skip
@@ -655,6 +692,7 @@ def _forward(
         HAS_BIAS=p.bias, NORM=p.norm and fused, SHUFFLE=p.shuffle and fused, ACT=p.act if fused else 0,
         DROPOUT=p.dropout and fused, CARRY_E=p.carry_e and fused, SAVE=p.needs_saved and fused,
         QUADS=not p.shuffle and p.s % 4 == 0, ALLOW_TF32=p.allow_tf32, DOT_F32=p.dot_f32,
+        HAS_ROWS=row_count is not None,
     )  # fmt: skip
     tokens, groups, s = p.tokens, p.g, p.s
 
@@ -673,10 +711,14 @@ def _forward(
     block_t, block_n, warps = _row_blocks(p.tokens, p.s)
     rows_args = (
         x, saved, norm_weight, norm_bias, seed if p.dropout else dummy, out, mean, rstd,
-        p.tokens, p.s, p.g, p.out_width, x.stride(0), x.stride(1), p.e_width, p.e_in, p.h_in, p.e_out, p.h_out,
+        row_count if row_count is not None else dummy, p.tokens, p.s, p.g, p.out_width, x.stride(0), x.stride(1),
+        p.e_width, p.e_in, p.h_in, p.e_out, p.h_out,
         p.threshold, *p.keep_scale, *p.eps,
     )  # fmt: skip
-    rows_flags = dict(SHUFFLE=p.shuffle, ACT=p.act, DROPOUT=p.dropout, CARRY_E=p.carry_e, QUADS=p.s % 4 == 0)
+    rows_flags = dict(
+        SHUFFLE=p.shuffle, ACT=p.act, DROPOUT=p.dropout, CARRY_E=p.carry_e, QUADS=p.s % 4 == 0,
+        HAS_ROWS=row_count is not None,
+    )  # fmt: skip
     meta = dict(BLOCK_T=block_t, BLOCK_N=block_n)
     launch(
         _hgt_step_fwd_rows_kernel, None, lambda _: (triton.cdiv(tokens, block_t), groups), rows_args, rows_flags, meta,
@@ -689,10 +731,12 @@ def _backward(
     grad_out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, norm_weight: Tensor | None,
     norm_bias: Tensor | None, seed: Tensor | None, saved: Tensor, mean: Tensor, rstd: Tensor, e_width: int,
     e_in_chunks: int, e_out_chunks: int, shuffle: bool, activation: str, dropout_p: float, norm_eps: float, run: bool,
+    row_count: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     p = _Step(x, weight, bias, norm_weight, norm_bias, seed, e_width, e_in_chunks, e_out_chunks, shuffle, activation,
               dropout_p, norm_eps)  # fmt: skip
     where = "define_ops::hgt_step_triton_backward"
+    _check_row_count(row_count, x, where)
     if tuple(grad_out.shape) != (p.tokens, p.out_width):
         raise ValueError(f"{where}: grad_out must be [{p.tokens}, {p.out_width}], got {tuple(grad_out.shape)}")
     if p.needs_saved and tuple(saved.shape) != (p.tokens, p.b):
@@ -700,7 +744,9 @@ def _backward(
     if p.norm and (mean.numel() != p.tokens * p.g or rstd.numel() != p.tokens * p.g):
         raise ValueError(f"{where}: mean and rstd must be [{p.tokens}, {p.g}]")
     stats = acc_dtype(x.dtype)
-    grad_x = x.new_empty((p.tokens, p.a))
+    # With a row count, grad_x's rows past it stay zero (the dx kernel skips them): the gradient the
+    # previous layer or the Map sees there is exactly nothing, whatever ids those padding rows hold.
+    grad_x = x.new_zeros((p.tokens, p.a)) if row_count is not None else x.new_empty((p.tokens, p.a))
     # Same layout as the weight (the Reduce layer's is a transposed view); dense, as empty_like makes it
     # for a dense weight (else contiguous), which the split partials below rely on.
     grad_weight = torch.empty_like(weight)
@@ -716,6 +762,8 @@ def _backward(
     if p.dropout:
         seed = seed.to(x.device)
     dummy = x
+    rows = row_count if row_count is not None else dummy
+    has_rows = row_count is not None
     tokens, groups, a_g, s = p.tokens, p.g, p.a_g, p.s
     cap = INTERPRET_MAX_BLOCK
 
@@ -733,11 +781,13 @@ def _backward(
         args = (
             grad_out, saved if p.needs_saved else dummy, mean if p.norm else dummy, rstd if p.norm else dummy,
             norm_weight if p.norm else dummy, norm_bias if p.norm else dummy, seed if p.dropout else dummy, dy, part,
-            p.tokens, p.s, p.g, grad_out.stride(0), grad_out.stride(1), p.e_out, p.h_out, p.threshold, *p.keep_scale,
+            rows, p.tokens, p.s, p.g, grad_out.stride(0), grad_out.stride(1), p.e_out, p.h_out, p.threshold,
+            *p.keep_scale,
         )  # fmt: skip
         flags = dict(
             NORM=p.norm, SHUFFLE=p.shuffle, ACT=p.act, DROPOUT=p.dropout, CARRY_E=p.carry_e, HAS_SAVED=p.needs_saved,
             QUADS=not p.norm or p.s % 4 == 0,  # tiles start at multiples of BLOCK_N, or of s
+            HAS_ROWS=has_rows,
         )  # fmt: skip
         n_tiles = p.g if p.norm else triton.cdiv(p.b, block_n)
         meta = dict(BLOCK_T=block_t, BLOCK_N=block_n)
@@ -748,11 +798,11 @@ def _backward(
 
     # dx = dY Wᵀ, plus e's gradient passed straight through to e's places in x.
     args = (
-        dy, weight, grad_out, grad_x, p.tokens, p.a_g, p.s, dy.stride(0), dy.stride(1),
+        dy, weight, grad_out, grad_x, rows, p.tokens, p.a_g, p.s, dy.stride(0), dy.stride(1),
         weight.stride(0), weight.stride(1), weight.stride(2), grad_out.stride(0), grad_out.stride(1),
         p.e_in, p.h_in, p.e_out, p.h_out, p.t_bucket,
     )  # fmt: skip
-    flags = dict(CARRY_E=p.carry_e, ALLOW_TF32=p.allow_tf32, DOT_F32=p.dot_f32)
+    flags = dict(CARRY_E=p.carry_e, ALLOW_TF32=p.allow_tf32, DOT_F32=p.dot_f32, HAS_ROWS=has_rows)
     meta = dict(
         BLOCK_T=interpret_block(p.tokens, cap["T"]), BLOCK_K=interpret_block(p.a_g, cap["K"]),
         BLOCK_N=interpret_block(p.s, cap["N"]),
@@ -782,10 +832,10 @@ def _backward(
         dw_strides = (width, *grad_weight.stride())
         db_stride = width
     args = (
-        x, dy, dw, db, p.tokens, p.a_g, p.s, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+        x, dy, dw, db, rows, p.tokens, p.a_g, p.s, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
         *dw_strides, db_stride, p.t_bucket,
     )  # fmt: skip
-    flags = dict(HAS_BIAS=p.bias, ALLOW_TF32=p.allow_tf32, DOT_F32=p.dot_f32)
+    flags = dict(HAS_BIAS=p.bias, ALLOW_TF32=p.allow_tf32, DOT_F32=p.dot_f32, HAS_ROWS=has_rows)
     meta = dict(
         BLOCK_K=interpret_block(p.a_g, cap["K"]), BLOCK_N=interpret_block(p.s, cap["N"]),
         BLOCK_T=interpret_block(p.tokens, cap["T"]),
@@ -841,39 +891,50 @@ def _sum_rows(partials: Tensor, out_a: Tensor, out_b: Tensor | None) -> None:
 def _hgt_step_impl(
     x: Tensor, weight: Tensor, bias: Tensor | None, norm_weight: Tensor | None, norm_bias: Tensor | None,
     seed: Tensor | None, e_width: int, e_in_chunks: int, e_out_chunks: int, shuffle: bool, activation: str,
-    dropout_p: float, norm_eps: float,
+    dropout_p: float, norm_eps: float, row_count: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(out [T, out_width], saved [T, b] or [0], mean [T, g] or [0], rstd [T, g] or [0])."""
+    """(out [T, out_width], saved [T, b] or [0], mean [T, g] or [0], rstd [T, g] or [0]).
+
+    row_count [1] int64 (dedup): only the first row_count rows are computed; the rest of every
+    output is zero. No host synchronisation.
+    """
     return _forward(x, weight, bias, norm_weight, norm_bias, seed, e_width, e_in_chunks, e_out_chunks, shuffle,
-                    activation, dropout_p, norm_eps, run=True)  # fmt: skip
+                    activation, dropout_p, norm_eps, run=True, row_count=row_count)  # fmt: skip
 
 
 def _hgt_step_fake(
     x: Tensor, weight: Tensor, bias: Tensor | None, norm_weight: Tensor | None, norm_bias: Tensor | None,
     seed: Tensor | None, e_width: int, e_in_chunks: int, e_out_chunks: int, shuffle: bool, activation: str,
-    dropout_p: float, norm_eps: float,
+    dropout_p: float, norm_eps: float, row_count: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     return _forward(x, weight, bias, norm_weight, norm_bias, seed, e_width, e_in_chunks, e_out_chunks, shuffle,
-                    activation, dropout_p, norm_eps, run=False)  # fmt: skip
+                    activation, dropout_p, norm_eps, run=False, row_count=row_count)  # fmt: skip
 
 
 def _hgt_step_backward_impl(
     grad_out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, norm_weight: Tensor | None,
     norm_bias: Tensor | None, seed: Tensor | None, saved: Tensor, mean: Tensor, rstd: Tensor, e_width: int,
     e_in_chunks: int, e_out_chunks: int, shuffle: bool, activation: str, dropout_p: float, norm_eps: float,
+    row_count: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(grad_x incl. e's pass-through, grad_weight, grad_bias, grad_norm_weight, grad_norm_bias)."""
+    """(grad_x incl. e's pass-through, grad_weight, grad_bias, grad_norm_weight, grad_norm_bias).
+
+    With row_count, rows past it are ignored and grad_x's rows past it are zero.
+    """
     return _backward(grad_out, x, weight, bias, norm_weight, norm_bias, seed, saved, mean, rstd, e_width, e_in_chunks,
-                     e_out_chunks, shuffle, activation, dropout_p, norm_eps, run=True)  # fmt: skip
+                     e_out_chunks, shuffle, activation, dropout_p, norm_eps, run=True,
+                     row_count=row_count)  # fmt: skip
 
 
 def _hgt_step_backward_fake(
     grad_out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, norm_weight: Tensor | None,
     norm_bias: Tensor | None, seed: Tensor | None, saved: Tensor, mean: Tensor, rstd: Tensor, e_width: int,
     e_in_chunks: int, e_out_chunks: int, shuffle: bool, activation: str, dropout_p: float, norm_eps: float,
+    row_count: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     return _backward(grad_out, x, weight, bias, norm_weight, norm_bias, seed, saved, mean, rstd, e_width, e_in_chunks,
-                     e_out_chunks, shuffle, activation, dropout_p, norm_eps, run=False)  # fmt: skip
+                     e_out_chunks, shuffle, activation, dropout_p, norm_eps, run=False,
+                     row_count=row_count)  # fmt: skip
 
 
 hgt_step_op = register_op("hgt_step_triton", _hgt_step_impl, _hgt_step_fake)
@@ -881,17 +942,17 @@ hgt_step_backward_op = register_op("hgt_step_triton_backward", _hgt_step_backwar
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, norm_weight, norm_bias, seed, *params = inputs
+    x, weight, bias, norm_weight, norm_bias, seed, *params, row_count = inputs
     _, saved, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, norm_weight, norm_bias, seed, saved, mean, rstd)
+    ctx.save_for_backward(x, weight, bias, norm_weight, norm_bias, seed, saved, mean, rstd, row_count)
     ctx.params = params
     ctx.mark_non_differentiable(saved, mean, rstd)
 
 
 def _backward_autograd(ctx, grad_out: Tensor, _saved, _mean, _rstd):
-    x, weight, bias, norm_weight, norm_bias, seed, saved, mean, rstd = ctx.saved_tensors
+    x, weight, bias, norm_weight, norm_bias, seed, saved, mean, rstd, row_count = ctx.saved_tensors
     grad_x, grad_weight, grad_bias, grad_gamma, grad_beta = hgt_step_backward_op(
-        grad_out, x, weight, bias, norm_weight, norm_bias, seed, saved, mean, rstd, *ctx.params
+        grad_out, x, weight, bias, norm_weight, norm_bias, seed, saved, mean, rstd, *ctx.params, row_count
     )
     norm = norm_weight is not None
     return (
@@ -900,7 +961,7 @@ def _backward_autograd(ctx, grad_out: Tensor, _saved, _mean, _rstd):
         grad_bias if bias is not None else None,
         grad_gamma if norm else None,
         grad_beta if norm else None,
-        *([None] * (1 + len(ctx.params))),
+        *([None] * (2 + len(ctx.params))),  # seed, the plain parameters, row_count
     )
 
 
@@ -910,11 +971,12 @@ hgt_step_op.register_autograd(_backward_autograd, setup_context=_setup_context)
 def hgt_step(
     x: Tensor, weight: Tensor, bias: Tensor | None, norm_weight: Tensor | None, norm_bias: Tensor | None,
     seed: Tensor | None, e_width: int, e_in_chunks: int, e_out_chunks: int, shuffle: bool, activation: str,
-    dropout_p: float, norm_eps: float,
+    dropout_p: float, norm_eps: float, row_count: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """One differentiable HGT layer step (arguments as ``define_ops.ops.hgt_step`` passes them).
 
-    x [T, a], weight [g, a/g, b/g] → [T, b], or mix(e, h, e_out_chunks) [T, n + b].
+    x [T, a], weight [g, a/g, b/g] → [T, b], or mix(e, h, e_out_chunks) [T, n + b]; with
+    ``row_count`` only its first rows are computed (and get gradients).
     """
     return hgt_step_op(x, weight, bias, norm_weight, norm_bias, seed, e_width, e_in_chunks, e_out_chunks, shuffle,
-                       activation, dropout_p, norm_eps)[0]  # fmt: skip
+                       activation, dropout_p, norm_eps, row_count)[0]  # fmt: skip
