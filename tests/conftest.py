@@ -23,6 +23,15 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo(request):
+    # Dynamo's recompile limit counts per code object for the whole process: the many tests that
+    # compile DeFINE.forward (modes, backends, dropout) must not use up each other's budget.
+    if "compile" in request.node.name:
+        torch._dynamo.reset()
+    yield
+
+
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 

@@ -113,7 +113,7 @@ def test_embedding_gradient_is_deterministic_on_gpu():
 
 
 @pytest.mark.parametrize("preset", ["awd_ptb", "txl_wt103"])  # fused norm; wide norm (row-wise kernel)
-def test_dedup_without_sync_matches_the_plain_path_on_gpu(preset):
+def test_dedup_without_sync_matches_the_plain_path_and_compiles_on_gpu(preset):
     # compiled kernels with a device-side row count: tiles past it exit early (HAS_ROWS)
     config = DeFINEConfig.from_preset(preset, num_embeddings=1000, dropout=0.0)
     ref, ours = _pair(config, torch.float64)
