@@ -124,5 +124,6 @@ def test_dedup_without_sync_matches_the_plain_path_and_compiles_on_gpu(preset):
     assert max_err(out, out_ref) <= 1e-10 * max(1.0, out_ref.abs().max().item())
     for name, g_ref in grads_ref.items():
         assert max_err(grads[name], g_ref) <= 1e-10 * max(1.0, g_ref.abs().max().item()), name
-    compiled = torch.compile(ours, fullgraph=True)  # static shapes: traces with dedup on
-    torch.testing.assert_close(compiled(ids), out, rtol=1e-10, atol=1e-10)
+    if preset == "awd_ptb":  # one compile keeps the GPU session's Triton stage short
+        compiled = torch.compile(ours, fullgraph=True)  # static shapes: traces with dedup on
+        torch.testing.assert_close(compiled(ids), out, rtol=1e-10, atol=1e-10)
