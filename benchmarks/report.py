@@ -5,7 +5,8 @@
 Per dtype: per preset, the median ms of a whole-layer forward + backward (test_bench_layer.py) for
 each provider, our backends' speed-ups against the reference, torch.compile of it and the plain
 embedding, and the fraction of the floor reached (floor / ours, from test_bench_floor.py); then the
-forward alone and, where counted, kernel launches per layer. The PNG shows the same times as grouped
+forward alone and, where counted, kernel launches per layer; then issue 8's dedup (test_bench_dedup.py)
+and cached-inference (test_bench_inference.py) timings. The PNG shows the layer times as grouped
 bars (log scale) with the floor marked.
 """
 
@@ -21,12 +22,15 @@ PROVIDER_ORDER = ["reference", "reference_compiled", "cuda", "triton", "cpu", "e
 OURS = ("cuda", "triton", "cpu")
 
 
-def load(paths: list[Path]) -> tuple[dict, dict, dict, dict]:
-    """(times[dtype][mode][preset][provider] ms, floors[dtype][preset], launches[backend][preset], machine)."""
+def load(paths: list[Path]) -> tuple[dict, dict, dict, dict, dict]:
+    """(times[dtype][mode][preset][provider] ms, floors[dtype][preset], launches[backend][preset], machine,
+    extra: {"dedup": [dtype][provider] {plain, dedup ms, distinct_fraction}, "inference": [dtype][preset][provider,
+    mode] ms})."""
     times: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
     floors: dict = defaultdict(dict)
     launches: dict = {}
     machine: dict = {}
+    extra: dict = {"dedup": defaultdict(lambda: defaultdict(dict)), "inference": defaultdict(lambda: defaultdict(dict))}
     for path in paths:
         for bench in json.loads(path.read_text())["benchmarks"]:
             info = bench.get("extra_info", {})
@@ -44,9 +48,18 @@ def load(paths: list[Path]) -> tuple[dict, dict, dict, dict]:
                 )
             elif name.startswith("test_layer[") and bench.get("stats"):
                 times[info["dtype"]][info["mode"]][info["preset"]][info["provider"]] = bench["stats"]["median"] * 1e3
+            elif name.startswith("test_dedup[") and bench.get("stats"):
+                row = extra["dedup"][info["dtype"]][info["provider"]]
+                row["dedup" if info["dedup"] else "plain"] = bench["stats"]["median"] * 1e3
+                row["distinct_fraction"] = info.get("distinct_fraction")
+            elif name.startswith("test_inference[") and bench.get("stats"):
+                extra["inference"][info["dtype"]][info["preset"]][(info["provider"], info["mode"])] = (
+                    bench["stats"]["median"] * 1e3
+                )
+            if info.get("device") and name.startswith(("test_layer[", "test_dedup[", "test_inference[")):
                 machine.setdefault("device", info.get("device"))
                 machine.setdefault("torch", info.get("torch"))
-    return times, floors, launches, machine
+    return times, floors, launches, machine, extra
 
 
 def _ms(value: float | None) -> str:
@@ -114,12 +127,42 @@ def launch_table(launches: dict) -> str:
     return "\n".join(lines)
 
 
-def render(times: dict, floors: dict, launches: dict, machine: dict) -> str:
+def dedup_table(rows: dict) -> str:
+    lines = ["| provider | plain ms | dedup ms | speed-up | distinct tokens |", "|---|---|---|---|---|"]
+    for provider in [p for p in PROVIDER_ORDER if p in rows]:
+        row = rows[provider]
+        fraction = row.get("distinct_fraction")
+        lines.append(
+            f"| {provider} | {_ms(row.get('plain'))} | {_ms(row.get('dedup'))} | "
+            f"{_ratio(row.get('plain'), row.get('dedup'))} | {'—' if fraction is None else f'{fraction:.1%}'} |"
+        )
+    return "\n".join(lines)
+
+
+def inference_table(rows: dict) -> str:
+    """Per preset: eval forward without and with the cached table, and the plain embedding."""
+    ours = [p for p in OURS if any((p, "fwd") in r or (p, "fwd_cached") in r for r in rows.values())]
+    head = ["preset", "reference ms", *(f"{p} ms" for p in ours), *(f"{p} cached ms" for p in ours), "embedding ms"]
+    head += [f"{p} cached vs embedding" for p in ours]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for preset in [p for p in PRESET_ORDER if p in rows]:
+        row = rows[preset]
+        cells = [preset, _ms(row.get(("reference", "fwd")))]
+        cells += [_ms(row.get((p, "fwd"))) for p in ours] + [_ms(row.get((p, "fwd_cached"))) for p in ours]
+        cells.append(_ms(row.get(("embedding", "fwd"))))
+        cells += [_ratio(row.get(("embedding", "fwd")), row.get((p, "fwd_cached"))) for p in ours]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render(times: dict, floors: dict, launches: dict, machine: dict, extra: dict | None = None) -> str:
+    ceilings = ""
+    if machine.get("matmul_tflops"):
+        ceilings = (f"; measured ceilings: {machine['matmul_tflops']:.3g} TFLOP/s {machine.get('matmul_dtype')} "
+                    f"matmul, {machine.get('copy_tbps') or 0:.3g} TB/s copy")  # fmt: skip
     parts = [
         f"Device: {machine.get('device')}, torch {machine.get('torch')}, CUDA {machine.get('cuda')}, "
-        f"driver {machine.get('driver')}; measured ceilings: {machine.get('matmul_tflops') or 0:.3g} TFLOP/s "
-        f"{machine.get('matmul_dtype')} matmul, {machine.get('copy_tbps') or 0:.3g} TB/s copy. Medians; speed-ups "
-        "are other / ours; floor fraction = floor / ours."
+        f"driver {machine.get('driver')}{ceilings}. Medians; speed-ups are other / ours; floor fraction = floor / ours."
     ]
     for dtype in sorted(times):
         for mode, title in (("fwd_bwd", "forward + backward"), ("fwd", "forward only (eval, no cache)")):
@@ -127,6 +170,13 @@ def render(times: dict, floors: dict, launches: dict, machine: dict) -> str:
                 parts += [f"\n**{dtype}, {title}**\n", table(times, floors, dtype, mode)]
     if launches:
         parts += ["\n**Kernel launches**\n", launch_table(launches)]
+    extra = extra or {}
+    for dtype, rows in sorted(extra.get("dedup", {}).items()):
+        parts += [f"\n**{dtype}, distinct tokens once (dedup): lstm_wt103 shapes, a WikiText-2 window, "
+                  "forward + backward**\n", dedup_table(rows)]  # fmt: skip
+    for dtype, rows in sorted(extra.get("inference", {}).items()):
+        parts += [f"\n**{dtype}, inference: eval forward with and without the cached table**\n",
+                  inference_table(rows)]  # fmt: skip
     return "\n".join(parts) + "\n"
 
 
@@ -165,8 +215,8 @@ def main() -> None:
     parser.add_argument("--plot-dtype", default="bfloat16")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the tables here")
     args = parser.parse_args()
-    times, floors, launches, machine = load(args.json)
-    text = render(times, floors, launches, machine)
+    times, floors, launches, machine, extra = load(args.json)
+    text = render(times, floors, launches, machine, extra)
     print(text)
     if args.markdown:
         args.markdown.write_text(text)

@@ -24,7 +24,7 @@ if [ -z "${PYTHON:-}" ]; then
   done
 fi
 DATA_ROOT=${DEFINE_OPS_DATA:-../shared/data}
-[ -f "$DATA_ROOT/wikitext-2/train.txt" ] || DATA_ROOT=shared/data
+[ -f "$DATA_ROOT/wikitext-2/train.txt" ] || DATA_ROOT=.gpu-data  # carried by scripts/gpu_data.sh
 [ -f "$DATA_ROOT/wikitext-2/train.txt" ] || { echo "error: WikiText-2 not found (set DEFINE_OPS_DATA)" >&2; exit 2; }
 STEPS=${STEPS:-2000}
 EVAL_EVERY=${EVAL_EVERY:-250}

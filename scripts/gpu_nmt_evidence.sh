@@ -10,10 +10,9 @@
 #   STEPS=1000 bash scripts/gpu_nmt_evidence.sh           # a smaller budget
 #
 # Settings (environment):
-#   NMT_DATA   Multi30k directory (default ${DEFINE_OPS_DATA:-../shared/data}/multi30k). The device
-#              machine does not receive ../shared: copy the six raw files into an ignored folder of
-#              the repo (e.g. `mkdir -p .nmt-data && cp ../shared/data/multi30k/*.{en,de} .nmt-data/`
-#              with `.nmt-data/` in .git/info/exclude), carry it, and set NMT_DATA=.nmt-data.
+#   NMT_DATA   Multi30k directory (default ${DEFINE_OPS_DATA:-../shared/data}/multi30k, else
+#              .gpu-data/multi30k). The device machine does not receive ../shared: run
+#              scripts/gpu_data.sh here and carry .gpu-data.
 #   PYTHON     interpreter with torch (CUDA), sentencepiece and sacrebleu (default: python3)
 #   STEPS      optimizer steps per run (default 1800: ~25 epochs of 8192-token batches)
 #   WARMUP     warm-up steps (default 1000; the base preset's 8000 suits WMT-sized runs, not this budget)
@@ -26,6 +25,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 DATA=${NMT_DATA:-${DEFINE_OPS_DATA:-../shared/data}/multi30k}
+[ -f "$DATA/train.en" ] || [ -n "${NMT_DATA:-}" ] || DATA=.gpu-data/multi30k  # carried by scripts/gpu_data.sh
 STEPS=${STEPS:-1800}
 WARMUP=${WARMUP:-1000}
 EVAL_EVERY=${EVAL_EVERY:-600}

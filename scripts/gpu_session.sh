@@ -15,13 +15,15 @@
 #   4. the same layer benchmark for the Triton backend (autotuned);
 #   5. the Triton backend's GPU tests (tests/test_triton_gpu.py and the triton-cuda cases of
 #      tests/test_ops.py), autotuning off so the stage stays short;
-#   6. compute-sanitizer memcheck and racecheck on scripts/cuda_smoke.py;
-#   7. the layer benchmark in fp32, then compute-sanitizer synccheck;
-#   8. the cuda cases of tests/test_ops.py;
-#   9. torch.compile of the reference (bf16, forward + backward), the slowest benchmark;
-#  10. the slow int64 test.
+#   6. issue 8 in bf16: dedup on a real WikiText-2 window at the lstm_wt103 shapes (needs the
+#      corpus: run scripts/gpu_data.sh here first and carry .gpu-data) and cached inference;
+#   7. compute-sanitizer memcheck and racecheck on scripts/cuda_smoke.py;
+#   8. the layer benchmark in fp32, then compute-sanitizer synccheck;
+#   9. the cuda cases of tests/test_ops.py;
+#  10. torch.compile of the reference (bf16, forward + backward), the slowest benchmark;
+#  11. the slow int64 test.
 # Files in $OUT: session.log, tests.xml, sanitizer.log, bench-bf16.json, bench-triton-bf16.json,
-# bench-fp32.json, bench-compiled.json, report.md, bench.png.
+# bench-issue8-bf16.json, bench-fp32.json, bench-compiled.json, report.md, bench.png.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -30,6 +32,8 @@ BUDGET=${GPU_SESSION_BUDGET_S:-540}
 START=$(date +%s)
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 DEFINE_OPS_SKIP_EMULATION=1
+# corpora carried from this machine (scripts/gpu_data.sh); ../shared does not travel
+if [ -z "${DEFINE_OPS_DATA:-}" ] && [ -d .gpu-data ]; then export DEFINE_OPS_DATA=$PWD/.gpu-data; fi
 exec > >(tee -a "$OUT/session.log") 2>&1
 
 elapsed() { echo $(( $(date +%s) - START )); }
@@ -82,6 +86,11 @@ stage bench-triton-bf16 150 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p
 
 stage tests-triton 90 env DEFINE_OPS_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_triton_gpu.py tests/test_ops.py -q \
   -p no:cacheprovider -k "gpu or triton-cuda" -rfE --maxfail=40
+
+stage bench-issue8 90 "$PY" -m pytest benchmarks/test_bench_dedup.py benchmarks/test_bench_inference.py -q \
+  -p no:cacheprovider --benchmark-only --dtype bfloat16 --presets lstm_wt103,awd_ptb,nmt_wmt14 \
+  --providers reference,cuda,triton,embedding --benchmark-json "$OUT/bench-issue8-bf16.json" \
+  --benchmark-columns=median,min,rounds
 
 sanitize() {  # sanitize TOOL LIMIT
   stage "sanitizer-$1" "$2" compute-sanitizer --tool "$1" --error-exitcode 9 --print-limit 20 \

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def cpu_run(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("report") / "bench.json"
     command = [
-        sys.executable, "-m", "pytest", "benchmarks/test_bench_layer.py", "benchmarks/test_bench_floor.py", "-q",
+        sys.executable, "-m", "pytest", "benchmarks/test_bench_layer.py", "benchmarks/test_bench_floor.py",
+        "benchmarks/test_bench_dedup.py", "benchmarks/test_bench_inference.py", "-q",
         "-p", "no:cacheprovider", "--quick", "--benchmark-only", "--presets", "awd_ptb",
         "--providers", "reference,cpu,embedding", "--dtype", "float32", f"--benchmark-json={out}",
     ]  # fmt: skip
@@ -70,6 +71,9 @@ def test_report_renders_a_cpu_run(cpu_run, tmp_path):
     assert "**float32, forward + backward**" in text and "**float32, forward only" in text
     assert "| awd_ptb |" in text and "cpu vs ref" in text and "cpu floor fraction" in text
     assert "triton vs cuda" not in text and "Kernel launches" not in text
+    assert "inference: eval forward" in text and "cpu cached vs embedding" in text
+    if any(b["name"].startswith("test_dedup[") for b in cpu_run["benchmarks"]):  # needs WikiText-2
+        assert "distinct tokens once (dedup)" in text and "| cpu |" in text
     assert png.stat().st_size > 1000
 
 
