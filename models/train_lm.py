@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +33,14 @@ from .lstm_lm import LSTMLM, LSTMLMConfig
 from .trainer import (
     CheckpointError,
     Dist,
-    NonFiniteLossError,
     StepResult,
     TrainConfig,
     Trainer,
     all_reduce_sum,
-    cleanup_distributed,
-    init_distributed,
     load_checkpoint,
+    resolve_run,
+    run_command,
+    run_stamp,
     seed_everything,
 )
 from .transformer_xl import TransformerXL, TransformerXLConfig
@@ -389,13 +388,6 @@ def _dry_run(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def _default_out(cfg: dict[str, Any], dist: Dist) -> str:
-    stamp = [time.strftime("%Y%m%d-%H%M%S")]
-    if dist.active:  # every rank must agree on the directory
-        torch_dist.broadcast_object_list(stamp, src=0)
-    return str(Path("runs") / "lm" / f"{cfg['arch']}-{cfg['embedding']}-{stamp[0]}")
-
-
 # ------------------------------------------------------------------------------------ running
 def load_corpus(cfg: dict[str, Any], dist: Dist) -> Corpus:
     # rank 0 builds the id cache first; the others then read it instead of tokenizing too
@@ -451,57 +443,39 @@ def _eval_only(args: argparse.Namespace, dist: Dist) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    dist: Dist | None = None
-    try:
-        dist = init_distributed(getattr(args, "device", None))
-        if args.eval_only:
-            return _eval_only(args, dist)
-        resume = args.resume
-        if resume is not None:
-            if resume == "":
-                if not hasattr(args, "out"):
-                    raise ValueError("--resume without a path needs --out (the run directory)")
-                resume = str(Path(args.out) / "last.pt")
-            cfg = resolve_config(args, base=load_checkpoint(resume)["config"])
-            if not hasattr(args, "out"):  # the run directory is where the checkpoint is now
-                cfg["out"] = str(Path(resume).parent)
-        else:
-            cfg = resolve_config(args)
-            if "out" not in cfg:
-                cfg["out"] = _default_out(cfg, dist)
-            if (Path(cfg["out"]) / "last.pt").exists() and not args.overwrite:
-                raise ValueError(f"{cfg['out']} already holds a checkpoint: pass --resume to continue it, "
-                                 f"--overwrite to start again there, or another --out")  # fmt: skip
-        if args.dry_run:
-            cfg = _dry_run(cfg)
-        cfg.setdefault("cache_dir", None)
-        trainer = build_trainer(cfg, dist, progress=not args.no_progress)
-        if dist.is_main:
-            params = count_parameters(trainer.model)
-            print(f"{cfg['arch']} + {cfg['embedding']} | vocab {cfg['vocab_size']} | parameters "
-                  + ", ".join(f"{k} {v:,}" for k, v in params.items()) + f" | {dist.world_size} process(es) on "
-                  + f"{dist.device} | out {cfg['out']}", flush=True)  # fmt: skip
-        result = trainer.fit(resume=resume)
-        if result.status == "interrupted":
-            return 128 + (result.signal or 0)
-        if dist.is_main and result.test is not None:
-            best_ppl = math.exp(min(result.best["value"], 700))
-            summary = {"arch": cfg["arch"], "embedding": cfg["embedding"], "steps": result.step,
-                       "best_step": result.best["step"], "valid_ppl": best_ppl, "test_ppl": result.test["ppl"],
-                       "tokens_per_s": result.tokens_per_s, "parameters": count_parameters(trainer.model),
-                       "world_size": dist.world_size, "device": str(dist.device)}  # fmt: skip
-            (Path(cfg["out"]) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-            print(f"valid ppl {best_ppl:.2f} | test ppl {result.test['ppl']:.2f} | "
-                  f"train {result.tokens_per_s:,.0f} tokens/s | checkpoints in {cfg['out']}")  # fmt: skip
-        return 0
-    except NonFiniteLossError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (DataError, CheckpointError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        cleanup_distributed()
+    return run_command(getattr(args, "device", None), lambda dist: _run(args, dist), USER_ERRORS)
+
+
+USER_ERRORS = (DataError, CheckpointError, ValueError)
+
+
+def _run(args: argparse.Namespace, dist: Dist) -> int:
+    if args.eval_only:
+        return _eval_only(args, dist)
+    default_out = lambda cfg: str(Path("runs") / "lm" / f"{cfg['arch']}-{cfg['embedding']}-{run_stamp(dist)}")
+    cfg, resume = resolve_run(args, resolve_config, default_out)
+    if args.dry_run:
+        cfg = _dry_run(cfg)
+    cfg.setdefault("cache_dir", None)
+    trainer = build_trainer(cfg, dist, progress=not args.no_progress)
+    if dist.is_main:
+        params = count_parameters(trainer.model)
+        print(f"{cfg['arch']} + {cfg['embedding']} | vocab {cfg['vocab_size']} | parameters "
+              + ", ".join(f"{k} {v:,}" for k, v in params.items()) + f" | {dist.world_size} process(es) on "
+              + f"{dist.device} | out {cfg['out']}", flush=True)  # fmt: skip
+    result = trainer.fit(resume=resume)
+    if result.status == "interrupted":
+        return 128 + (result.signal or 0)
+    if dist.is_main and result.test is not None:
+        best_ppl = math.exp(min(result.best["value"], 700))
+        summary = {"arch": cfg["arch"], "embedding": cfg["embedding"], "steps": result.step,
+                   "best_step": result.best["step"], "valid_ppl": best_ppl, "test_ppl": result.test["ppl"],
+                   "tokens_per_s": result.tokens_per_s, "parameters": count_parameters(trainer.model),
+                   "world_size": dist.world_size, "device": str(dist.device)}  # fmt: skip
+        (Path(cfg["out"]) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"valid ppl {best_ppl:.2f} | test ppl {result.test['ppl']:.2f} | "
+              f"train {result.tokens_per_s:,.0f} tokens/s | checkpoints in {cfg['out']}")  # fmt: skip
+    return 0
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +49,13 @@ from .nmt_data import (
 from .trainer import (
     CheckpointError,
     Dist,
-    NonFiniteLossError,
     StepResult,
     TrainConfig,
     Trainer,
     all_reduce_sum,
-    cleanup_distributed,
-    init_distributed,
-    load_checkpoint,
+    resolve_run,
+    run_command,
+    run_stamp,
     seed_everything,
 )
 from .translate import corpus_bleu, translate_ids
@@ -385,14 +383,6 @@ def _dry_run(cfg: dict[str, Any]) -> dict[str, Any]:
     return dict(cfg, max_steps=2, epochs=2, eval_every=0, log_every=1, max_train_pairs=200, max_eval_lines=20)
 
 
-def _default_out(cfg: dict[str, Any], dist: Dist) -> str:
-    stamp = [time.strftime("%Y%m%d-%H%M%S")]
-    if dist.active:  # every rank must agree on the directory
-        torch_dist.broadcast_object_list(stamp, src=0)
-    name = f"{cfg['src']}-{cfg['tgt']}-{cfg['src_embedding']}-{cfg['tgt_embedding']}-{stamp[0]}"
-    return str(Path("runs") / "nmt" / name)
-
-
 def _write_test_outputs(trainer: Trainer, cfg: dict[str, Any]) -> dict[str, Any] | None:
     """test.hyp.<tgt> and test.bleu.json (score and sacrebleu signature) in the run directory."""
     task: NMTTask = trainer.task  # type: ignore[assignment]
@@ -410,56 +400,41 @@ def _write_test_outputs(trainer: Trainer, cfg: dict[str, Any]) -> dict[str, Any]
 # ------------------------------------------------------------------------------------ running
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    dist: Dist | None = None
-    try:
-        dist = init_distributed(getattr(args, "device", None))
-        resume, resume_dir = args.resume, None
-        if resume is not None:
-            if resume == "":
-                if not hasattr(args, "out"):
-                    raise ValueError("--resume without a path needs --out (the run directory)")
-                resume = str(Path(args.out) / "last.pt")
-            cfg = resolve_config(args, base=load_checkpoint(resume)["config"])
-            resume_dir = str(Path(resume).parent)
-            if not hasattr(args, "out"):  # the run directory is where the checkpoint is now
-                cfg["out"] = resume_dir
-        else:
-            cfg = resolve_config(args)
-            if "out" not in cfg:
-                cfg["out"] = _default_out(cfg, dist)
-            if (Path(cfg["out"]) / "last.pt").exists() and not args.overwrite:
-                raise ValueError(f"{cfg['out']} already holds a checkpoint: pass --resume to continue it, "
-                                 f"--overwrite to start again there, or another --out")  # fmt: skip
-        if args.dry_run:
-            cfg = _dry_run(cfg)
-        trainer = build_trainer(cfg, dist, resume_dir=resume_dir, progress=not args.no_progress)
-        if dist.is_main:
-            task: NMTTask = trainer.task  # type: ignore[assignment]
-            params = count_parameters(trainer.model)  # type: ignore[arg-type]
-            print(f"{cfg['src']}→{cfg['tgt']} | {cfg['src_embedding']}/{cfg['tgt_embedding']} inputs | vocab "
-                  f"{cfg['src_vocab_size']}/{cfg['tgt_vocab_size']} | {len(task.src)} training pairs "
-                  f"({task.dropped} dropped: empty or over {cfg['max_len']} tokens) | parameters "
-                  + ", ".join(f"{k} {v:,}" for k, v in params.items()) + f" | {dist.world_size} process(es) on "
-                  + f"{dist.device} | out {cfg['out']}", flush=True)  # fmt: skip
-        result = trainer.fit(resume=resume)
-        if result.status == "interrupted":
-            return 128 + (result.signal or 0)
-        report = _write_test_outputs(trainer, cfg)
-        if dist.is_main and result.test is not None:
-            valid = result.valid or {}
-            bleu = f" | test BLEU {report['score']:.2f} ({report['signature']})" if report else ""
-            print(f"best valid {cfg['metric']} {result.best['value']:.4g} (step {result.best['step']}) | "
-                  f"valid loss {valid.get('loss', float('nan')):.3f} | test loss {result.test['loss']:.3f}{bleu} | "
-                  f"train {result.tokens_per_s:,.0f} tokens/s | checkpoints in {cfg['out']}")  # fmt: skip
-        return 0
-    except NonFiniteLossError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (DataError, CheckpointError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        cleanup_distributed()
+    return run_command(getattr(args, "device", None), lambda dist: _run(args, dist), USER_ERRORS)
+
+
+USER_ERRORS = (DataError, CheckpointError, ValueError)
+
+
+def _run(args: argparse.Namespace, dist: Dist) -> int:
+    def default_out(cfg: dict[str, Any]) -> str:
+        name = f"{cfg['src']}-{cfg['tgt']}-{cfg['src_embedding']}-{cfg['tgt_embedding']}-{run_stamp(dist)}"
+        return str(Path("runs") / "nmt" / name)
+
+    cfg, resume = resolve_run(args, resolve_config, default_out)
+    resume_dir = str(Path(resume).parent) if resume is not None else None
+    if args.dry_run:
+        cfg = _dry_run(cfg)
+    trainer = build_trainer(cfg, dist, resume_dir=resume_dir, progress=not args.no_progress)
+    if dist.is_main:
+        task: NMTTask = trainer.task  # type: ignore[assignment]
+        params = count_parameters(trainer.model)  # type: ignore[arg-type]
+        print(f"{cfg['src']}→{cfg['tgt']} | {cfg['src_embedding']}/{cfg['tgt_embedding']} inputs | vocab "
+              f"{cfg['src_vocab_size']}/{cfg['tgt_vocab_size']} | {len(task.src)} training pairs "
+              f"({task.dropped} dropped: empty or over {cfg['max_len']} tokens) | parameters "
+              + ", ".join(f"{k} {v:,}" for k, v in params.items()) + f" | {dist.world_size} process(es) on "
+              + f"{dist.device} | out {cfg['out']}", flush=True)  # fmt: skip
+    result = trainer.fit(resume=resume)
+    if result.status == "interrupted":
+        return 128 + (result.signal or 0)
+    report = _write_test_outputs(trainer, cfg)
+    if dist.is_main and result.test is not None:
+        valid = result.valid or {}
+        bleu = f" | test BLEU {report['score']:.2f} ({report['signature']})" if report else ""
+        print(f"best valid {cfg['metric']} {result.best['value']:.4g} (step {result.best['step']}) | "
+              f"valid loss {valid.get('loss', float('nan')):.3f} | test loss {result.test['loss']:.3f}{bleu} | "
+              f"train {result.tokens_per_s:,.0f} tokens/s | checkpoints in {cfg['out']}")  # fmt: skip
+    return 0
 
 
 if __name__ == "__main__":

@@ -178,6 +178,59 @@ def _barrier(dist: Dist) -> None:
         torch_dist.barrier()
 
 
+# ----------------------------------------------------------------------------- command lines
+def run_stamp(dist: Dist) -> str:
+    """A timestamp for a default run directory that every rank agrees on (rank 0's)."""
+    stamp = [time.strftime("%Y%m%d-%H%M%S")]
+    if dist.active:
+        torch_dist.broadcast_object_list(stamp, src=0)
+    return stamp[0]
+
+
+def resolve_run(
+    args: Any, resolve_config: Callable[..., dict[str, Any]], default_out: Callable[[dict[str, Any]], str]
+) -> tuple[dict[str, Any], str | None]:
+    """(settings, checkpoint to resume from or None) from a training command's arguments.
+
+    ``--resume [CHECKPOINT]`` continues a run (default OUT/last.pt; the run directory is where the
+    checkpoint is, unless --out says otherwise), its settings under the flags given; otherwise a
+    fresh run, in ``default_out(settings)`` without --out, which never silently replaces an existing
+    run (``--overwrite`` allows it).
+    """
+    resume = args.resume
+    if resume is not None:
+        if resume == "":
+            if not hasattr(args, "out"):
+                raise ValueError("--resume without a path needs --out (the run directory)")
+            resume = str(Path(args.out) / "last.pt")
+        cfg = resolve_config(args, base=load_checkpoint(resume)["config"])
+        if not hasattr(args, "out"):  # the run directory is where the checkpoint is now
+            cfg["out"] = str(Path(resume).parent)
+        return cfg, resume
+    cfg = resolve_config(args)
+    if "out" not in cfg:
+        cfg["out"] = default_out(cfg)
+    if (Path(cfg["out"]) / "last.pt").exists() and not args.overwrite:
+        raise ValueError(f"{cfg['out']} already holds a checkpoint: pass --resume to continue it, "
+                         f"--overwrite to start again there, or another --out")  # fmt: skip
+    return cfg, None
+
+
+def run_command(device: str | None, body: Callable[[Dist], int], user_errors: tuple[type[Exception], ...]) -> int:
+    """A training command's exit status: ``body(dist)`` inside the process group; 1 with a one-line
+    message for a non-finite loss, 2 for ``user_errors`` (bad data, checkpoints or settings)."""
+    try:
+        return body(init_distributed(device))
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except user_errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        cleanup_distributed()
+
+
 # ------------------------------------------------------------------------------------- RNG
 def seed_everything(seed: int) -> None:
     random.seed(seed)
