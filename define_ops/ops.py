@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _build, reference
+from ._autograd import embedding_autograd, hgt_step_autograd
 from ._backend import resolve_backend
 
 _ACTIVATION_NAMES = {None: "none", "none": "none", "gelu": "gelu", "relu": "relu", "swish": "swish"}
@@ -53,20 +54,7 @@ if _build.HAS_EXTENSION:
     ) -> Tensor:
         return grad.new_empty((num_embeddings, grad.shape[1]))
 
-    def _embedding_setup(ctx, inputs, output) -> None:
-        weight, ids, padding_idx, scale = inputs
-        ctx.save_for_backward(ids)
-        ctx.num_embeddings = weight.shape[0]
-        ctx.padding_idx = padding_idx
-        ctx.scale = scale
-
-    def _embedding_backward(ctx, grad: Tensor):
-        (ids,) = ctx.saved_tensors
-        grad_weight = torch.ops.define_ops.embedding_lookup_backward(
-            grad, ids, ctx.num_embeddings, ctx.padding_idx, ctx.scale
-        )
-        return grad_weight, None, None, None
-
+    _embedding_setup, _embedding_backward = embedding_autograd(torch.ops.define_ops.embedding_lookup_backward)
     torch.library.register_autograd("define_ops::embedding_lookup", _embedding_backward, setup_context=_embedding_setup)
 
     @torch.library.register_fake("define_ops::hgt_step")
@@ -125,33 +113,7 @@ if _build.HAS_EXTENSION:
         grad_beta = x.new_empty((out_group,)) if norm_weight is not None else x.new_empty((0,))
         return x.new_empty(x.shape), torch.empty_like(weight), grad_bias, grad_gamma, grad_beta
 
-    def _hgt_step_setup(ctx, inputs, output) -> None:
-        x, weight, bias, norm_weight, norm_bias, seed, *params = inputs
-        _, saved, mean, rstd = output
-        ctx.save_for_backward(x, weight, bias, norm_weight, norm_bias, seed, saved, mean, rstd)
-        ctx.params = params
-        ctx.mark_non_differentiable(saved, mean, rstd)
-        # The saved/stats outputs never get gradients: do not let autograd zero-fill [T, b]
-        # tensors for them on every backward.
-        ctx.set_materialize_grads(False)
-
-    def _hgt_step_backward(ctx, grad_out: Tensor | None, _saved, _mean, _rstd):
-        x, weight, bias, norm_weight, norm_bias, seed, saved, mean, rstd = ctx.saved_tensors
-        if grad_out is None:  # the output was not used
-            return (None,) * (6 + len(ctx.params))
-        grad_x, grad_weight, grad_bias, grad_gamma, grad_beta = torch.ops.define_ops.hgt_step_backward(
-            grad_out, x, weight, bias, norm_weight, norm_bias, seed, saved, mean, rstd, *ctx.params
-        )
-        norm = norm_weight is not None
-        return (
-            grad_x,
-            grad_weight,
-            grad_bias if bias is not None else None,
-            grad_gamma if norm else None,
-            grad_beta if norm else None,
-            *([None] * (1 + len(ctx.params))),
-        )
-
+    _hgt_step_setup, _hgt_step_backward = hgt_step_autograd(torch.ops.define_ops.hgt_step_backward)
     torch.library.register_autograd("define_ops::hgt_step", _hgt_step_backward, setup_context=_hgt_step_setup)
 
 

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._autograd import embedding_autograd
 from ._common import INTERPRET, launch, next_pow2, register_op, split_float
 
 # Interpreter blocks: ids per program and (largest) feature tile.
@@ -166,20 +167,7 @@ embedding_lookup_backward_op = register_op(
 )
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    weight, ids, padding_idx, scale = inputs
-    ctx.save_for_backward(ids)
-    ctx.num_embeddings = weight.shape[0]
-    ctx.padding_idx = padding_idx
-    ctx.scale = scale
-
-
-def _backward_autograd(ctx, grad: Tensor):
-    (ids,) = ctx.saved_tensors
-    grad_weight = embedding_lookup_backward_op(grad, ids, ctx.num_embeddings, ctx.padding_idx, ctx.scale)
-    return grad_weight, None, None, None
-
-
+_setup_context, _backward_autograd = embedding_autograd(embedding_lookup_backward_op)
 embedding_lookup_op.register_autograd(_backward_autograd, setup_context=_setup_context)
 
 

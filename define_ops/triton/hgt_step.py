@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._autograd import hgt_step_autograd
 from ..reference import dropout_threshold
 from ._common import (
     INTERPRET,
@@ -941,30 +942,7 @@ hgt_step_op = register_op("hgt_step_triton", _hgt_step_impl, _hgt_step_fake)
 hgt_step_backward_op = register_op("hgt_step_triton_backward", _hgt_step_backward_impl, _hgt_step_backward_fake)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, norm_weight, norm_bias, seed, *params, row_count = inputs
-    _, saved, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, norm_weight, norm_bias, seed, saved, mean, rstd, row_count)
-    ctx.params = params
-    ctx.mark_non_differentiable(saved, mean, rstd)
-
-
-def _backward_autograd(ctx, grad_out: Tensor, _saved, _mean, _rstd):
-    x, weight, bias, norm_weight, norm_bias, seed, saved, mean, rstd, row_count = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias, grad_gamma, grad_beta = hgt_step_backward_op(
-        grad_out, x, weight, bias, norm_weight, norm_bias, seed, saved, mean, rstd, *ctx.params, row_count
-    )
-    norm = norm_weight is not None
-    return (
-        grad_x,
-        grad_weight,
-        grad_bias if bias is not None else None,
-        grad_gamma if norm else None,
-        grad_beta if norm else None,
-        *([None] * (2 + len(ctx.params))),  # seed, the plain parameters, row_count
-    )
-
-
+_setup_context, _backward_autograd = hgt_step_autograd(hgt_step_backward_op, trailing_tensors=1)  # row_count
 hgt_step_op.register_autograd(_backward_autograd, setup_context=_setup_context)
 
 
