@@ -36,6 +36,7 @@ from .trainer import (
     StepResult,
     TrainConfig,
     Trainer,
+    add_loop_arguments,
     all_reduce_sum,
     load_checkpoint,
     resolve_run,
@@ -323,16 +324,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--optimizer", choices=("sgd", "adam", "ntasgd"), default=S)
     t.add_argument("--lr", type=float, default=S)
     t.add_argument("--weight-decay", type=float, default=S)
-    t.add_argument("--clip", type=float, default=S, help="max gradient norm (0: off)")
-    t.add_argument("--accum-steps", type=int, default=S, help="batches per optimizer step (gradient accumulation)")
     t.add_argument("--scheduler", choices=("none", "multistep", "cosine"), default=S)
     t.add_argument("--lr-milestones", type=int, nargs="*", default=S, help="epochs where multistep divides the lr")
     t.add_argument("--lr-gamma", type=float, default=S)
     t.add_argument("--warmup-steps", type=int, default=S)
     t.add_argument("--lr-decay-steps", type=int, default=S, help="cosine: steps to reach 0 (default --max-steps)")
     t.add_argument("--nonmono", type=int, default=S, help="NT-ASGD patience in validations")
-    t.add_argument("--epochs", type=int, default=S)
-    t.add_argument("--max-steps", type=int, default=S, help="total optimizer steps (0: no limit)")
     t.add_argument("--batch-size", type=int, default=S, help="parallel streams, over all processes")
     t.add_argument("--eval-batch-size", type=int, default=S)
     t.add_argument("--test-batch-size", type=int, default=S)
@@ -341,11 +338,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--variable-bptt", type=int, choices=(0, 1), default=S, help="AWD-LSTM's random window lengths")
     t.add_argument("--max-train-tokens", type=int, default=S, help="use only the first N training tokens")
     t.add_argument("--max-eval-tokens", type=int, default=S, help="use only the first N valid/test tokens")
-    t.add_argument("--eval-every", type=int, default=S, help="validate every N steps (0: every epoch)")
-    t.add_argument("--save-every", type=int, default=S)
-    t.add_argument("--log-every", type=int, default=S)
-    t.add_argument("--seed", type=int, default=S)
-    t.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=S)
+    add_loop_arguments(t)
     return p.parse_args(argv)
 
 
@@ -416,12 +409,7 @@ def build_trainer(cfg: dict[str, Any], dist: Dist, corpus: Corpus | None = None,
     model = build_model(cfg, corpus.vocab_size).to(dist.device)
     optimizer, scheduler, interval = build_optimizer(cfg, model)
     task = LMTask(model, corpus, cfg, dist)
-    train_cfg = TrainConfig(
-        out_dir=cfg["out"], epochs=cfg["epochs"], max_steps=cfg["max_steps"], eval_every=cfg["eval_every"],
-        save_every=cfg["save_every"], log_every=cfg["log_every"], clip=cfg["clip"], precision=cfg["precision"],
-        accum_steps=cfg.get("accum_steps", 1),  # checkpoints from before the option have none
-        seed=cfg["seed"], scheduler_interval=interval, progress=progress,
-    )  # fmt: skip
+    train_cfg = TrainConfig.from_settings(cfg, scheduler_interval=interval, progress=progress)
     return Trainer(model, optimizer, task, train_cfg, cfg, scheduler=scheduler, dist=dist, resume_ignore=RESUME_IGNORE)
 
 

@@ -52,6 +52,7 @@ from .trainer import (
     StepResult,
     TrainConfig,
     Trainer,
+    add_loop_arguments,
     all_reduce_sum,
     resolve_run,
     run_command,
@@ -271,12 +272,8 @@ def build_trainer(cfg: dict[str, Any], dist: Dist, *, resume_dir: str | None = N
     seed_everything(cfg["seed"])  # same initial weights on every rank
     model = build_model(cfg).to(dist.device)
     optimizer, scheduler = build_optimizer(cfg, model)
-    train_cfg = TrainConfig(
-        out_dir=cfg["out"], epochs=cfg["epochs"], max_steps=cfg["max_steps"], eval_every=cfg["eval_every"],
-        save_every=cfg["save_every"], log_every=cfg["log_every"], clip=cfg["clip"], precision=cfg["precision"],
-        accum_steps=cfg.get("accum_steps", 1),  # checkpoints from before the option have none
-        seed=cfg["seed"], metric=cfg["metric"], mode="max" if cfg["metric"] == "bleu" else "min", progress=progress,
-    )  # fmt: skip
+    mode = "max" if cfg["metric"] == "bleu" else "min"
+    train_cfg = TrainConfig.from_settings(cfg, metric=cfg["metric"], mode=mode, progress=progress)
     return Trainer(model, optimizer, task, train_cfg, cfg, scheduler=scheduler, dist=dist, resume_ignore=RESUME_IGNORE)
 
 
@@ -325,17 +322,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--adam-betas", type=float, nargs=2, default=S)
     t.add_argument("--adam-eps", type=float, default=S)
     t.add_argument("--weight-decay", type=float, default=S)
-    t.add_argument("--clip", type=float, default=S, help="max gradient norm (0: off)")
-    t.add_argument("--accum-steps", type=int, default=S, help="batches per optimizer step (gradient accumulation)")
     t.add_argument("--max-tokens", type=int, default=S, help="padded tokens per batch and process")
-    t.add_argument("--epochs", type=int, default=S)
-    t.add_argument("--max-steps", type=int, default=S, help="total optimizer steps (0: no limit)")
     t.add_argument("--max-train-pairs", type=int, default=S, help="use only the first N training pairs")
-    t.add_argument("--eval-every", type=int, default=S, help="validate every N steps (0: every epoch)")
-    t.add_argument("--save-every", type=int, default=S)
-    t.add_argument("--log-every", type=int, default=S)
-    t.add_argument("--seed", type=int, default=S)
-    t.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=S)
+    add_loop_arguments(t)
     e = p.add_argument_group("evaluation")
     e.add_argument("--metric", choices=("bleu", "loss"), default=S, help="validation metric that picks best.pt")
     e.add_argument("--eval-beam", type=int, default=S, help="beam size of validation/test decoding (1: greedy)")

@@ -20,6 +20,7 @@ configuration; resuming under a different one is refused, naming the differing s
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import itertools
 import json
@@ -102,6 +103,31 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.accum_steps < 1:
             raise ValueError(f"TrainConfig.accum_steps must be >= 1, got {self.accum_steps}")
+
+    @classmethod
+    def from_settings(cls, cfg: dict[str, Any], **extra: Any) -> TrainConfig:
+        """The loop's part of a command's resolved settings (the flags of ``add_loop_arguments``)."""
+        return cls(
+            out_dir=cfg["out"], epochs=cfg["epochs"], max_steps=cfg["max_steps"], eval_every=cfg["eval_every"],
+            save_every=cfg["save_every"], log_every=cfg["log_every"], clip=cfg["clip"], precision=cfg["precision"],
+            accum_steps=cfg.get("accum_steps", 1),  # checkpoints from before the option have none
+            seed=cfg["seed"], **extra,
+        )  # fmt: skip
+
+
+def add_loop_arguments(group: argparse._ArgumentGroup) -> None:
+    """The flags every training command shares (TrainConfig's); unset ones stay absent, so a
+    command's defaults and presets fill them."""
+    S = argparse.SUPPRESS
+    group.add_argument("--clip", type=float, default=S, help="max gradient norm (0: off)")
+    group.add_argument("--accum-steps", type=int, default=S, help="batches per optimizer step (gradient accumulation)")
+    group.add_argument("--epochs", type=int, default=S)
+    group.add_argument("--max-steps", type=int, default=S, help="total optimizer steps (0: no limit)")
+    group.add_argument("--eval-every", type=int, default=S, help="validate every N steps (0: every epoch)")
+    group.add_argument("--save-every", type=int, default=S)
+    group.add_argument("--log-every", type=int, default=S)
+    group.add_argument("--seed", type=int, default=S)
+    group.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=S)
 
 
 @dataclass
