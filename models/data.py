@@ -66,13 +66,18 @@ def find_split_files(data_dir: str | os.PathLike) -> dict[str, Path]:
     return files
 
 
-def _read_text(path: Path) -> str:
+def read_file_bytes(path: Path) -> bytes:
+    """The file's bytes; a directory or an unreadable file is a DataError naming it."""
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except IsADirectoryError as exc:
         raise DataError(f"{path} is a directory, not a text file") from exc
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _read_text(path: Path) -> str:
+    data = read_file_bytes(path)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

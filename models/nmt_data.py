@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .data import DataError
+from .data import DataError, read_file_bytes
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPLIT_NAMES = {"train": ("train",), "valid": ("val", "valid", "dev"), "test": ("test",)}
@@ -63,13 +63,7 @@ def split_lines(text: str) -> list[str]:
 
 def read_lines(path: str | os.PathLike) -> list[str]:
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except IsADirectoryError as exc:
-        raise DataError(f"{path} is a directory, not a text file") from exc
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    lines = split_lines(decode_utf8(data, str(path)))
+    lines = split_lines(decode_utf8(read_file_bytes(path), str(path)))
     if not any(line.strip() for line in lines):
         raise DataError(f"{path} is empty (no text)")
     return lines

@@ -40,8 +40,9 @@ OPTIONS = [
 TOKENS = [0, 1, 37]
 
 
-def make_step_inputs(layout, options, tokens, dtype, device="cpu"):
-    n, a, g, b, e_in, e_out = LAYOUTS[layout]
+def make_step_inputs(layout, options, tokens, dtype, device="cpu", seed=987654321):
+    """Inputs of one step: ``layout`` names a LAYOUTS entry or is an (n, a, g, b, e_in, e_out) tuple."""
+    n, a, g, b, e_in, e_out = LAYOUTS[layout] if isinstance(layout, str) else layout
     shuffle, norm, activation, dropout, bias = options
     gen = torch.Generator().manual_seed(zlib.crc32(repr((layout, options, tokens)).encode()))
 
@@ -56,7 +57,7 @@ def make_step_inputs(layout, options, tokens, dtype, device="cpu"):
         norm_bias=rand(b // g, scale=0.1) if norm else None,
     )
     params = dict(
-        seed=torch.tensor(987654321, dtype=torch.int64, device=device) if dropout else None,
+        seed=torch.tensor(seed, dtype=torch.int64, device=device) if dropout else None,
         e_width=n, e_in_chunks=e_in, e_out_chunks=e_out, shuffle=shuffle, activation=activation, dropout_p=dropout,
     )  # fmt: skip
     return tensors, params

@@ -8,7 +8,6 @@ edges, the row-wise LayerNorm path and the split dW reduction.
 from __future__ import annotations
 
 import importlib
-import zlib
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ import define_ops
 from define_ops import reference
 
 from .conftest import max_err
-from .test_ops import run_step
+from .test_ops import make_step_inputs, run_step
 
 pytestmark = pytest.mark.skipif(
     "triton" not in define_ops.available_backends("cpu"), reason="Triton backend not available here"
@@ -55,25 +54,7 @@ OPTIONS = [
 
 
 def _inputs(layout, options, tokens, dtype=torch.float64):
-    n, a, g, b, e_in, e_out = layout
-    shuffle, norm, activation, dropout, bias = options
-    gen = torch.Generator().manual_seed(zlib.crc32(repr((layout, options, tokens)).encode()))
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
-
-    tensors = dict(
-        x=rand(tokens, a),
-        weight=rand(g, a // g, b // g, scale=(a // g) ** -0.5),
-        bias=rand(b, scale=0.1) if bias else None,
-        norm_weight=(1 + rand(b // g, scale=0.1)) if norm else None,
-        norm_bias=rand(b // g, scale=0.1) if norm else None,
-    )
-    params = dict(
-        seed=torch.tensor(2**40 + 12345, dtype=torch.int64) if dropout else None,
-        e_width=n, e_in_chunks=e_in, e_out_chunks=e_out, shuffle=shuffle, activation=activation, dropout_p=dropout,
-    )  # fmt: skip
-    return tensors, params
+    return make_step_inputs(layout, options, tokens, dtype, seed=2**40 + 12345)
 
 
 def _assert_step_matches(tensors, params, tol=1e-10):
