@@ -1,0 +1,125 @@
+"""Where a training step's time goes on the GPU: wall clock vs kernel time vs host time.
+
+    python scripts/gpu_profile.py [--presets awd_ptb,lstm_wt103] [--providers reference,cuda] [--json F]
+
+Per preset × provider (bf16, forward + backward of the whole layer, as benchmarks/test_bench_layer.py
+runs it): the median wall-clock step, the kernel time per step summed from the torch profiler
+(busy GPU time: when it is far below the wall clock, the host is the bottleneck), the top kernels
+and the top host-side ops. For the compiled backends also the step replayed as a CUDA graph (no
+host work at all): the time the kernels alone need, launch gaps included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from define_ops import DeFINE, DeFINEConfig
+from define_ops.bench import PRESET_TOKENS, device_name, make_workload
+
+
+def wall_ms(step, rounds: int = 20) -> float:
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def profile_step(step, steps: int = 5) -> dict:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    host: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = kernels[event.name[:110]]
+            entry[0] += 1
+            entry[1] += event.device_time_total
+        elif event.device_type == torch.autograd.DeviceType.CPU:
+            entry = host[event.name[:80]]
+            entry[0] += 1
+            entry[1] += event.self_cpu_time_total
+    busy_us = sum(t for _, t in kernels.values()) / steps
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:14]
+    top_host = sorted(host.items(), key=lambda kv: -kv[1][1])[:14]
+    return {
+        "kernel_ms_per_step": busy_us / 1e3,
+        "kernels_per_step": sum(n for n, _ in kernels.values()) / steps,
+        "top_kernels": [(name, n / steps, t / steps) for name, (n, t) in top],
+        "top_host_ops": [(name, n / steps, t / steps) for name, (n, t) in top_host],
+    }
+
+
+def graph_ms(preset: str, backend: str, dtype: torch.dtype) -> float:
+    """The training step captured once as a CUDA graph and replayed: kernels only."""
+    config = DeFINEConfig.from_preset(preset)
+    module = DeFINE.from_config(config, backend=backend, device="cuda", dtype=dtype, validate_ids=False).train()
+    ids = torch.randint(0, config.num_embeddings, (PRESET_TOKENS[preset],), device="cuda")
+    grad_out = torch.randn(ids.numel(), config.embedding_dim, device="cuda", dtype=dtype)
+
+    def step() -> None:
+        module(ids).backward(grad_out)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    def replay() -> None:
+        graph.replay()
+        torch.cuda.synchronize()
+
+    return wall_ms(replay)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", default="awd_ptb,lstm_wt103,txl_wt103,nmt_wmt14")
+    parser.add_argument("--providers", default="reference,cuda,embedding")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    results = []
+    for preset in args.presets.split(","):
+        for provider in args.providers.split(","):
+            work = make_workload(preset, provider, "fwd_bwd", quick=False, dtype=dtype)
+            row = {"preset": preset, "provider": provider, "wall_ms": wall_ms(work.step)}
+            row.update(profile_step(work.step))
+            if provider in ("cuda", "triton"):
+                try:
+                    row["graph_ms"] = graph_ms(preset, provider, dtype)
+                except Exception as error:  # report, keep profiling the rest
+                    row["graph_error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            results.append(row)
+            print(
+                f"\n### {preset} {provider}: wall {row['wall_ms']:.3f} ms, kernels {row['kernel_ms_per_step']:.3f} ms "
+                f"({row['kernels_per_step']:.0f}/step), graph {row.get('graph_ms', row.get('graph_error'))}"
+            )
+            for name, count, us in row["top_kernels"]:
+                print(f"  gpu  {us:9.1f} us  x{count:4.1f}  {name}")
+            for name, count, us in row["top_host_ops"]:
+                print(f"  host {us:9.1f} us  x{count:4.1f}  {name}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"device": device_name(), "torch": torch.__version__, "results": results}, handle)
+
+
+if __name__ == "__main__":
+    main()
