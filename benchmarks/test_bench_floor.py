@@ -59,6 +59,8 @@ def test_floor(benchmark, bench_options, preset):
 def _layer_counts(module: DeFINE, ids: torch.Tensor) -> list[dict]:
     """Per HGT layer (and the Reduce layer): kernels of its forward and of its backward."""
     suffix = "_triton" if module.backend == "triton" else ""
+    if suffix:  # the Triton ops register on first import, which a forward would do lazily
+        import define_ops.triton  # noqa: F401
     step_op = getattr(torch.ops.define_ops, f"hgt_step{suffix}")
     step_backward_op = getattr(torch.ops.define_ops, f"hgt_step{suffix}_backward")
     counts = []

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from . import ops, reference
 from ._backend import requested_backend, resolve_backend
 from .config import DeFINEConfig, LayerPlan
+from .stack import StepSpec, hgt_stack
 
 
 class GroupLayerNorm(nn.Module):
@@ -307,6 +308,21 @@ class DeFINE(nn.Module):
             for layer in self.layers
         ]
 
+    def _step_specs(self, dropout: bool) -> tuple[StepSpec, ...]:
+        """The stack's per-step arguments (HGT layers, then the Reduce), built once per dropout state."""
+        cached = self.__dict__.setdefault("_step_specs_cache", {})
+        if dropout not in cached:
+            cfg = self.config
+            specs = [
+                StepSpec(plan.e_width, plan.e_in_chunks, plan.e_out_chunks, plan.shuffle, plan.activation,
+                         plan.dropout if dropout else 0.0, cfg.norm_eps)
+                for plan in self.plans[:-1]
+            ]  # fmt: skip
+            reduce_plan = self.plans[-1]
+            specs.append(StepSpec(reduce_plan.e_width, reduce_plan.e_in_chunks, 0, False, None, 0.0, cfg.norm_eps))
+            cached[dropout] = tuple(specs)
+        return cached[dropout]
+
     def embed_ids(self, flat_ids: Tensor, backend: str | None = None) -> Tensor:
         """The Map step alone: ids [T] → e [T, n] (padding ids give zeros)."""
         backend = backend or resolve_backend(self.backend, self.device)
@@ -332,6 +348,15 @@ class DeFINE(nn.Module):
                 e, self._layer_params(), self.reduce.weight, self.reduce.bias, cfg, training=self.training,
                 seeds=seeds,
             )  # fmt: skip
+        elif not torch.compiler.is_compiling():  # eager: one autograd node for the stack (see stack.py)
+            specs = self._step_specs(dropout=seeds is not None)
+            layers = zip(specs[:-1], self._layer_params(), strict=True)
+            steps = [
+                (weight, bias, gamma, beta, seeds[index] if seeds is not None else None, spec)
+                for index, (spec, (weight, bias, gamma, beta)) in enumerate(layers)
+            ]
+            steps.append((self.reduce.weight.t().unsqueeze(0), self.reduce.bias, None, None, None, specs[-1]))
+            out = hgt_stack(e, steps, backend=backend, row_count=row_count)
         else:
             x = e
             layer_params = zip(self.plans[:-1], self._layer_params(), strict=True)

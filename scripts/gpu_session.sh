@@ -12,18 +12,20 @@
 #   2. benchmarks in bf16 at the five presets: the whole layer (reference, cuda, plain embedding),
 #      ceilings, floors, kernel launches per layer;
 #   3. tests/test_cuda.py (not the slow ones);
-#   4. the same layer benchmark for the Triton backend (autotuned);
-#   5. the Triton backend's GPU tests (tests/test_triton_gpu.py and the triton-cuda cases of
-#      tests/test_ops.py), autotuning off so the stage stays short;
-#   6. issue 8 in bf16: dedup on a real WikiText-2 window at the lstm_wt103 shapes (needs the
+#   4. compute-sanitizer memcheck and racecheck on scripts/cuda_smoke.py;
+#   5. scripts/gpu_profile.py: wall clock vs kernel time vs CUDA-graph replay, top kernels and
+#      host ops, per preset (reference, cuda);
+#   6. torch.compile of the reference (bf16, forward + backward): the other side of the 5x target;
+#   7. the Triton layer benchmark, one preset per stage and JSON (autotuning is slow: 150 s did
+#      not cover all five presets on an H200);
+#   8. the Triton backend's GPU tests, autotuning off;
+#   9. issue 8 in bf16: dedup on a real WikiText-2 window at the lstm_wt103 shapes (needs the
 #      corpus: run scripts/gpu_data.sh here first and carry .gpu-data) and cached inference;
-#   7. compute-sanitizer memcheck and racecheck on scripts/cuda_smoke.py;
-#   8. the layer benchmark in fp32, then compute-sanitizer synccheck;
-#   9. the cuda cases of tests/test_ops.py;
-#  10. torch.compile of the reference (bf16, forward + backward), the slowest benchmark;
-#  11. the slow int64 test.
-# Files in $OUT: session.log, tests.xml, sanitizer.log, bench-bf16.json, bench-triton-bf16.json,
-# bench-issue8-bf16.json, bench-fp32.json, bench-compiled.json, report.md, bench.png.
+#  10. the layer benchmark in fp32, compute-sanitizer synccheck, the cuda cases of
+#      tests/test_ops.py, the slow int64 test.
+# Files in $OUT: session.log, tests.xml, sanitizer.log, profile.json, bench-bf16.json,
+# bench-compiled.json, bench-triton-<preset>.json, bench-issue8-bf16.json, bench-fp32.json,
+# report.md, bench.png.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -80,9 +82,26 @@ stage bench-bf16 150 "$PY" -m pytest benchmarks/test_bench_layer.py benchmarks/t
 stage tests 150 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m "not slow" -rfE --maxfail=40 \
   --junitxml="$OUT/tests.xml"
 
-stage bench-triton-bf16 150 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider \
-  --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers triton \
-  --benchmark-json "$OUT/bench-triton-bf16.json" --benchmark-columns=median,min,rounds
+sanitize() {  # sanitize TOOL LIMIT
+  stage "sanitizer-$1" "$2" compute-sanitizer --tool "$1" --error-exitcode 9 --print-limit 20 \
+    --log-file "$OUT/sanitizer-$1.tmp" "$PY" scripts/cuda_smoke.py
+  { echo "--- compute-sanitizer --tool $1"; tail -60 "$OUT/sanitizer-$1.tmp" 2>/dev/null; } >> "$OUT/sanitizer.log"
+  rm -f "$OUT/sanitizer-$1.tmp"
+}
+sanitize memcheck 70
+sanitize racecheck 70
+
+stage profile 90 env PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py --providers reference,cuda --json "$OUT/profile.json"
+
+stage bench-compiled 150 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider -k fwd_bwd \
+  --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference_compiled \
+  --benchmark-json "$OUT/bench-compiled.json" --benchmark-columns=median,min,rounds
+
+for preset in awd_ptb nmt_wmt14 lstm_wt103 txl_wt103 lstm_wt103_n7; do
+  stage "bench-triton-$preset" 60 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider \
+    --benchmark-only --dtype bfloat16 --presets "$preset" --providers triton \
+    --benchmark-json "$OUT/bench-triton-$preset.json" --benchmark-columns=median,min,rounds
+done
 
 stage tests-triton 90 env DEFINE_OPS_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_triton_gpu.py tests/test_ops.py -q \
   -p no:cacheprovider -k "gpu or triton-cuda" -rfE --maxfail=40
@@ -92,26 +111,16 @@ stage bench-issue8 90 "$PY" -m pytest benchmarks/test_bench_dedup.py benchmarks/
   --providers reference,cuda,triton,embedding --benchmark-json "$OUT/bench-issue8-bf16.json" \
   --benchmark-columns=median,min,rounds
 
-sanitize() {  # sanitize TOOL LIMIT
-  stage "sanitizer-$1" "$2" compute-sanitizer --tool "$1" --error-exitcode 9 --print-limit 20 \
-    --log-file "$OUT/sanitizer-$1.tmp" "$PY" scripts/cuda_smoke.py
-  { echo "--- compute-sanitizer --tool $1"; tail -60 "$OUT/sanitizer-$1.tmp" 2>/dev/null; } >> "$OUT/sanitizer.log"
-  rm -f "$OUT/sanitizer-$1.tmp"
-}
-sanitize memcheck 70
-sanitize racecheck 70
 stage bench-fp32 70 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider -k fwd_bwd \
   --benchmark-only --dtype float32 --presets "$PRESETS" --providers reference,cuda,embedding \
   --benchmark-json "$OUT/bench-fp32.json" --benchmark-columns=median,min,rounds
 sanitize synccheck 60
 grep -E "^---|ERROR SUMMARY|RACECHECK SUMMARY|Error" "$OUT/sanitizer.log" | head -20
 stage test-ops 90 "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider -k "cuda-cuda" -rfE --maxfail=20
-stage bench-compiled 150 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider -k fwd_bwd \
-  --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference_compiled \
-  --benchmark-json "$OUT/bench-compiled.json" --benchmark-columns=median,min,rounds
 stage slow-tests 60 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m slow -rfE
 
-JSONS=$(ls "$OUT"/bench-*.json 2>/dev/null)
+# a stage killed mid-run can leave an empty JSON behind: report only the whole ones
+JSONS=$(for f in "$OUT"/bench-*.json; do [ -s "$f" ] && echo "$f"; done)
 if [ -n "$JSONS" ]; then
   # shellcheck disable=SC2086
   "$PY" benchmarks/report.py $JSONS --markdown "$OUT/report.md" --png "$OUT/bench.png"
