@@ -14,7 +14,8 @@
 #   3. tests/test_cuda.py (not the slow ones);
 #   4. compute-sanitizer memcheck and racecheck on scripts/cuda_smoke.py;
 #   5. scripts/gpu_profile.py: wall clock vs kernel time vs CUDA-graph replay, top kernels and
-#      host ops, per preset (reference, cuda);
+#      host ops, per preset (reference, cuda); Nsight Compute on the epilogue kernels of one
+#      txl_wt103 step, and the unaligned grouped GEMM vs a padded copy (scripts/ncu_epilogue.py);
 #   6. torch.compile of the reference (bf16, forward + backward): the other side of the 5x target;
 #   7. the Triton layer benchmark, one preset per stage and JSON (autotuning is slow: 150 s did
 #      not cover all five presets on an H200);
@@ -23,7 +24,7 @@
 #      corpus: run scripts/gpu_data.sh here first and carry .gpu-data) and cached inference;
 #  10. the layer benchmark in fp32, compute-sanitizer synccheck, the cuda cases of
 #      tests/test_ops.py, the slow int64 test.
-# Files in $OUT: session.log, tests.xml, sanitizer.log, profile.json, bench-bf16.json,
+# Files in $OUT: session.log, tests.xml, sanitizer.log, profile.json, ncu-epilogue.txt, bench-bf16.json,
 # bench-compiled.json, bench-triton-<preset>.json, bench-issue8-bf16.json, bench-fp32.json,
 # report.md, bench.png.
 set -uo pipefail
@@ -92,6 +93,10 @@ sanitize memcheck 70
 sanitize racecheck 70
 
 stage profile 90 env PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py --providers reference,cuda --json "$OUT/profile.json"
+stage ncu-epilogue 90 env PYTHONPATH="$PWD" ncu --profile-from-start off --kernel-name regex:hgt_step_ --launch-count 8 \
+  --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
+  --log-file "$OUT/ncu-epilogue.txt" "$PY" scripts/ncu_epilogue.py --preset txl_wt103
+stage gemm-alignment 40 env PYTHONPATH="$PWD" "$PY" scripts/ncu_epilogue.py --gemm-alignment
 
 stage bench-compiled 150 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider -k fwd_bwd \
   --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference_compiled \
