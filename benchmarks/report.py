@@ -18,8 +18,8 @@ from collections import defaultdict
 from pathlib import Path
 
 PRESET_ORDER = ["lstm_wt103", "lstm_wt103_n7", "txl_wt103", "awd_ptb", "nmt_wmt14"]
-PROVIDER_ORDER = ["reference", "reference_compiled", "cuda", "triton", "cpu", "embedding"]
-OURS = ("cuda", "triton", "cpu")
+PROVIDER_ORDER = ["reference", "reference_compiled", "cuda", "triton", "cpu", "cuda_graph", "triton_graph", "embedding"]
+OURS = ("cuda", "triton", "cpu", "cuda_graph", "triton_graph")
 
 
 def load(paths: list[Path]) -> tuple[dict, dict, dict, dict, dict]:

@@ -2,8 +2,11 @@
 size on one provider, as a ``step()`` to time.
 
 Providers: ``reference`` (the authors' way, eager, torch dropout), ``reference_compiled``
-(torch.compile of it), our backends (``cpu``, ``cuda``, ``triton`` where they run), and
-``embedding`` (a plain ``nn.Embedding(V, m)`` step at the same token count).
+(torch.compile of it), our backends (``cpu``, ``cuda``, ``triton`` where they run), the GPU
+backends' step captured once as a CUDA graph and replayed (``cuda_graph``, ``triton_graph``: the
+same kernels with no host work, what ``torch.compile(mode="reduce-overhead")`` or
+``torch.cuda.make_graphed_callables`` give a training loop), and ``embedding`` (a plain
+``nn.Embedding(V, m)`` step at the same token count).
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ def providers_for(dev: torch.device) -> list[str]:
     ours = [b for b in ("cpu", "cuda", "triton") if b in _backend.available_backends(dev)]
     if dev.type == "cpu":  # the Triton interpreter is a correctness tool, not a CPU backend
         ours = [b for b in ours if b != "triton"]
-    return ["reference", "reference_compiled", *ours, "embedding"]
+    graphs = [f"{b}_graph" for b in ours if dev.type == "cuda"]
+    return ["reference", "reference_compiled", *ours, *graphs, "embedding"]
 
 
 def synchronize() -> None:
@@ -106,6 +110,11 @@ def make_workload(
     tokens = ids.numel()
     training = mode == "fwd_bwd"
 
+    graphed = provider.endswith("_graph")
+    if graphed:
+        provider = provider.removesuffix("_graph")
+        if provider not in ("cuda", "triton") or dev.type != "cuda" or dedup:
+            raise ValueError(f"provider {provider}_graph: a CUDA graph of the cuda or triton backend, without dedup")
     if provider == "embedding":
         module = torch.nn.Embedding(config.num_embeddings, config.embedding_dim, device=dev, dtype=dtype)
         forward = module
@@ -140,7 +149,45 @@ def make_workload(
                 forward(ids)
             synchronize()
 
+    if graphed:
+        step = _graph_replay(module, forward, ids, grad_out if training else None)
+        provider = f"{provider}_graph"
     return Workload(preset, provider, mode, tokens, config, dtype, step)
+
+
+def _graph_replay(
+    module: torch.nn.Module,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    ids: torch.Tensor,  # [T]
+    grad_out: torch.Tensor | None,  # [T, m], or None for a forward-only step
+) -> Callable[[], None]:
+    """``forward(ids)`` (and its backward with ``grad_out``) captured once as a CUDA graph; the
+    returned step replays it. Dropout seeds are drawn inside the graph, so replays differ."""
+
+    def body() -> None:
+        if grad_out is None:
+            with torch.no_grad():
+                forward(ids)
+        else:
+            forward(ids).backward(grad_out)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capturing stream, as capture requires
+        for _ in range(3):
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    module.zero_grad(set_to_none=True)  # the captured backward allocates the grads from the graph's pool
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+
+    def step() -> None:
+        graph.replay()
+        synchronize()
+
+    step.graph = graph  # keeps the graph (and its memory pool) alive with the step
+    return step
 
 
 def _authors_way(module: DeFINE) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -9,8 +9,8 @@
 # writes its own JSON, so a stage cut by its timeout (Triton's autotuning compiles many configs)
 # never loses another stage's numbers:
 #   1. build the extension in place for this card (sm_90), print kernel resource usage;
-#   2. benchmarks in bf16 at the five presets: the whole layer (reference, cuda, plain embedding),
-#      ceilings, floors, kernel launches per layer;
+#   2. benchmarks in bf16 at the five presets: the whole layer (reference, cuda, cuda replayed as
+#      a CUDA graph, plain embedding), ceilings, floors, kernel launches per layer;
 #   3. tests/test_cuda.py (not the slow ones);
 #   4. compute-sanitizer memcheck and racecheck on scripts/cuda_smoke.py;
 #   5. scripts/gpu_profile.py: wall clock vs kernel time vs CUDA-graph replay, top kernels and
@@ -77,7 +77,7 @@ cuobjdump --dump-resource-usage "$SO" 2>/dev/null | grep -E "Function|REG|STACK|
 
 PRESETS=lstm_wt103,lstm_wt103_n7,txl_wt103,awd_ptb,nmt_wmt14
 stage bench-bf16 150 "$PY" -m pytest benchmarks/test_bench_layer.py benchmarks/test_bench_floor.py -q -p no:cacheprovider \
-  --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference,cuda,embedding \
+  --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference,cuda,cuda_graph,embedding \
   --benchmark-json "$OUT/bench-bf16.json" --benchmark-columns=median,min,rounds
 
 stage tests 150 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m "not slow" -rfE --maxfail=40 \
@@ -104,7 +104,7 @@ stage bench-compiled 150 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no
 
 for preset in awd_ptb nmt_wmt14 lstm_wt103 txl_wt103 lstm_wt103_n7; do
   stage "bench-triton-$preset" 60 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider \
-    --benchmark-only --dtype bfloat16 --presets "$preset" --providers triton \
+    --benchmark-only --dtype bfloat16 --presets "$preset" --providers triton,triton_graph \
     --benchmark-json "$OUT/bench-triton-$preset.json" --benchmark-columns=median,min,rounds
 done
 

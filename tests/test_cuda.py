@@ -280,3 +280,39 @@ def test_one_fused_kernel_per_step_and_pass(layout):
     assert len(perf.ours(forward["kernels"])) == 1 and len(perf.ours(backward["kernels"])) == 1
     assert forward["memcpys"] == 0 and backward["memcpys"] == 0
     assert len(forward["kernels"]) <= 3 and len(backward["kernels"]) <= 5  # 2 and 3 unless cuBLAS splits K
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+@pytest.mark.parametrize("provider", ["cuda_graph", "triton_graph"])
+def test_training_step_replays_as_a_cuda_graph(provider):
+    """The benchmarks' graph providers (and users' make_graphed_callables / reduce-overhead) rely
+    on the step being capturable: no host synchronisation, no allocation outside the graph's pool.
+    Without dropout a replay must give the eager step's gradients (to fp32 rounding: cuBLAS may
+    pick another algorithm under capture)."""
+    from define_ops.bench import make_workload
+
+    backend = provider.removesuffix("_graph")
+    if backend not in define_ops.available_backends("cuda"):
+        pytest.skip(f"{backend} unavailable")
+    work = make_workload("nmt_wmt14", provider, "fwd_bwd", quick=True, dtype=torch.float32)
+    work.step()  # a replay
+    config = DeFINEConfig.from_preset("nmt_wmt14", num_embeddings=2000, dropout=0.0)
+    module = DeFINE.from_config(config, backend=backend, device=DEVICE)
+    ids = torch.randint(0, 2000, (300,), device=DEVICE)
+    grad = torch.randn(300, config.embedding_dim, device=DEVICE)
+    module(ids).backward(grad)
+    eager = {name: p.grad.clone() for name, p in module.named_parameters()}
+    module.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        module(ids).backward(grad)  # warm-up off the capture stream
+    torch.cuda.current_stream().wait_stream(side)
+    module.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        module(ids).backward(grad)
+    graph.replay()
+    torch.cuda.synchronize()
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(p.grad, eager[name], rtol=1e-5, atol=1e-6, msg=name)

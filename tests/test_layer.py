@@ -248,3 +248,11 @@ def test_embedding_scale_and_init():
     assert layer.embedding_scale == math.sqrt(64)
     assert abs(layer.weight.std().item() - 64**-0.5) < 0.01
     assert DeFINE(10, 8, input_dim=16, max_dim=32, scale_embedding=False).embedding_scale == 1.0
+
+
+def test_graph_providers_need_a_gpu_backend():
+    from define_ops.bench import make_workload
+
+    with pytest.raises(ValueError, match="CUDA graph of the cuda or triton backend"):
+        make_workload("awd_ptb", "cpu_graph", "fwd_bwd", quick=True, dtype=torch.float32)
+
