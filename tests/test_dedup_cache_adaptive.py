@@ -171,6 +171,13 @@ def test_cache_detects_replaced_parameters_and_submodules_and_data_edits_on_requ
         replacement = nn.Linear(layer.reduce.in_features, layer.reduce.out_features).double()
         layer.reduce = replacement  # a new submodule
         assert max_err(layer(ids), uncached()) < 1e-12 and not torch.allclose(layer(ids), old)
+        layer.layers[0].weight.data = layer.layers[0].weight.data * 3.0  # new storage, same version
+        assert max_err(layer(ids), uncached()) < 1e-12
+        norm = layer.layers[0].norm
+        replacement_norm = type(norm)(norm.weight.numel(), norm.eps, dtype=torch.float64)
+        nn.init.uniform_(replacement_norm.weight, 0.5, 1.5)
+        layer.layers[0].norm = replacement_norm  # a submodule deep in the tree
+        assert max_err(layer(ids), uncached()) < 1e-12
         layer.weight.data.mul_(2.0)  # bypasses the version counter: documented, needs invalidate_cache()
         layer.invalidate_cache()
         assert max_err(layer(ids), uncached()) < 1e-12
