@@ -3,6 +3,7 @@
 # nvcc 13.0, no network). Run from the repository root:
 #
 #   bash scripts/gpu_session.sh            # writes into $OUT (default ./gpu-out)
+#   GPU_SESSION_ONLY='triton' bash scripts/gpu_session.sh   # only the stages whose names match
 #
 # Stages in priority order, each under its own timeout, all inside GPU_SESSION_BUDGET_S (default
 # 540 s; a stage that would start after the budget is skipped and says so). Each benchmark stage
@@ -44,6 +45,12 @@ elapsed() { echo $(( $(date +%s) - START )); }
 stage() {
   local name=$1 limit=$2
   shift 2
+  # GPU_SESSION_ONLY (an extended regex) keeps the build and the stages whose names match, e.g.
+  # GPU_SESSION_ONLY=triton for a session spent on the Triton benchmarks and tests.
+  if [ -n "${GPU_SESSION_ONLY:-}" ] && [ "$name" != build ] && ! [[ $name =~ $GPU_SESSION_ONLY ]]; then
+    echo "=== [$(elapsed)s] SKIPPED $name: not in GPU_SESSION_ONLY=$GPU_SESSION_ONLY"
+    return 0
+  fi
   local left=$(( BUDGET - $(elapsed) ))
   if [ "$left" -le 20 ]; then
     echo "=== [$(elapsed)s] SKIPPED $name: budget spent"
@@ -103,7 +110,7 @@ stage bench-compiled 150 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no
   --benchmark-json "$OUT/bench-compiled.json" --benchmark-columns=median,min,rounds
 
 for preset in awd_ptb nmt_wmt14 lstm_wt103 txl_wt103 lstm_wt103_n7; do
-  stage "bench-triton-$preset" 60 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider \
+  stage "bench-triton-$preset" "${TRITON_STAGE_S:-60}" "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider \
     --benchmark-only --dtype bfloat16 --presets "$preset" --providers triton,triton_graph \
     --benchmark-json "$OUT/bench-triton-$preset.json" --benchmark-columns=median,min,rounds
 done
