@@ -20,8 +20,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from define_ops import DeFINE, DeFINEConfig
-from define_ops.bench import PRESET_TOKENS, device_name, make_workload
+from define_ops.bench import device_name, make_workload
 
 
 def wall_ms(step, rounds: int = 20) -> float:
@@ -61,33 +60,6 @@ def profile_step(step, steps: int = 5) -> dict:
     }
 
 
-def graph_ms(preset: str, backend: str, dtype: torch.dtype) -> float:
-    """The training step captured once as a CUDA graph and replayed: kernels only."""
-    config = DeFINEConfig.from_preset(preset)
-    module = DeFINE.from_config(config, backend=backend, device="cuda", dtype=dtype, validate_ids=False).train()
-    ids = torch.randint(0, config.num_embeddings, (PRESET_TOKENS[preset],), device="cuda")
-    grad_out = torch.randn(ids.numel(), config.embedding_dim, device="cuda", dtype=dtype)
-
-    def step() -> None:
-        module(ids).backward(grad_out)
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-
-    def replay() -> None:
-        graph.replay()
-        torch.cuda.synchronize()
-
-    return wall_ms(replay)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="awd_ptb,lstm_wt103,txl_wt103,nmt_wmt14")
@@ -104,7 +76,8 @@ def main() -> None:
             row.update(profile_step(work.step))
             if provider in ("cuda", "triton"):
                 try:
-                    row["graph_ms"] = graph_ms(preset, provider, dtype)
+                    graphed = make_workload(preset, f"{provider}_graph", "fwd_bwd", quick=False, dtype=dtype)
+                    row["graph_ms"] = wall_ms(graphed.step)
                 except Exception as error:  # report, keep profiling the rest
                     row["graph_error"] = f"{type(error).__name__}: {str(error)[:300]}"
             results.append(row)
