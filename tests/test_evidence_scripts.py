@@ -1,5 +1,6 @@
-"""The GPU evidence scripts of issues 6 and 7 end to end, at smoke size on the CPU: a GPU session
-has minutes, so their plumbing (training, summaries, tables, plot, results JSON) is checked here."""
+"""The GPU evidence scripts of issues 6 and 7 end to end, at smoke size on the CPU, and the GPU
+profiling script: a GPU session has minutes, so their plumbing (training, summaries, tables, plot,
+results JSON) is checked here."""
 
 from __future__ import annotations
 
@@ -49,3 +50,18 @@ def test_nmt_evidence_script_smoke(tmp_path):
     results = json.loads((tmp_path / "runs" / "nmt_multi30k_cpu.json").read_text())
     assert set(results["runs"]) == {"define", "standard"}
     assert results["runs"]["define"]["parameters"]["total"] > 0
+
+
+def test_gpu_profile_script_runs_and_writes_its_json(tmp_path):
+    # On the CPU there are no kernels to sum and no graphs to capture; the timing, the profiler
+    # plumbing and the JSON are the same code the GPU session runs.
+    out = tmp_path / "profile.json"
+    done = subprocess.run(
+        [sys.executable, "scripts/gpu_profile.py", "--presets", "awd_ptb", "--providers", "embedding",
+         "--dtype", "float32", "--json", str(out)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "### awd_ptb embedding: wall" in done.stdout
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["preset"] == "awd_ptb" and row["wall_ms"] > 0 and row["top_host_ops"]
