@@ -7,6 +7,9 @@
 #
 #   bash scripts/gpu_lm_evidence.sh [RESULTS_DIR]      # default benchmarks/results
 #
+# On the device machine, which brings back at most 8 files from $OUT, none deeper than 2 folders:
+#   bash scripts/gpu_lm_evidence.sh /tmp/lm && tar -czf "$OUT/lm_evidence.tgz" -C /tmp lm
+#
 # Environment: PYTHON (default .venv/bin/python where it exists, else python3), DEFINE_OPS_DATA
 # (default ../shared/data), STEPS (default 2000), EVAL_EVERY (default 250), M (default 512),
 # EXTRA (more train_lm flags, e.g. "--max-eval-tokens 5000" for a smoke run), BENCH_ARGS (e.g. --quick),
@@ -30,8 +33,8 @@ STEPS=${STEPS:-2000}
 EVAL_EVERY=${EVAL_EVERY:-250}
 M=${M:-512}
 CARD=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_') if torch.cuda.is_available() else 'cpu')")
-OUT="$RESULTS/lm_wt2_$CARD"
-mkdir -p "$OUT"
+LM_DIR="$RESULTS/lm_wt2_$CARD"
+mkdir -p "$LM_DIR"
 "$PYTHON" -c "import torch, define_ops; print('torch', torch.__version__, 'backends', define_ops.available_backends('cuda' if torch.cuda.is_available() else 'cpu'))"
 
 # Same LSTM (2 x 1024, input m, tied through a projection to the table width), optimiser, steps and seed.
@@ -48,11 +51,11 @@ for name in define standard_256 standard_m; do
   run="${RUNS_DIR:-runs/evidence}/lm_wt2_$CARD/$name"
   # shellcheck disable=SC2086
   "$PYTHON" -m models.train_lm "${COMMON[@]}" ${VARIANT[$name]} ${EXTRA:-} --out "$run" --overwrite
-  mkdir -p "$OUT/$name"
-  cp "$run/metrics.jsonl" "$run/summary.json" "$OUT/$name/"
+  mkdir -p "$LM_DIR/$name"
+  cp "$run/metrics.jsonl" "$run/summary.json" "$LM_DIR/$name/"
 done
 
-"$PYTHON" - "$OUT" <<'EOF'
+"$PYTHON" - "$LM_DIR" <<'EOF'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
@@ -70,5 +73,5 @@ EOF
 "$PYTHON" -m pytest benchmarks/test_bench_lm.py -q -p no:cacheprovider --benchmark-only ${BENCH_ARGS:-} \
   --benchmark-json "$RESULTS/lm_step_$CARD.json"
 if "$PYTHON" -c "import matplotlib" 2>/dev/null; then
-  "$PYTHON" scripts/plot_lm_curves.py "$OUT/define" "$OUT/standard_256" "$OUT/standard_m" --out "$OUT.png"
+  "$PYTHON" scripts/plot_lm_curves.py "$LM_DIR/define" "$LM_DIR/standard_256" "$LM_DIR/standard_m" --out "$LM_DIR.png"
 fi

@@ -17,6 +17,7 @@
 #   5. scripts/gpu_profile.py: wall clock vs kernel time vs CUDA-graph replay, top kernels and
 #      host ops, per preset (reference, cuda); Nsight Compute on the epilogue kernels of one
 #      txl_wt103 step, and the unaligned grouped GEMM vs a padded copy (scripts/ncu_epilogue.py);
+#      the profile again with 8 and 16 backward blocks per SM (DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM);
 #   6. torch.compile of the reference (bf16, forward + backward): the other side of the 5x target;
 #   7. the Triton layer benchmark, one preset per stage and JSON (autotuning is slow: 150 s did
 #      not cover all five presets on an H200);
@@ -25,13 +26,16 @@
 #      corpus: run scripts/gpu_data.sh here first and carry .gpu-data) and cached inference;
 #  10. the layer benchmark in fp32, compute-sanitizer synccheck, the cuda cases of
 #      tests/test_ops.py, the slow int64 test.
-# Files in $OUT: session.log, tests.xml, sanitizer.log, profile.json, ncu-epilogue.txt, bench-bf16.json,
-# bench-compiled.json, bench-triton-<preset>.json, bench-issue8-bf16.json, bench-fp32.json,
-# report.md, bench.png.
+# Files in $OUT: session.log, report.md, bench.png and results.tgz, which holds tests.xml,
+# sanitizer.log, profile.json, profile-bwd-blocks-*.json, ncu-epilogue.txt, bench-bf16.json,
+# bench-compiled.json, bench-triton-<preset>.json, bench-issue8-bf16.json, bench-fp32.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
+# The device tool brings back at most 8 files from $OUT: the stages write into $RES, packed into
+# results.tgz at the end; session.log, report.md and bench.png stay beside it.
+RES="$OUT/files"
+mkdir -p "$OUT" "$RES"
 BUDGET=${GPU_SESSION_BUDGET_S:-540}
 START=$(date +%s)
 PY=${PYTHON:-python3}
@@ -85,34 +89,38 @@ cuobjdump --dump-resource-usage "$SO" 2>/dev/null | grep -E "Function|REG|STACK|
 PRESETS=lstm_wt103,lstm_wt103_n7,txl_wt103,awd_ptb,nmt_wmt14
 stage bench-bf16 150 "$PY" -m pytest benchmarks/test_bench_layer.py benchmarks/test_bench_floor.py -q -p no:cacheprovider \
   --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference,cuda,cuda_graph,embedding \
-  --benchmark-json "$OUT/bench-bf16.json" --benchmark-columns=median,min,rounds
+  --benchmark-json "$RES/bench-bf16.json" --benchmark-columns=median,min,rounds
 
 stage tests 150 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m "not slow" -rfE --maxfail=40 \
-  --junitxml="$OUT/tests.xml"
+  --junitxml="$RES/tests.xml"
 
 sanitize() {  # sanitize TOOL LIMIT
   stage "sanitizer-$1" "$2" compute-sanitizer --tool "$1" --error-exitcode 9 --print-limit 20 \
-    --log-file "$OUT/sanitizer-$1.tmp" "$PY" scripts/cuda_smoke.py
-  { echo "--- compute-sanitizer --tool $1"; tail -60 "$OUT/sanitizer-$1.tmp" 2>/dev/null; } >> "$OUT/sanitizer.log"
-  rm -f "$OUT/sanitizer-$1.tmp"
+    --log-file "$RES/sanitizer-$1.tmp" "$PY" scripts/cuda_smoke.py
+  { echo "--- compute-sanitizer --tool $1"; tail -60 "$RES/sanitizer-$1.tmp" 2>/dev/null; } >> "$RES/sanitizer.log"
+  rm -f "$RES/sanitizer-$1.tmp"
 }
 sanitize memcheck 70
 sanitize racecheck 70
 
-stage profile 90 env PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py --providers reference,cuda --json "$OUT/profile.json"
+stage profile 90 env PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py --providers reference,cuda --json "$RES/profile.json"
 stage ncu-epilogue 90 env PYTHONPATH="$PWD" ncu --profile-from-start off --kernel-name regex:hgt_step_ --launch-count 8 \
   --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
-  --log-file "$OUT/ncu-epilogue.txt" "$PY" scripts/ncu_epilogue.py --preset txl_wt103
+  --log-file "$RES/ncu-epilogue.txt" "$PY" scripts/ncu_epilogue.py --preset txl_wt103
 stage gemm-alignment 40 env PYTHONPATH="$PWD" "$PY" scripts/ncu_epilogue.py --gemm-alignment
+for cap in 8 16; do  # the backward epilogue's resident blocks per SM (default 4: the profile stage)
+  stage "bwd-blocks-$cap" 40 env DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM=$cap PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py \
+    --presets lstm_wt103,txl_wt103 --providers cuda --json "$RES/profile-bwd-blocks-$cap.json"
+done
 
 stage bench-compiled 150 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider -k fwd_bwd \
   --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference_compiled \
-  --benchmark-json "$OUT/bench-compiled.json" --benchmark-columns=median,min,rounds
+  --benchmark-json "$RES/bench-compiled.json" --benchmark-columns=median,min,rounds
 
 for preset in awd_ptb nmt_wmt14 lstm_wt103 txl_wt103 lstm_wt103_n7; do
   stage "bench-triton-$preset" "${TRITON_STAGE_S:-60}" "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider \
     --benchmark-only --dtype bfloat16 --presets "$preset" --providers triton,triton_graph \
-    --benchmark-json "$OUT/bench-triton-$preset.json" --benchmark-columns=median,min,rounds
+    --benchmark-json "$RES/bench-triton-$preset.json" --benchmark-columns=median,min,rounds
 done
 
 stage tests-triton 90 env DEFINE_OPS_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_triton_gpu.py tests/test_ops.py -q \
@@ -120,21 +128,22 @@ stage tests-triton 90 env DEFINE_OPS_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/tes
 
 stage bench-issue8 90 "$PY" -m pytest benchmarks/test_bench_dedup.py benchmarks/test_bench_inference.py -q \
   -p no:cacheprovider --benchmark-only --dtype bfloat16 --presets lstm_wt103,awd_ptb,nmt_wmt14 \
-  --providers reference,cuda,triton,embedding --benchmark-json "$OUT/bench-issue8-bf16.json" \
+  --providers reference,cuda,triton,embedding --benchmark-json "$RES/bench-issue8-bf16.json" \
   --benchmark-columns=median,min,rounds
 
 stage bench-fp32 70 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider -k fwd_bwd \
   --benchmark-only --dtype float32 --presets "$PRESETS" --providers reference,cuda,embedding \
-  --benchmark-json "$OUT/bench-fp32.json" --benchmark-columns=median,min,rounds
+  --benchmark-json "$RES/bench-fp32.json" --benchmark-columns=median,min,rounds
 sanitize synccheck 60
-grep -E "^---|ERROR SUMMARY|RACECHECK SUMMARY|Error" "$OUT/sanitizer.log" | head -20
+grep -E "^---|ERROR SUMMARY|RACECHECK SUMMARY|Error" "$RES/sanitizer.log" | head -20
 stage test-ops 90 "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider -k "cuda-cuda" -rfE --maxfail=20
 stage slow-tests 60 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m slow -rfE
 
 # a stage killed mid-run can leave an empty JSON behind: report only the whole ones
-JSONS=$(for f in "$OUT"/bench-*.json; do [ -s "$f" ] && echo "$f"; done)
+JSONS=$(for f in "$RES"/bench-*.json; do [ -s "$f" ] && echo "$f"; done)
 if [ -n "$JSONS" ]; then
   # shellcheck disable=SC2086
   "$PY" benchmarks/report.py $JSONS --markdown "$OUT/report.md" --png "$OUT/bench.png"
 fi
+tar -czf "$OUT/results.tgz" -C "$RES" . && rm -rf "$RES"
 echo "=== gpu_session: done in $(elapsed)s"

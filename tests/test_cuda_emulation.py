@@ -117,6 +117,39 @@ def test_backward_is_bitwise_deterministic():
         assert torch.equal(a, b), name
 
 
+_BLOCKS_CAP_CHECK = """
+import torch
+from tests.conftest import max_err
+from tests.test_cuda_emulation import NAMES, emulated_ops, forward_backward
+from tests.test_ops import OPTIONS, make_step_inputs
+tensors, params = make_step_inputs("first-layer", OPTIONS[2], 37, torch.float64)
+ours = forward_backward(emulated_ops(), tensors, params)
+cpu = forward_backward(torch.ops.define_ops, tensors, params)
+for name, a, b in zip(NAMES, ours, cpu, strict=True):
+    assert max_err(a, b) <= 1e-10 * max(1.0, b.abs().max().item() if b.numel() else 1.0), name
+print("matches")
+"""
+
+
+@pytest.mark.parametrize("cap", ["1", "0", "lots"])
+def test_backward_blocks_per_sm_override(cap):
+    """DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM (read once per process, hence a subprocess): 1 block per
+    SM changes the grid (and the partial-sum rows) but not the results; a bad value is a clear error."""
+    import subprocess
+    import sys
+
+    emulated_ops()  # build here (cached), so the subprocess only loads it
+    env = {**os.environ, "DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM": cap}
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", _BLOCKS_CAP_CHECK], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    if cap == "1":
+        assert done.returncode == 0 and "matches" in done.stdout, done.stderr[-3000:]
+    else:
+        assert done.returncode != 0
+        assert f"DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM must be an integer in 1..32, got '{cap}'" in done.stderr
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("width", [12, 16, 3])
 @pytest.mark.parametrize("padding_idx", [None, 3])

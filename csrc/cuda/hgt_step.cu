@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <climits>
 
 #include "../common/epilogue_math.h"
@@ -45,9 +46,24 @@ using cuda::Vec;
 
 constexpr int kMaxThreads = 256;
 constexpr int kMaxWarps = kMaxThreads / 32;
-// Cap on resident backward blocks per SM: each block adds one row of partial sums that the final
-// reduction reads. Not tuned yet (pending a GPU session).
-constexpr int kBackwardBlocksPerSm = 4;
+// Cap on resident backward blocks per SM: more blocks keep more rows in flight (the kernel waits
+// on memory between its phases), and each adds one row of partial sums to the final reduction.
+// 4 until measured otherwise; DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM (1..32, read once) overrides it
+// so a GPU session can sweep it without a rebuild (scripts/gpu_session.sh does).
+constexpr int kBackwardBlocksPerSmDefault = 4;
+
+int backward_blocks_per_sm_cap() {
+  static const int cap = [] {
+    const char* env = std::getenv("DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM");
+    if (env == nullptr || *env == '\0') return kBackwardBlocksPerSmDefault;
+    char* end = nullptr;
+    const long value = std::strtol(env, &end, 10);
+    TORCH_CHECK_VALUE(*end == '\0' && value >= 1 && value <= 32,
+                      "DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM must be an integer in 1..32, got '", env, "'");
+    return static_cast<int>(value);
+  }();
+  return cap;
+}
 // Shared memory ahead of the row stage: warp partial sums of the norm reductions.
 constexpr int kForwardReduceSlots = 2 * kMaxWarps;   // red_sum | red_sq
 constexpr int kBackwardReduceSlots = 4 * kMaxWarps;  // red_dxh[2] | red_dxh_xh[2] (double-buffered)
@@ -539,7 +555,7 @@ void launch_backward(BackwardArgs<scalar_t> args, const at::TensorOptions& optio
   const bool stage_in_global = smem > cuda::max_dynamic_smem();
   if (stage_in_global) smem = reduce_bytes;  // the stage goes to a global workspace instead
   auto* kernel = &hgt_step_backward_kernel<scalar_t>;
-  const int per_sm = std::min(cuda::blocks_per_sm(kernel, threads, smem), kBackwardBlocksPerSm);
+  const int per_sm = std::min(cuda::blocks_per_sm(kernel, threads, smem), backward_blocks_per_sm_cap());
   TORCH_CHECK(per_sm > 0, "define_ops::hgt_step_backward (CUDA): the epilogue kernel does not fit on this device");
   // Cooperative launch: the grid must be co-resident, which this occupancy-derived size is.
   const int64_t grid = std::min<int64_t>(args.tokens, static_cast<int64_t>(per_sm) * cuda::num_sms());
