@@ -100,3 +100,16 @@ def test_stack_rejects_the_reference_backend_and_unknown_activations():
         hgt_stack(torch.zeros(1, 8), [], backend="reference")
     with pytest.raises(ValueError, match="unknown activation 'tanh'"):
         StepSpec(8, 0, 1, False, "tanh", 0.0, 1e-5)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_layer_under_inference_mode_and_no_grad(backend):
+    config = DeFINEConfig.from_preset("awd_ptb", num_embeddings=100, input_dim=16, max_dim=64, embedding_dim=24)
+    module = DeFINE.from_config(config, backend=backend, dtype=torch.float64, cache="off").eval()
+    ids = torch.randint(0, 100, (7,))
+    expected = module(ids).detach()
+    with torch.inference_mode():
+        assert torch.equal(module(ids), expected)
+    with torch.no_grad():
+        out = module(ids)
+    assert torch.equal(out, expected) and out.grad_fn is None
