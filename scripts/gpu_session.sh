@@ -83,7 +83,9 @@ if [ -z "$SO" ]; then
   echo "=== build failed: no define_ops/_C*.so; stopping"
   exit 1
 fi
-cuobjdump --dump-resource-usage "$SO" 2>/dev/null | grep -E "Function|REG|STACK|SHARED|LOCAL" | sed -E 's/_ZN10define_ops[^ ]*(forward|backward|lookup|embedding_backward)_kernel/\1_kernel/' | head -60
+# registers and spills per kernel: the HGT step kernels first (the lookup kernels have many instances)
+cuobjdump --dump-resource-usage "$SO" 2>/dev/null | grep -E "Function|REG" | paste - - \
+  | sort -t: -k1,1 | awk '/hgt_step/ {print "  " $0} !/hgt_step/ && n++ < 8 {print "  " $0}' | cut -c1-220
 "$PY" -c "import define_ops; print('backends on cuda:', define_ops.available_backends('cuda'))"
 
 PRESETS=lstm_wt103,lstm_wt103_n7,txl_wt103,awd_ptb,nmt_wmt14
