@@ -57,6 +57,7 @@ COMMON = {
     "epochs": 1, "max_steps": None, "batch_size": 20, "eval_batch_size": 10, "test_batch_size": 10,
     "bptt": 35, "eval_bptt": None, "variable_bptt": False, "max_train_tokens": None, "max_eval_tokens": None,
     "eval_every": 0, "save_every": 0, "accum_steps": 1, "log_every": 50, "seed": 1111, "precision": "auto",
+    "compile": "off",
 }  # fmt: skip
 # Without a preset each architecture gets a small configuration that trains in minutes on a CPU
 # (the LSTM: 600 steps of 20 x 35 tokens with Adam, which beats SGD at so short a budget).
@@ -115,10 +116,11 @@ MODEL_KEYS = {
     "transformer-xl": {"d_model", "n_layer", "n_head", "d_head", "d_inner", "dropout", "dropatt", "mem_len",
                        "eval_mem_len", "clamp_len", "tie"},
 }  # fmt: skip
-# Settings a resumed run may change: budgets, logging, evaluation and where things are.
+# Settings a resumed run may change: budgets, logging, evaluation, compilation and where things are.
 RESUME_IGNORE = {
     "data", "cache_dir", "out", "epochs", "max_steps", "eval_every", "save_every", "log_every", "define_backend",
     "device", "progress", "eval_batch_size", "test_batch_size", "eval_bptt", "eval_mem_len", "max_eval_tokens",
+    "compile",
 }  # fmt: skip
 
 

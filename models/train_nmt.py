@@ -75,7 +75,7 @@ BASE: dict[str, Any] = {
     "label_smoothing": 0.1, "lr": 2 * 512**-0.5 * 8000**-0.5, "warmup_steps": 8000, "adam_betas": [0.9, 0.998],
     "adam_eps": 1e-9, "weight_decay": 0.0, "clip": 0.0, "max_tokens": 8192, "accum_steps": 1, "max_len": 256,
     "epochs": 10_000, "max_steps": 200_000, "eval_every": 10_000, "save_every": 0, "log_every": 100, "seed": 1,
-    "precision": "auto",
+    "precision": "auto", "compile": "off",
     "eval_max_tokens": 8192, "eval_beam": 4, "lenpen": 0.6, "max_len_a": 1.0, "max_len_b": 50,
     "eval_bleu_lines": None, "metric": "bleu", "max_train_pairs": None, "max_eval_lines": None,
 }  # fmt: skip
@@ -89,10 +89,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_steps": 1000, "eval_every": 250, "log_every": 25, "eval_max_tokens": 4096, "eval_beam": 1,
     },
 }  # fmt: skip
-# Settings a resumed run may change: budgets, logging, evaluation and where things are.
+# Settings a resumed run may change: budgets, logging, evaluation, compilation and where things are.
 RESUME_IGNORE = {
     "data", "out", "epochs", "max_steps", "eval_every", "save_every", "log_every", "define_backend", "device",
     "eval_max_tokens", "eval_beam", "lenpen", "max_len_a", "max_len_b", "eval_bleu_lines", "max_eval_lines",
+    "compile",
 }  # fmt: skip
 CONTROL = {"resume", "overwrite", "dry_run", "no_progress"}
 

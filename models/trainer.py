@@ -80,6 +80,9 @@ class Task(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+
+
 @dataclass
 class TrainConfig:
     out_dir: str
@@ -99,10 +102,15 @@ class TrainConfig:
     show_ppl: bool = True  # progress bar shows exp(loss)
     find_unused_parameters: bool = False
     accum_steps: int = 1  # batches per optimizer step (gradient accumulation); an epoch's last step may get fewer
+    # torch.compile of the training forward: "off", "default", "reduce-overhead" (CUDA graphs: removes
+    # the per-op host work that dominates small layers on a GPU) or "max-autotune"
+    compile: str = "off"
 
     def __post_init__(self) -> None:
         if self.accum_steps < 1:
             raise ValueError(f"TrainConfig.accum_steps must be >= 1, got {self.accum_steps}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"TrainConfig.compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
 
     @classmethod
     def from_settings(cls, cfg: dict[str, Any], **extra: Any) -> TrainConfig:
@@ -111,6 +119,7 @@ class TrainConfig:
             out_dir=cfg["out"], epochs=cfg["epochs"], max_steps=cfg["max_steps"], eval_every=cfg["eval_every"],
             save_every=cfg["save_every"], log_every=cfg["log_every"], clip=cfg["clip"], precision=cfg["precision"],
             accum_steps=cfg.get("accum_steps", 1),  # checkpoints from before the option have none
+            compile=cfg.get("compile", "off"),
             seed=cfg["seed"], **extra,
         )  # fmt: skip
 
@@ -128,6 +137,8 @@ def add_loop_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--log-every", type=int, default=S)
     group.add_argument("--seed", type=int, default=S)
     group.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=S)
+    group.add_argument("--compile", choices=COMPILE_MODES, default=S,
+                       help="torch.compile the training forward (reduce-overhead: CUDA graphs on a GPU)")  # fmt: skip
 
 
 @dataclass
@@ -400,6 +411,12 @@ class Trainer:
             self.ddp_model = nn.parallel.DistributedDataParallel(
                 model, device_ids=ids, find_unused_parameters=config.find_unused_parameters
             )
+        if config.compile != "off":
+            # Only the training forward is compiled (evaluation runs self.model eagerly: its shapes
+            # and no-grad mode would cost recompilations); checkpoints hold self.model's state, so
+            # their keys are the same with or without compilation and a run resumes either way.
+            mode = None if config.compile == "default" else config.compile
+            self.ddp_model = torch.compile(self.ddp_model, mode=mode)
         self.step = 0
         self.epoch = 0
         self.best: dict[str, Any] = {"value": None, "step": None}

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from models import train_lm
 from models.train_lm import main, parse_args, resolve_config
@@ -198,3 +199,24 @@ def test_validation_curves_plot_from_the_logs(corpus_dir, cache_dir, tmp_path):
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert png.stat().st_size > 1000
+
+
+def test_compiled_training_matches_eager_and_resumes_either_way(corpus_dir, cache_dir, tmp_path):
+    # --compile compiles the training forward only; checkpoints hold the plain model's state (no
+    # "_orig_mod." keys), so a compiled run resumes eagerly and the other way round.
+    run = ("--max-steps", "4", "--eval-every", "2", "--log-every", "1", "--dropout", "0", "--dropouth", "0",
+           "--dropouti", "0", "--define-dropout", "0")  # fmt: skip
+    assert main(argv("lstm", corpus_dir, cache_dir, tmp_path / "eager", *run)) == 0
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    assert main(argv("lstm", corpus_dir, cache_dir, tmp_path / "compiled", *run, "--compile", "default")) == 0
+    assert counters["stats"]["unique_graphs"] >= 1  # Dynamo did compile the training forward
+    eager = [r["loss"] for r in records(tmp_path / "eager", "train")]
+    compiled = [r["loss"] for r in records(tmp_path / "compiled", "train")]
+    assert len(compiled) == 4 and compiled == pytest.approx(eager, rel=1e-4)
+    state = torch.load(tmp_path / "compiled" / "last.pt", weights_only=True)
+    assert not any("_orig_mod" in key for key in state["model"])
+    resumed = argv("lstm", corpus_dir, cache_dir, tmp_path / "compiled", *run)
+    assert main([*resumed, "--resume", str(tmp_path / "compiled" / "last.pt"), "--max-steps", "6"]) == 0
+    assert [r["step"] for r in records(tmp_path / "compiled", "train")][-2:] == [5, 6]

@@ -18,7 +18,14 @@ import torch.multiprocessing as mp
 
 from models import trainer as trainer_mod
 from models.train_lm import build_trainer, parse_args, resolve_config
-from models.trainer import CheckpointError, Dist, NonFiniteLossError, cleanup_distributed, init_distributed
+from models.trainer import (
+    CheckpointError,
+    Dist,
+    NonFiniteLossError,
+    TrainConfig,
+    cleanup_distributed,
+    init_distributed,
+)
 from tests.lm_fixtures import TINY, TINY_DEFINE, one_thread, ptb_slice
 
 STEPS = 12
@@ -255,3 +262,8 @@ def test_ddp_two_cpu_processes_keep_parameters_identical(corpus_dir, cache_dir, 
     for name, value in single.items():
         torch.testing.assert_close(rank0["params"][name], value, rtol=1e-4, atol=1e-5, msg=name)
     assert rank0["valid"]["loss"] == pytest.approx(result.valid["loss"], rel=1e-5)
+
+
+def test_compile_mode_is_validated(tmp_path):
+    with pytest.raises(ValueError, match="compile must be one of off, default, reduce-overhead, max-autotune"):
+        TrainConfig(out_dir=str(tmp_path), compile="fast")
