@@ -283,18 +283,14 @@ def test_one_fused_kernel_per_step_and_pass(layout):
 
 
 # ----------------------------------------------------------------------------- CUDA graphs
-@pytest.mark.parametrize("provider", ["cuda_graph", "triton_graph"])
-def test_training_step_replays_as_a_cuda_graph(provider):
+def check_graph_replay(backend: str) -> None:
     """The benchmarks' graph providers (and users' make_graphed_callables / reduce-overhead) rely
     on the step being capturable: no host synchronisation, no allocation outside the graph's pool.
     Without dropout a replay must give the eager step's gradients (to fp32 rounding: cuBLAS may
-    pick another algorithm under capture)."""
+    pick another algorithm under capture). Shared with tests/test_triton_gpu.py."""
     from define_ops.bench import make_workload
 
-    backend = provider.removesuffix("_graph")
-    if backend not in define_ops.available_backends("cuda"):
-        pytest.skip(f"{backend} unavailable")
-    work = make_workload("nmt_wmt14", provider, "fwd_bwd", quick=True, dtype=torch.float32)
+    work = make_workload("nmt_wmt14", f"{backend}_graph", "fwd_bwd", quick=True, dtype=torch.float32)
     work.step()  # a replay
     config = DeFINEConfig.from_preset("nmt_wmt14", num_embeddings=2000, dropout=0.0)
     module = DeFINE.from_config(config, backend=backend, device=DEVICE)
@@ -316,3 +312,7 @@ def test_training_step_replays_as_a_cuda_graph(provider):
     torch.cuda.synchronize()
     for name, p in module.named_parameters():
         torch.testing.assert_close(p.grad, eager[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_training_step_replays_as_a_cuda_graph():
+    check_graph_replay("cuda")

@@ -127,3 +127,9 @@ def test_dedup_without_sync_matches_the_plain_path_and_compiles_on_gpu(preset):
     if preset == "awd_ptb":  # one compile keeps the GPU session's Triton stage short
         compiled = torch.compile(ours, fullgraph=True)  # static shapes: traces with dedup on
         torch.testing.assert_close(compiled(ids), out, rtol=1e-10, atol=1e-10)
+
+
+def test_training_step_replays_as_a_cuda_graph_on_gpu():
+    from .test_cuda import check_graph_replay
+
+    check_graph_replay("triton")
