@@ -363,7 +363,7 @@ class DeFINE(nn.Module):
                 e, self._layer_params(), self.reduce.weight, self.reduce.bias, cfg, training=self.training,
                 seeds=seeds,
             )  # fmt: skip
-        elif not torch.compiler.is_compiling():  # eager: one autograd node for the stack (see stack.py)
+        else:
             specs = self._step_specs(dropout=seeds is not None)
             layers = zip(specs[:-1], self._layer_params(), strict=True)
             steps = [
@@ -372,23 +372,6 @@ class DeFINE(nn.Module):
             ]
             steps.append((self.reduce.weight.t().unsqueeze(0), self.reduce.bias, None, None, None, specs[-1]))
             out = hgt_stack(e, steps, backend=backend, row_count=row_count)
-        else:
-            x = e
-            layer_params = zip(self.plans[:-1], self._layer_params(), strict=True)
-            for index, (plan, (weight, bias, gamma, beta)) in enumerate(layer_params):
-                x = ops.hgt_step(
-                    x, weight, bias, gamma, beta, seeds[index] if seeds is not None else None,
-                    e_width=plan.e_width, e_in_chunks=plan.e_in_chunks, e_out_chunks=plan.e_out_chunks,
-                    shuffle=plan.shuffle, activation=plan.activation,
-                    dropout_p=plan.dropout if seeds is not None else 0.0, norm_eps=cfg.norm_eps, backend=backend,
-                    row_count=row_count,
-                )  # fmt: skip
-            reduce_plan = self.plans[-1]
-            out = ops.hgt_step(
-                x, self.reduce.weight.t().unsqueeze(0), self.reduce.bias,
-                e_width=reduce_plan.e_width, e_in_chunks=reduce_plan.e_in_chunks, e_out_chunks=0, backend=backend,
-                row_count=row_count,
-            )  # fmt: skip
         if cfg.padding_idx is not None:  # like nn.Embedding: a padding token embeds to zeros
             out = out.masked_fill((flat_ids == cfg.padding_idx).unsqueeze(-1), 0.0)
         return out

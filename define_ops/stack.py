@@ -10,8 +10,9 @@ Inside, the ops are called below the Autograd dispatch key (what torch's own cus
 does): the call goes straight to the backend kernel instead of through the ops' Python autograd
 wrapper, which would only find that grad mode is off (~15 µs per call on a 2-core VM).
 
-The per-step ops keep their own autograd (``ops.hgt_step``); ``torch.compile`` traces those
-(a compiled graph has no per-op Python to save), so ``DeFINE`` uses this stack in eager mode only.
+The per-step ops keep their own autograd (``ops.hgt_step``). Under ``torch.compile`` ``hgt_stack``
+calls them one by one instead, through that autograd, which the compiler traces (a compiled graph
+has no per-op Python to save).
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def hgt_stack(
     row_count: Tensor | None = None,
 ) -> Tensor:
     """Run ``steps`` one after the other (each as ``ops.hgt_step`` with the same arguments) with
-    one autograd node for all of them.
+    one autograd node for all of them (under ``torch.compile``: each step's own autograd).
 
     Args:
         x: [T, a] the first step's input.
@@ -137,4 +138,11 @@ def hgt_stack(
         tensors += _autocast((weight, bias, norm_weight, norm_bias), x.device.type)
         tensors.append(seed if spec.dropout_p > 0 else None)
     (x,) = _autocast((x,), x.device.type)
+    if torch.compiler.is_compiling():  # the step ops with their registered autograd, which compile traces
+        forward_op, _, takes_rows = _ops_for(backend)
+        trailing = (row_count,) if takes_rows else ()
+        for index, spec in enumerate(specs):
+            step_tensors = tensors[index * TENSORS_PER_STEP : (index + 1) * TENSORS_PER_STEP]
+            x = forward_op(x, *step_tensors, *spec.args(), *trailing)[0]
+        return x
     return _HGTStack.apply(backend, specs, row_count, x, *tensors)
