@@ -13,25 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from define_ops.bench import device_name, make_workload
-
-
-def wall_ms(step, rounds: int = 20) -> float:
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+from define_ops.bench import device_name, make_workload, median_ms
 
 
 def profile_step(step, steps: int = 5) -> dict:
@@ -72,12 +59,12 @@ def main() -> None:
     for preset in args.presets.split(","):
         for provider in args.providers.split(","):
             work = make_workload(preset, provider, "fwd_bwd", quick=False, dtype=dtype)
-            row = {"preset": preset, "provider": provider, "wall_ms": wall_ms(work.step)}
+            row = {"preset": preset, "provider": provider, "wall_ms": median_ms(work.step, rounds=20, warmup=3)}
             row.update(profile_step(work.step))
             if provider in ("cuda", "triton"):
                 try:
                     graphed = make_workload(preset, f"{provider}_graph", "fwd_bwd", quick=False, dtype=dtype)
-                    row["graph_ms"] = wall_ms(graphed.step)
+                    row["graph_ms"] = median_ms(graphed.step, rounds=20, warmup=3)
                 except Exception as error:  # report, keep profiling the rest
                     row["graph_error"] = f"{type(error).__name__}: {str(error)[:300]}"
             results.append(row)

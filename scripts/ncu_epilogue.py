@@ -17,21 +17,15 @@ import argparse
 
 import torch
 
-from define_ops import DeFINE, DeFINEConfig
-from define_ops.bench import PRESET_TOKENS
+from define_ops.bench import make_workload
 
 
 def profiled_step(preset: str, dtype: torch.dtype) -> None:
-    config = DeFINEConfig.from_preset(preset)
-    module = DeFINE.from_config(config, backend="cuda", device="cuda", dtype=dtype, validate_ids=False).train()
-    ids = torch.randint(0, config.num_embeddings, (PRESET_TOKENS[preset],), device="cuda")
-    grad_out = torch.randn(ids.numel(), config.embedding_dim, device="cuda", dtype=dtype)
+    step = make_workload(preset, "cuda", "fwd_bwd", quick=False, dtype=dtype).step  # ends with a synchronize
     for _ in range(2):  # warm-up outside the profiled range
-        module(ids).backward(grad_out)
-    torch.cuda.synchronize()
+        step()
     torch.cuda.profiler.start()
-    module(ids).backward(grad_out)
-    torch.cuda.synchronize()
+    step()
     torch.cuda.profiler.stop()
 
 

@@ -288,28 +288,16 @@ def check_graph_replay(backend: str) -> None:
     on the step being capturable: no host synchronisation, no allocation outside the graph's pool.
     Without dropout a replay must give the eager step's gradients (to fp32 rounding: cuBLAS may
     pick another algorithm under capture). Shared with tests/test_triton_gpu.py."""
-    from define_ops.bench import make_workload
+    from define_ops.bench import _graph_replay, make_workload
 
-    work = make_workload("nmt_wmt14", f"{backend}_graph", "fwd_bwd", quick=True, dtype=torch.float32)
-    work.step()  # a replay
+    make_workload("nmt_wmt14", f"{backend}_graph", "fwd_bwd", quick=True, dtype=torch.float32).step()  # a replay
     config = DeFINEConfig.from_preset("nmt_wmt14", num_embeddings=2000, dropout=0.0)
     module = DeFINE.from_config(config, backend=backend, device=DEVICE)
     ids = torch.randint(0, 2000, (300,), device=DEVICE)
     grad = torch.randn(300, config.embedding_dim, device=DEVICE)
     module(ids).backward(grad)
     eager = {name: p.grad.clone() for name, p in module.named_parameters()}
-    module.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        module(ids).backward(grad)  # warm-up off the capture stream
-    torch.cuda.current_stream().wait_stream(side)
-    module.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        module(ids).backward(grad)
-    graph.replay()
-    torch.cuda.synchronize()
+    _graph_replay(module, module, ids, grad)()  # capture (the benchmarks' recipe), replay
     for name, p in module.named_parameters():
         torch.testing.assert_close(p.grad, eager[name], rtol=1e-5, atol=1e-6, msg=name)
 
