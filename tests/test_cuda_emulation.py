@@ -58,6 +58,12 @@ def forward_backward(ops, tensors, params, grad_seed=0):
 NAMES = ["out", "saved", "mean", "rstd", "grad_x", "grad_weight", "grad_bias", "grad_gamma", "grad_beta"]
 
 
+def assert_float64_matches(ours, cpu):
+    """Every output and gradient of a float64 step within 1e-10 of the CPU op's (relative to its magnitude)."""
+    for name, a, b in zip(NAMES, ours, cpu, strict=True):
+        assert max_err(a, b) <= 1e-10 * max(1.0, b.abs().max().item() if b.numel() else 1.0), name
+
+
 def assert_same_layout(ours, theirs):
     for name, a, b in zip(NAMES, ours, theirs, strict=True):
         assert (a.shape, a.dtype, a.stride()) == (b.shape, b.dtype, b.stride()), name
@@ -71,8 +77,7 @@ def test_hgt_step_float64_matches_cpu(layout, options, tokens):
     ours = forward_backward(emulated_ops(), tensors, params)
     cpu = forward_backward(torch.ops.define_ops, tensors, params)
     assert_same_layout(ours, cpu)
-    for name, a, b in zip(NAMES, ours, cpu, strict=True):
-        assert max_err(a, b) <= 1e-10 * max(1.0, b.abs().max().item() if b.numel() else 1.0), name
+    assert_float64_matches(ours, cpu)
 
 
 @pytest.mark.parametrize("smem", ["64", "200"], ids=["stage-in-global", "tight"])
@@ -87,8 +92,7 @@ def test_hgt_step_global_workspace_fallback(monkeypatch, layout, smem):
         assert "shared memory" in str(error)
         return
     cpu = forward_backward(torch.ops.define_ops, tensors, params)
-    for name, a, b in zip(NAMES, ours, cpu, strict=True):
-        assert max_err(a, b) <= 1e-10 * max(1.0, b.abs().max().item() if b.numel() else 1.0), name
+    assert_float64_matches(ours, cpu)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -119,14 +123,11 @@ def test_backward_is_bitwise_deterministic():
 
 _BLOCKS_CAP_CHECK = """
 import torch
-from tests.conftest import max_err
-from tests.test_cuda_emulation import NAMES, emulated_ops, forward_backward
+from tests.test_cuda_emulation import assert_float64_matches, emulated_ops, forward_backward
 from tests.test_ops import OPTIONS, make_step_inputs
 tensors, params = make_step_inputs("first-layer", OPTIONS[2], 37, torch.float64)
 ours = forward_backward(emulated_ops(), tensors, params)
-cpu = forward_backward(torch.ops.define_ops, tensors, params)
-for name, a, b in zip(NAMES, ours, cpu, strict=True):
-    assert max_err(a, b) <= 1e-10 * max(1.0, b.abs().max().item() if b.numel() else 1.0), name
+assert_float64_matches(ours, forward_backward(torch.ops.define_ops, tensors, params))
 print("matches")
 """
 
