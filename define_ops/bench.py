@@ -150,12 +150,12 @@ def make_workload(
             synchronize()
 
     if graphed:
-        step = _graph_replay(module, forward, ids, grad_out if training else None)
+        step = graph_replay(module, forward, ids, grad_out if training else None)
         provider = f"{provider}_graph"
     return Workload(preset, provider, mode, tokens, config, dtype, step)
 
 
-def _graph_replay(
+def graph_replay(
     module: torch.nn.Module,
     forward: Callable[[torch.Tensor], torch.Tensor],
     ids: torch.Tensor,  # [T]

@@ -288,7 +288,7 @@ def check_graph_replay(backend: str) -> None:
     on the step being capturable: no host synchronisation, no allocation outside the graph's pool.
     Without dropout a replay must give the eager step's gradients (to fp32 rounding: cuBLAS may
     pick another algorithm under capture). Shared with tests/test_triton_gpu.py."""
-    from define_ops.bench import _graph_replay, make_workload
+    from define_ops.bench import graph_replay, make_workload
 
     make_workload("nmt_wmt14", f"{backend}_graph", "fwd_bwd", quick=True, dtype=torch.float32).step()  # a replay
     config = DeFINEConfig.from_preset("nmt_wmt14", num_embeddings=2000, dropout=0.0)
@@ -297,7 +297,7 @@ def check_graph_replay(backend: str) -> None:
     grad = torch.randn(300, config.embedding_dim, device=DEVICE)
     module(ids).backward(grad)
     eager = {name: p.grad.clone() for name, p in module.named_parameters()}
-    _graph_replay(module, module, ids, grad)()  # capture (the benchmarks' recipe), replay
+    graph_replay(module, module, ids, grad)()  # capture (the benchmarks' recipe), replay
     for name, p in module.named_parameters():
         torch.testing.assert_close(p.grad, eager[name], rtol=1e-5, atol=1e-6, msg=name)
 
