@@ -10,7 +10,8 @@
 # writes its own JSON, so a stage cut by its timeout (Triton's autotuning compiles many configs)
 # never loses another stage's numbers:
 #   1. build the extension in place for this card (sm_90), print kernel resource usage;
-#   2. benchmarks in bf16 at the five presets: the whole layer (reference, cuda, cuda replayed as
+#   2. benchmarks in bf16 at the five presets (then the profile and torch.compile of the reference, 5 and 6 below, run next:
+#      they measure what changed since the last session): the whole layer (reference, cuda, cuda replayed as
 #      a CUDA graph, plain embedding), ceilings, floors, kernel launches per layer;
 #   3. tests/test_cuda.py (not the slow ones);
 #   4. compute-sanitizer memcheck and racecheck on scripts/cuda_smoke.py;
@@ -93,8 +94,22 @@ stage bench-bf16 150 "$PY" -m pytest benchmarks/test_bench_layer.py benchmarks/t
   --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference,cuda,cuda_graph,embedding \
   --benchmark-json "$RES/bench-bf16.json" --benchmark-columns=median,min,rounds
 
-stage tests 150 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m "not slow" -rfE --maxfail=40 \
+stage profile 90 env PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py --providers reference,cuda --json "$RES/profile.json"
+stage bench-compiled 120 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider -k fwd_bwd \
+  --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference_compiled \
+  --benchmark-json "$RES/bench-compiled.json" --benchmark-columns=median,min,rounds
+
+stage tests 110 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m "not slow" -rfE --maxfail=40 \
   --junitxml="$RES/tests.xml"
+
+stage ncu-epilogue 90 env PYTHONPATH="$PWD" ncu --profile-from-start off --kernel-name regex:hgt_step_ --launch-count 8 \
+  --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
+  --log-file "$RES/ncu-epilogue.txt" "$PY" scripts/ncu_epilogue.py --preset txl_wt103
+stage gemm-alignment 40 env PYTHONPATH="$PWD" "$PY" scripts/ncu_epilogue.py --gemm-alignment
+for cap in 1 2 8; do  # the backward epilogue's resident blocks per SM (default 4: the profile stage)
+  stage "bwd-blocks-$cap" 40 env DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM=$cap PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py \
+    --presets lstm_wt103,txl_wt103 --providers cuda --json "$RES/profile-bwd-blocks-$cap.json"
+done
 
 sanitize() {  # sanitize TOOL LIMIT
   stage "sanitizer-$1" "$2" compute-sanitizer --tool "$1" --error-exitcode 9 --print-limit 20 \
@@ -104,20 +119,6 @@ sanitize() {  # sanitize TOOL LIMIT
 }
 sanitize memcheck 70
 sanitize racecheck 70
-
-stage profile 90 env PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py --providers reference,cuda --json "$RES/profile.json"
-stage ncu-epilogue 90 env PYTHONPATH="$PWD" ncu --profile-from-start off --kernel-name regex:hgt_step_ --launch-count 8 \
-  --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
-  --log-file "$RES/ncu-epilogue.txt" "$PY" scripts/ncu_epilogue.py --preset txl_wt103
-stage gemm-alignment 40 env PYTHONPATH="$PWD" "$PY" scripts/ncu_epilogue.py --gemm-alignment
-for cap in 8 16; do  # the backward epilogue's resident blocks per SM (default 4: the profile stage)
-  stage "bwd-blocks-$cap" 40 env DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM=$cap PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py \
-    --presets lstm_wt103,txl_wt103 --providers cuda --json "$RES/profile-bwd-blocks-$cap.json"
-done
-
-stage bench-compiled 150 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider -k fwd_bwd \
-  --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference_compiled \
-  --benchmark-json "$RES/bench-compiled.json" --benchmark-columns=median,min,rounds
 
 for preset in awd_ptb nmt_wmt14 lstm_wt103 txl_wt103 lstm_wt103_n7; do
   stage "bench-triton-$preset" "${TRITON_STAGE_S:-60}" "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider \
