@@ -296,6 +296,8 @@ class DeFINE(nn.Module):
             raise ValueError(f"DeFINE: ids are on {ids.device} but the layer's parameters are on {self.device}")
         if not self.validate_ids or ids.numel() == 0 or torch.compiler.is_compiling():
             return  # under compile the ops check ids themselves
+        if ids.is_cuda and torch.cuda.is_current_stream_capturing():
+            return  # a host read is illegal in a CUDA graph capture; the ops flag bad ids (NaN rows)
         low, high = torch.aminmax(ids)
         if low.item() < 0 or high.item() >= self.num_embeddings:
             bad = ((ids < 0) | (ids >= self.num_embeddings)).reshape(-1).nonzero()[0, 0].item()
@@ -324,19 +326,26 @@ class DeFINE(nn.Module):
         ]
 
     def _step_specs(self, dropout: bool) -> tuple[StepSpec, ...]:
-        """The stack's per-step arguments (HGT layers, then the Reduce), built once per dropout state."""
+        """The stack's per-step arguments (HGT layers, then the Reduce), built once per dropout state
+        in eager mode. Under torch.compile they are rebuilt while tracing (free in the compiled graph):
+        dynamo on torch 2.11 cannot trace the cache's ``__dict__.setdefault``."""
+        if torch.compiler.is_compiling():
+            return self._build_step_specs(dropout)
         cached = self.__dict__.setdefault("_step_specs_cache", {})
         if dropout not in cached:
-            cfg = self.config
-            specs = [
-                StepSpec(plan.e_width, plan.e_in_chunks, plan.e_out_chunks, plan.shuffle, plan.activation,
-                         plan.dropout if dropout else 0.0, cfg.norm_eps)
-                for plan in self.plans[:-1]
-            ]  # fmt: skip
-            reduce_plan = self.plans[-1]
-            specs.append(StepSpec(reduce_plan.e_width, reduce_plan.e_in_chunks, 0, False, None, 0.0, cfg.norm_eps))
-            cached[dropout] = tuple(specs)
+            cached[dropout] = self._build_step_specs(dropout)
         return cached[dropout]
+
+    def _build_step_specs(self, dropout: bool) -> tuple[StepSpec, ...]:
+        cfg = self.config
+        specs = [
+            StepSpec(plan.e_width, plan.e_in_chunks, plan.e_out_chunks, plan.shuffle, plan.activation,
+                     plan.dropout if dropout else 0.0, cfg.norm_eps)
+            for plan in self.plans[:-1]
+        ]  # fmt: skip
+        reduce_plan = self.plans[-1]
+        specs.append(StepSpec(reduce_plan.e_width, reduce_plan.e_in_chunks, 0, False, None, 0.0, cfg.norm_eps))
+        return tuple(specs)
 
     def embed_ids(self, flat_ids: Tensor, backend: str | None = None) -> Tensor:
         """The Map step alone: ids [T] → e [T, n] (padding ids give zeros)."""
