@@ -21,7 +21,8 @@
 #      the profile again with 8 and 16 backward blocks per SM (DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM);
 #   6. torch.compile of the reference (bf16, forward + backward): the other side of the 5x target;
 #   7. the Triton layer benchmark, one preset per stage and JSON (autotuning is slow: 150 s did
-#      not cover all five presets on an H200);
+#      not cover all five presets on an H200); then scripts/host_profile.py (cProfile) on the Triton
+#      and CUDA eager steps, where the host time goes;
 #   8. the Triton backend's GPU tests, autotuning off;
 #   9. issue 8 in bf16: dedup on a real WikiText-2 window at the lstm_wt103 shapes (needs the
 #      corpus: run scripts/gpu_data.sh here first and carry .gpu-data) and cached inference;
@@ -29,7 +30,7 @@
 #      tests/test_ops.py, the slow int64 test.
 # Files in $OUT: session.log, report.md, bench.png and results.tgz, which holds tests.xml,
 # sanitizer.log, profile.json, profile-bwd-blocks-*.json, ncu-epilogue.txt, bench-bf16.json,
-# bench-compiled.json, bench-triton-<preset>.json, bench-issue8-bf16.json, bench-fp32.json.
+# bench-compiled.json, bench-triton-<preset>.json, host-profile-*.txt, bench-issue8-bf16.json, bench-fp32.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -41,6 +42,8 @@ BUDGET=${GPU_SESSION_BUDGET_S:-540}
 START=$(date +%s)
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 DEFINE_OPS_SKIP_EMULATION=1
+# Triton keeps its autotuning choices on disk, so a stage after the Triton benchmarks does not tune again
+export TRITON_CACHE_AUTOTUNING=1
 # corpora carried from this machine (scripts/gpu_data.sh); ../shared does not travel
 if [ -z "${DEFINE_OPS_DATA:-}" ] && [ -d .gpu-data ]; then export DEFINE_OPS_DATA=$PWD/.gpu-data; fi
 exec > >(tee -a "$OUT/session.log") 2>&1
@@ -128,6 +131,13 @@ for preset in awd_ptb nmt_wmt14 lstm_wt103 txl_wt103 lstm_wt103_n7; do
     --benchmark-only --dtype bfloat16 --presets "$preset" --providers triton,triton_graph \
     --benchmark-json "$RES/bench-triton-$preset.json" --benchmark-columns=median,min,rounds $TIMING
 done
+
+for preset in awd_ptb nmt_wmt14; do  # the Python behind the Triton backend's host time (cProfile)
+  stage "host-profile-triton-$preset" 40 env PYTHONPATH="$PWD" "$PY" scripts/host_profile.py --preset "$preset" \
+    --provider triton > "$RES/host-profile-triton-$preset.txt"
+done
+stage host-profile-cuda 30 env PYTHONPATH="$PWD" "$PY" scripts/host_profile.py --preset awd_ptb --provider cuda \
+  > "$RES/host-profile-cuda-awd_ptb.txt"
 
 stage tests-triton 90 env DEFINE_OPS_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_triton_gpu.py tests/test_ops.py -q \
   -p no:cacheprovider -k "gpu or triton-cuda" -rfE --maxfail=40

@@ -37,7 +37,7 @@ def emulated_ops():
 
     load(
         name="define_ops_cuda_emulation",
-        sources=[str(CSRC / "emulation" / f"{name}.cpp") for name in ("emu_schemas", "emu_hgt_step", "emu_embedding")],
+        sources=[str(CSRC / "emulation" / f"{name}.cpp") for name in ("emu_schemas", "emu_hgt_step", "emu_embedding", "emu_checks")],
         extra_include_paths=[str(CSRC)],
         extra_cflags=["-O1", "-std=c++20", "-DDEFINE_OPS_CUDA_EMULATION", "-Wno-unknown-pragmas"],
         is_python_module=False,
@@ -180,3 +180,24 @@ def test_embedding_out_of_range_ids_give_nan_rows_and_no_gradient():
     assert e[1].isnan().all() and e[2].isnan().all()
     g = emulated_ops().embedding_lookup_backward(torch.ones(4, 8), ids, 10, None, 1.0)
     assert g.sum().item() == 16.0 and (g[1] == 1).all() and (g[2] == 1).all()
+
+
+def test_fast_divmod_is_exact():
+    """The kernels' multiply-shift division (cuda_utils.cuh FastDivmod) against / and %: every
+    divisor up to 4096, powers of two and their neighbours up to 2^30, against small numerators,
+    numerators near 2^31 and the multiples of each divisor and their neighbours."""
+    divisors = list(range(1, 4097))
+    divisors += [v for k in range(12, 31) for v in ((1 << k) - 1, 1 << k, (1 << k) + 1)]
+    divisors += [1000003, 123456789, (1 << 30) - 35]
+    gen = torch.Generator().manual_seed(0)
+    numerators = torch.cat([
+        torch.arange(0, 20000),
+        torch.arange((1 << 31) - 2000, 1 << 31),
+        torch.randint(0, 1 << 31, (3000,), generator=gen),
+    ])  # fmt: skip
+    ops = emulated_ops()
+    assert ops.fast_divmod_mismatches(torch.tensor(divisors), numerators) == 0
+    for d in divisors[::97] + divisors[4096:]:  # each divisor's own multiples, ±1, up to 2^31
+        multiples = torch.arange(1, (1 << 31) // d + 1, max(1, (1 << 31) // d // 500), dtype=torch.int64) * d
+        near = torch.cat([multiples - 1, multiples, multiples + 1]).clamp(0, (1 << 31) - 1)
+        assert ops.fast_divmod_mismatches(torch.tensor([d]), near) == 0, d

@@ -41,12 +41,37 @@ __device__ __forceinline__ T warp_sum(T value) {
   return value;
 }
 
+// n / d and n % d for a divisor d fixed for a launch, as a multiply-high, an add and a shift
+// instead of a runtime integer division (~20 instructions on the GPU; the epilogues' layout
+// arithmetic needs a few per quad of features). Granlund & Montgomery (PLDI 1994) with
+// l = ceil(log2 d) and m = floor(2^32 (2^l - d) / d) + 1: q = (mulhi(m, n) + n) >> l, exact for every
+// 0 <= n < 2^31 (mulhi(m, n) < n there, so the add cannot overflow 32 bits). Built on the host.
+struct FastDivmod {
+  int divisor = 1;
+  uint32_t multiplier = 0;
+  uint32_t shift = 0;
+
+  FastDivmod() = default;
+  explicit FastDivmod(int d) : divisor(d < 1 ? 1 : d) {
+    const uint64_t dd = static_cast<uint64_t>(divisor);
+    while ((uint64_t{1} << shift) < dd) ++shift;
+    multiplier = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << shift) - dd)) / dd + 1);
+  }
+  __host__ __device__ __forceinline__ int div(int n) const {
+    const uint32_t un = static_cast<uint32_t>(n);
+    const uint32_t hi = static_cast<uint32_t>((static_cast<uint64_t>(un) * multiplier) >> 32);
+    return static_cast<int>((hi + un) >> shift);
+  }
+  __host__ __device__ __forceinline__ int mod(int n) const { return n - div(n) * divisor; }
+};
+
 // Position p of a row split into groups of `period`: group = p / period, offset = p % period,
 // advanced one element at a time without a division.
 struct RowCursor {
   int group;
   int offset;
-  __device__ __forceinline__ RowCursor(int p, int period) : group(p / period), offset(p - (p / period) * period) {}
+  __device__ __forceinline__ RowCursor(int p, const FastDivmod& period)
+      : group(period.div(p)), offset(p - group * period.divisor) {}
   __device__ __forceinline__ void next(int period) {
     if (++offset == period) {
       offset = 0;

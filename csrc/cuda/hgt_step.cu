@@ -41,6 +41,7 @@
 namespace define_ops {
 namespace {
 
+using cuda::FastDivmod;
 using cuda::RowCursor;
 using cuda::Vec;
 
@@ -86,6 +87,8 @@ struct RowShape {
   bool norm;
   bool dropout;
   Activation activation;
+  // the divisors of the layout arithmetic, as multiply-shifts
+  FastDivmod by_s, by_g, by_hc_out, by_ec_in, by_ec_out, by_chunk_in;  // chunk_in = ec_in + hc_in
 };
 
 RowShape make_row_shape(const StepParams& p) {
@@ -107,11 +110,20 @@ RowShape make_row_shape(const StepParams& p) {
   r.norm = p.norm;
   r.dropout = p.dropout_p > 0.0;
   r.activation = p.activation;
+  r.by_s = FastDivmod(r.s);
+  r.by_g = FastDivmod(r.g);
+  r.by_hc_out = FastDivmod(r.hc_out);
+  r.by_ec_in = FastDivmod(r.ec_in);
+  r.by_ec_out = FastDivmod(r.ec_out);
+  r.by_chunk_in = FastDivmod(r.ec_in + r.hc_in);
   return r;
 }
 
-// Position of e feature q inside a mix(e, h) row with chunks (ec, hc).
-__device__ __forceinline__ int e_position(int q, int ec, int hc) { return (q / ec) * (ec + hc) + q % ec; }
+// Position of e feature q inside a mix(e, h) row with chunks (ec, hc); `by_ec` divides by ec.
+__device__ __forceinline__ int e_position(int q, const FastDivmod& by_ec, int hc) {
+  const int chunk = by_ec.div(q);
+  return chunk * (by_ec.divisor + hc) + q - chunk * by_ec.divisor;
+}
 
 // Position of h feature cursor (chunk, offset) inside the output row.
 __device__ __forceinline__ int h_position(const RowShape& R, const RowCursor& c) {
@@ -192,7 +204,7 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_forward_kernel(const For
           }
         }
         if (A.keep_saved) *reinterpret_cast<Vec<scalar_t, V>*>(y_row + q0) = yv;
-        RowCursor zc(q0, R.s);
+        RowCursor zc(q0, R.by_s);
 #pragma unroll
         for (int k = 0; k < V; ++k) {
           z[R.shuffle ? zc.offset * R.g + zc.group : q0 + k] = v[k];
@@ -208,7 +220,8 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_forward_kernel(const For
           y_row[q] = rounded;
           v = static_cast<acc_t>(rounded);
         }
-        z[R.shuffle ? (q % R.s) * R.g + q / R.s : q] = v;
+        const RowCursor zc(q, R.by_s);
+        z[R.shuffle ? zc.offset * R.g + zc.group : q] = v;
       }
     }
     __syncthreads();
@@ -261,8 +274,8 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_forward_kernel(const For
       const int p0 = 4 * qd;
       PhiloxWords words{{0u, 0u, 0u, 0u}};
       if (R.dropout) words = philox4x32_10(seed, static_cast<uint32_t>(qd), static_cast<uint32_t>(t));
-      RowCursor nc(p0, R.s);
-      RowCursor hc(p0, R.hc_out);
+      RowCursor nc(p0, R.by_s);
+      RowCursor hc(p0, R.by_hc_out);
       const int first_pos = h_position(R, hc);
       acc_t h[4];
 #pragma unroll
@@ -292,7 +305,7 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_forward_kernel(const For
     if (R.carry_e) {
       const scalar_t* x_row = A.x + t * R.a;
       for (int q = tid; q < R.n; q += nthreads) {
-        out_row[e_position(q, R.ec_out, R.hc_out)] = x_row[e_position(q, R.ec_in, R.hc_in)];
+        out_row[e_position(q, R.by_ec_out, R.hc_out)] = x_row[e_position(q, R.by_ec_in, R.hc_in)];
       }
     }
     __syncthreads();  // the stage is rewritten by the next row
@@ -347,6 +360,8 @@ struct BackwardArgs {
   scalar_t* grad_beta;        // [s] or null
   acc_t* workspace;           // [gridDim.x, stage] when the stage does not fit in shared memory, else null
   bool vec_dy;                // dy rows can be written 16 bytes at a time
+  bool vec_go;                // a quad's four grad_out values are contiguous and 4-aligned
+  bool vec_saved;             // a quad's four saved values are contiguous (no shuffle) and 4-aligned
 };
 
 // One block per row at a time (grid-stride over rows). Per row, with d the gradient in the
@@ -392,19 +407,51 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_backward_kernel(const Ba
       const int p0 = 4 * qd;
       PhiloxWords words{{0u, 0u, 0u, 0u}};
       if (R.dropout) words = philox4x32_10(seed, static_cast<uint32_t>(qd), static_cast<uint32_t>(t));
-      RowCursor hc(p0, R.hc_out);
-      RowCursor nc(p0, R.s);
-      RowCursor sc(p0, R.g);  // shuffled feature p comes from GEMM column (p % g)·s + p / g
+      RowCursor hc(p0, R.by_hc_out);
+      RowCursor nc(p0, R.by_s);
+      RowCursor sc(p0, R.by_g);  // shuffled feature p comes from GEMM column (p % g)·s + p / g
+      // the quad's incoming gradient and saved values: one 4-wide load each where contiguous
+      acc_t go[4], sv[4];
+      if (A.vec_go) {
+        const auto packed = *reinterpret_cast<const Vec<scalar_t, 4>*>(go_row + h_position(R, hc));
+#pragma unroll
+        for (int k = 0; k < 4; ++k) go[k] = static_cast<acc_t>(packed.v[k]);
+      } else {
+        RowCursor c = hc;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          go[k] = p0 + k < R.b ? static_cast<acc_t>(go_row[h_position(R, c)]) : acc_t(0);
+          c.next(R.hc_out);
+        }
+      }
+      if (saved_row != nullptr && A.vec_saved) {
+        const auto packed = *reinterpret_cast<const Vec<scalar_t, 4>*>(saved_row + p0);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) sv[k] = static_cast<acc_t>(packed.v[k]);
+      } else if (saved_row != nullptr) {
+        RowCursor c = sc;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          sv[k] = p0 + k < R.b ? static_cast<acc_t>(saved_row[R.shuffle ? c.offset * R.s + c.group : p0 + k]) : acc_t(0);
+          c.next(R.g);
+        }
+      }
+      int stats_group = -1;  // the norm statistics are read once per group the quad touches
+      acc_t mu = 0, rs = 0;
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const int pp = p0 + k;
         if (pp < R.b) {
-          acc_t dv = static_cast<acc_t>(go_row[h_position(R, hc)]);
+          acc_t dv = go[k];
           if (R.dropout) dv = words.w[k] >= A.threshold ? dv * A.keep_scale : acc_t(0);
           if (saved_row != nullptr) {
-            acc_t av = static_cast<acc_t>(saved_row[R.shuffle ? sc.offset * R.s + sc.group : pp]);
+            acc_t av = sv[k];
             if (R.norm) {
-              const acc_t mu = A.mean[t * R.g + nc.group], rs = A.rstd[t * R.g + nc.group];
+              if (nc.group != stats_group) {
+                stats_group = nc.group;
+                mu = A.mean[t * R.g + nc.group];
+                rs = A.rstd[t * R.g + nc.group];
+              }
               const acc_t xv = (av - mu) * rs;
               xh[pp] = xv;
               av = xv * static_cast<acc_t>(A.gamma[nc.offset]) + static_cast<acc_t>(A.beta[nc.offset]);
@@ -413,9 +460,7 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_backward_kernel(const Ba
           }
           d[pp] = dv;
         }
-        hc.next(R.hc_out);
         nc.next(R.s);
-        sc.next(R.g);
       }
     }
     __syncthreads();
@@ -476,7 +521,7 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_backward_kernel(const Ba
     if (A.vec_dy) {
       for (int q0 = tid * V; q0 < R.b; q0 += nthreads * V) {
         Vec<scalar_t, V> packed;
-        RowCursor zc(q0, R.s);
+        RowCursor zc(q0, R.by_s);
 #pragma unroll
         for (int k = 0; k < V; ++k) {
           const acc_t dz = d[R.shuffle ? zc.offset * R.g + zc.group : q0 + k];
@@ -488,7 +533,8 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_backward_kernel(const Ba
       }
     } else {
       for (int q = tid; q < R.b; q += nthreads) {
-        const acc_t dz = d[R.shuffle ? (q % R.s) * R.g + q / R.s : q];
+        const RowCursor zc(q, R.by_s);
+        const acc_t dz = d[R.shuffle ? zc.offset * R.g + zc.group : q];
         dy_row[q] = static_cast<scalar_t>(dz);
         if (bias) sum_bias[q] += dz;
       }
@@ -497,10 +543,10 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_backward_kernel(const Ba
     // ---- 5. grad_x prefill: e's copy in the output hands its gradient straight back
     if (A.grad_x != nullptr) {
       scalar_t* gx_row = A.grad_x + t * R.a;
-      const int chunk = R.ec_in + R.hc_in;
       for (int c = tid; c < R.a; c += nthreads) {
-        const int j = c / chunk, r = c - j * chunk;
-        gx_row[c] = r < R.ec_in ? go_row[e_position(j * R.ec_in + r, R.ec_out, R.hc_out)] : scalar_t(0);
+        const RowCursor cc(c, R.by_chunk_in);
+        gx_row[c] = cc.offset < R.ec_in ? go_row[e_position(cc.group * R.ec_in + cc.offset, R.by_ec_out, R.hc_out)]
+                                        : scalar_t(0);
       }
     }
     __syncthreads();  // d and x̂ are rewritten by the next row
@@ -753,6 +799,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgt_step_
       args.grad_beta = p.norm ? grad_beta.data_ptr<scalar_t>() : nullptr;
       args.workspace = nullptr;
       args.vec_dy = shape.b % V == 0 && cuda::is_aligned(args.dy, 16);
+      args.vec_go = shape.b % 4 == 0 && shape.hc_out % 4 == 0 && shape.ec_out % 4 == 0 &&
+                    shape.out_width % 4 == 0 && cuda::is_aligned(args.grad_out, 4 * sizeof(scalar_t));
+      args.vec_saved = !shape.shuffle && shape.b % 4 == 0 && args.saved != nullptr &&
+                       cuda::is_aligned(args.saved, 4 * sizeof(scalar_t));
       launch_backward<scalar_t>(args, opts);
     });
   }

@@ -1,0 +1,52 @@
+"""Where the host's time goes in one training step: Python functions, not kernels.
+
+    python scripts/host_profile.py [--preset awd_ptb] [--provider triton] [--steps 20] [--top 30]
+
+Builds the benchmarks' workload (define_ops.bench.make_workload: the whole layer, forward +
+backward, bf16 on a GPU, float32 on the CPU), warms it up (compiles and autotunes), then runs it
+under cProfile and prints the functions with the most time of their own and the most cumulative
+time per step. On the GPU the torch profiler (scripts/gpu_profile.py) names the slow host ops;
+this names the Python behind them: e.g. the Triton backend's eager step spent ~0.65 ms of host
+per layer backward on an H200 (benchmarks/results/h200-profile-triton-bf16.json), 40x its launches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+
+import torch
+
+from define_ops.bench import device, make_workload
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="awd_ptb")
+    parser.add_argument("--provider", default="triton" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--quick", action="store_true", help="the benchmarks' small vocabulary and token count")
+    args = parser.parse_args()
+    dtype = torch.bfloat16 if device().type == "cuda" else torch.float32
+    work = make_workload(args.preset, args.provider, "fwd_bwd", quick=args.quick, dtype=dtype)
+    for _ in range(3):
+        work.step()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(args.steps):
+        work.step()
+    profiler.disable()
+    for order in ("tottime", "cumulative"):
+        buffer = io.StringIO()
+        stats = pstats.Stats(profiler, stream=buffer)
+        stats.sort_stats(order).print_stats(args.top)
+        print(f"### {args.preset} {args.provider} {dtype}: {args.steps} steps, by {order}")
+        text = buffer.getvalue()
+        print(text[text.find("   ncalls") :])  # from the column header on
+
+
+if __name__ == "__main__":
+    main()
