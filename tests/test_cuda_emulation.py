@@ -37,7 +37,10 @@ def emulated_ops():
 
     load(
         name="define_ops_cuda_emulation",
-        sources=[str(CSRC / "emulation" / f"{name}.cpp") for name in ("emu_schemas", "emu_hgt_step", "emu_embedding", "emu_checks")],
+        sources=[
+            str(CSRC / "emulation" / f"{name}.cpp")
+            for name in ("emu_schemas", "emu_hgt_step", "emu_embedding", "emu_checks")
+        ],
         extra_include_paths=[str(CSRC)],
         extra_cflags=["-O1", "-std=c++20", "-DDEFINE_OPS_CUDA_EMULATION", "-Wno-unknown-pragmas"],
         is_python_module=False,
