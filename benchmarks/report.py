@@ -18,8 +18,11 @@ from collections import defaultdict
 from pathlib import Path
 
 PRESET_ORDER = ["lstm_wt103", "lstm_wt103_n7", "txl_wt103", "awd_ptb", "nmt_wmt14"]
-PROVIDER_ORDER = ["reference", "reference_compiled", "cuda", "triton", "cpu", "cuda_graph", "triton_graph", "embedding"]
-OURS = ("cuda", "triton", "cpu", "cuda_graph", "triton_graph")
+PROVIDER_ORDER = [
+    "reference", "reference_compiled", "cuda", "triton", "cpu", "cuda_graph", "triton_graph", "cuda_compiled",
+    "triton_compiled", "cpu_compiled", "embedding",
+]  # fmt: skip
+OURS = ("cuda", "triton", "cpu", "cuda_graph", "triton_graph", "cuda_compiled", "triton_compiled", "cpu_compiled")
 
 
 def load(paths: list[Path]) -> tuple[dict, dict, dict, dict, dict]:

@@ -20,6 +20,7 @@
 #      txl_wt103 step, and the unaligned grouped GEMM vs a padded copy (scripts/ncu_epilogue.py);
 #      the profile again with 8 and 16 backward blocks per SM (DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM);
 #   6. torch.compile of the reference (bf16, forward + backward): the other side of the 5x target;
+#      then torch.compile(mode="reduce-overhead") of our CUDA layer (CUDA graphs);
 #   7. the Triton layer benchmark, one preset per stage and JSON (autotuning is slow: 150 s did
 #      not cover all five presets on an H200); then scripts/host_profile.py (cProfile) on the Triton
 #      and CUDA eager steps, where the host time goes;
@@ -30,7 +31,7 @@
 #      tests/test_ops.py, the slow int64 test.
 # Files in $OUT: session.log, report.md, bench.png and results.tgz, which holds tests.xml,
 # sanitizer.log, profile.json, profile-bwd-blocks-*.json, ncu-epilogue.txt, bench-bf16.json,
-# bench-compiled.json, bench-triton-<preset>.json, host-profile-*.txt, bench-issue8-bf16.json, bench-fp32.json.
+# bench-compiled.json, bench-compiled-ours.json, bench-triton-<preset>.json, host-profile-*.txt, bench-issue8-bf16.json, bench-fp32.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -104,6 +105,11 @@ stage profile 90 env PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py --providers 
 stage bench-compiled 150 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider -k fwd_bwd \
   --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference_compiled \
   --benchmark-json "$RES/bench-compiled.json" --benchmark-columns=median,min,rounds $TIMING
+
+# torch.compile(mode="reduce-overhead") of our layer: what a user runs to remove the host time
+stage bench-compiled-ours 120 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider -k fwd_bwd \
+  --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers cuda_compiled \
+  --benchmark-json "$RES/bench-compiled-ours.json" --benchmark-columns=median,min,rounds $TIMING
 
 stage tests 110 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m "not slow" -rfE --maxfail=40 \
   --junitxml="$RES/tests.xml"

@@ -304,3 +304,28 @@ def check_graph_replay(backend: str) -> None:
 
 def test_training_step_replays_as_a_cuda_graph():
     check_graph_replay("cuda")
+
+
+def check_reduce_overhead(backend: str) -> None:
+    """torch.compile(mode="reduce-overhead") of the layer (CUDA graphs via cudagraph trees, how a
+    user removes the host time) trains as the eager layer does: same gradients, several steps.
+    Shared with tests/test_triton_gpu.py."""
+    config = DeFINEConfig.from_preset("nmt_wmt14", num_embeddings=2000, dropout=0.0)
+    module = DeFINE.from_config(config, backend=backend, device=DEVICE)
+    compiled = torch.compile(module, mode="reduce-overhead", fullgraph=True)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    for _ in range(4):  # warm-up, recording, then replays
+        ids = torch.randint(0, 2000, (300,), device=DEVICE, generator=gen)
+        grad = torch.randn(300, config.embedding_dim, device=DEVICE, generator=gen)
+        module.zero_grad(set_to_none=True)
+        module(ids).backward(grad)
+        eager = {name: p.grad.clone() for name, p in module.named_parameters()}
+        module.zero_grad(set_to_none=True)
+        torch.compiler.cudagraph_mark_step_begin()
+        compiled(ids).backward(grad)
+        for name, p in module.named_parameters():
+            torch.testing.assert_close(p.grad, eager[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_reduce_overhead_compile_trains_like_eager():
+    check_reduce_overhead("cuda")

@@ -250,6 +250,20 @@ def test_embedding_scale_and_init():
     assert DeFINE(10, 8, input_dim=16, max_dim=32, scale_embedding=False).embedding_scale == 1.0
 
 
+@pytest.mark.skipif(not HAS_CPU_KERNELS, reason="compiled CPU kernels not loaded")
+def test_compiled_provider_trains_like_the_eager_layer():
+    """The benchmarks' <backend>_compiled provider (torch.compile of our layer; reduce-overhead on a
+    GPU) runs a training step and an eval step; it refuses dedup."""
+    from define_ops.bench import make_workload
+
+    for mode in ("fwd_bwd", "fwd"):
+        work = make_workload("nmt_wmt14", "cpu_compiled", mode, quick=True, dtype=torch.float32)
+        assert work.provider == "cpu_compiled"
+        work.step()
+    with pytest.raises(ValueError, match="torch.compile of one of our backends"):
+        make_workload("nmt_wmt14", "cpu_compiled", "fwd_bwd", quick=True, dtype=torch.float32, dedup=True)
+
+
 def test_graph_providers_need_a_gpu_backend():
     from define_ops.bench import make_workload
 

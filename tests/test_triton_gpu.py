@@ -133,3 +133,9 @@ def test_training_step_replays_as_a_cuda_graph_on_gpu():
     from .test_cuda import check_graph_replay
 
     check_graph_replay("triton")
+
+
+def test_reduce_overhead_compile_trains_like_eager_on_gpu():
+    from .test_cuda import check_reduce_overhead
+
+    check_reduce_overhead("triton")
