@@ -278,13 +278,19 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_forward_kernel(const For
       RowCursor hc(p0, R.by_hc_out);
       const int first_pos = h_position(R, hc);
       acc_t h[4];
+      int stats_group = -1;  // the group's statistics are read once per group the quad touches
+      acc_t mu = 0, rs = 0;
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const int pp = p0 + k;
         acc_t v = pp < R.b ? z[pp] : acc_t(0);
         if (R.norm && pp < R.b) {
-          v = (v - mean_s[nc.group]) * rstd_s[nc.group] * static_cast<acc_t>(A.gamma[nc.offset]) +
-              static_cast<acc_t>(A.beta[nc.offset]);
+          if (nc.group != stats_group) {
+            stats_group = nc.group;
+            mu = mean_s[nc.group];
+            rs = rstd_s[nc.group];
+          }
+          v = (v - mu) * rs * static_cast<acc_t>(A.gamma[nc.offset]) + static_cast<acc_t>(A.beta[nc.offset]);
         }
         v = epilogue::activation_forward(R.activation, v);
         if (R.dropout) v = words.w[k] >= A.threshold ? v * A.keep_scale : acc_t(0);
