@@ -438,7 +438,8 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_backward_kernel(const Ba
         RowCursor c = sc;
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
-          sv[k] = p0 + k < R.b ? static_cast<acc_t>(saved_row[R.shuffle ? c.offset * R.s + c.group : p0 + k]) : acc_t(0);
+          const int column = R.shuffle ? c.offset * R.s + c.group : p0 + k;
+          sv[k] = p0 + k < R.b ? static_cast<acc_t>(saved_row[column]) : acc_t(0);
           c.next(R.g);
         }
       }
