@@ -405,13 +405,19 @@ class DeFINE(nn.Module):
             out = F.embedding(flat, self._cached_table())
         elif use_dedup and resolve_backend(self.backend, self.device) == "triton":
             distinct, inverse, count = distinct_ids(flat)
-            out = self._unit(distinct, row_count=count).index_select(0, inverse)
+            out = self._expand(self._unit(distinct, row_count=count), inverse)
         elif use_dedup and not torch.compiler.is_compiling():
             distinct, inverse = torch.unique(flat, return_inverse=True)
-            out = self._unit(distinct).index_select(0, inverse)
+            out = self._expand(self._unit(distinct), inverse)
         else:
             out = self._unit(flat)
         return out.reshape(*ids.shape, self.config.embedding_dim)
+
+    def _expand(self, rows: Tensor, inverse: Tensor) -> Tensor:
+        """rows [U, m] of the distinct ids → [T, m] by ``inverse`` [T], through the backend's lookup
+        op: its backward sums each distinct id's gradients in token order (deterministic), where
+        ``index_select``'s backward adds them with atomics on CUDA."""
+        return ops.embedding_lookup(rows, inverse, None, 1.0, backend=resolve_backend(self.backend, self.device))
 
     # ------------------------------------------------------------------ inference table
     @torch.no_grad()

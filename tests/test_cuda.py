@@ -129,6 +129,23 @@ def test_backward_is_bitwise_deterministic():
     assert torch.equal(g1, g2)
 
 
+def test_dedup_layer_gradients_are_bitwise_deterministic():
+    """With dedup, repeated ids' gradients are summed by the lookup op's ordered backward (not
+    index_select's atomics): every parameter gradient repeats bit for bit."""
+    config = DeFINEConfig.from_preset("nmt_wmt14", num_embeddings=500, dropout=0.0)
+    module = DeFINE.from_config(config, backend="cuda", device=DEVICE, dedup=True)
+    ids = torch.randint(0, 50, (8000,), device=DEVICE)  # heavy repetition
+    grad = torch.randn(8000, config.embedding_dim, device=DEVICE)
+    runs = []
+    for _ in range(3):
+        module.zero_grad(set_to_none=True)
+        module(ids).backward(grad)
+        runs.append({name: p.grad.clone() for name, p in module.named_parameters()})
+    for other in runs[1:]:
+        for name, value in runs[0].items():
+            assert torch.equal(value, other[name]), name
+
+
 # ----------------------------------------------------------------------------- the embedding op
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("width", [3, 16, 256])
