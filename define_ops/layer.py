@@ -399,11 +399,11 @@ class DeFINE(nn.Module):
         under ``torch.compile`` they run the plain path instead.
         """
         self._check_ids(ids)
+        if self._cache_usable():  # the eval-mode table: one lookup, any ids shape, no reshapes
+            return F.embedding(ids, self._cached_table())
         flat = ids.reshape(-1)
         use_dedup = (self.dedup if dedup is None else dedup) and flat.numel() > 0
-        if self._cache_usable():
-            out = F.embedding(flat, self._cached_table())
-        elif use_dedup and resolve_backend(self.backend, self.device) == "triton":
+        if use_dedup and resolve_backend(self.backend, self.device) == "triton":
             distinct, inverse, count = distinct_ids(flat)
             out = self._expand(self._unit(distinct, row_count=count), inverse)
         elif use_dedup and not torch.compiler.is_compiling():
