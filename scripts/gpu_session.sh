@@ -10,28 +10,28 @@
 # writes its own JSON, so a stage cut by its timeout (Triton's autotuning compiles many configs)
 # never loses another stage's numbers:
 #   1. build the extension in place for this card (sm_90), print kernel resource usage;
-#   2. benchmarks in bf16 at the five presets (then the profile and torch.compile of the reference, 5 and 6 below, run next:
-#      they measure what changed since the last session): the whole layer (reference, cuda, cuda replayed as
+#   2. benchmarks in bf16 at the five presets: the whole layer (reference, cuda, cuda replayed as
 #      a CUDA graph, plain embedding), ceilings, floors, kernel launches per layer;
-#   3. tests/test_cuda.py (not the slow ones);
-#   4. compute-sanitizer memcheck and racecheck on scripts/cuda_smoke.py;
-#   5. scripts/gpu_profile.py: wall clock vs kernel time vs CUDA-graph replay, top kernels and
-#      host ops, per preset (reference, cuda); Nsight Compute on the epilogue kernels of one
-#      txl_wt103 step, and the unaligned grouped GEMM vs a padded copy (scripts/ncu_epilogue.py);
-#      the profile again with 8 and 16 backward blocks per SM (DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM);
-#   6. torch.compile of the reference (bf16, forward + backward): the other side of the 5x target;
-#      then torch.compile(mode="reduce-overhead") of our CUDA layer (CUDA graphs);
-#   7. the Triton layer benchmark, one preset per stage and JSON (autotuning is slow: 150 s did
-#      not cover all five presets on an H200); then scripts/host_profile.py (cProfile) on the Triton
-#      and CUDA eager steps, where the host time goes;
-#   8. the Triton backend's GPU tests, autotuning off;
+#   3. scripts/gpu_profile.py: wall clock vs kernel time vs CUDA-graph replay, top kernels and
+#      host ops, per preset (reference, cuda);
+#   4. tests/test_cuda.py (not the slow ones);
+#   5. torch.compile(mode="reduce-overhead") of our CUDA layer, then torch.compile of the
+#      reference (bf16, forward + backward): the other side of the 5x target;
+#   6. Nsight Compute on the epilogue kernels of one txl_wt103 step and the unaligned grouped GEMM
+#      vs a padded copy (scripts/ncu_epilogue.py); the profile again with 1, 2 and 8 backward
+#      blocks per SM (DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM);
+#   7. compute-sanitizer memcheck and racecheck on scripts/cuda_smoke.py;
+#   8. the Triton layer benchmark, one preset per stage and JSON (autotuning is slow: 150 s did
+#      not cover all five presets on an H200); then scripts/host_profile.py (cProfile) on the
+#      Triton and CUDA eager steps, where the host time goes; the Triton GPU tests, autotuning off;
 #   9. issue 8 in bf16: dedup on a real WikiText-2 window at the lstm_wt103 shapes (needs the
 #      corpus: run scripts/gpu_data.sh here first and carry .gpu-data) and cached inference;
 #  10. the layer benchmark in fp32, compute-sanitizer synccheck, the cuda cases of
 #      tests/test_ops.py, the slow int64 test.
 # Files in $OUT: session.log, report.md, bench.png and results.tgz, which holds tests.xml,
 # sanitizer.log, profile.json, profile-bwd-blocks-*.json, ncu-epilogue.txt, bench-bf16.json,
-# bench-compiled.json, bench-compiled-ours.json, bench-triton-<preset>.json, host-profile-*.txt, bench-issue8-bf16.json, bench-fp32.json.
+# bench-compiled.json, bench-compiled-ours.json, bench-triton-<preset>.json, host-profile-*.txt,
+# bench-issue8-bf16.json, bench-fp32.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -102,20 +102,21 @@ stage bench-bf16 150 "$PY" -m pytest benchmarks/test_bench_layer.py benchmarks/t
   --benchmark-json "$RES/bench-bf16.json" --benchmark-columns=median,min,rounds $TIMING
 
 stage profile 90 env PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py --providers reference,cuda --json "$RES/profile.json"
-stage bench-compiled 150 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider -k fwd_bwd \
-  --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference_compiled \
-  --benchmark-json "$RES/bench-compiled.json" --benchmark-columns=median,min,rounds $TIMING
+stage tests 110 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m "not slow" -rfE --maxfail=40 \
+  --junitxml="$RES/tests.xml"
 
 # torch.compile(mode="reduce-overhead") of our layer: what a user runs to remove the host time
 stage bench-compiled-ours 120 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider -k fwd_bwd \
   --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers cuda_compiled \
   --benchmark-json "$RES/bench-compiled-ours.json" --benchmark-columns=median,min,rounds $TIMING
 
-stage tests 110 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m "not slow" -rfE --maxfail=40 \
-  --junitxml="$RES/tests.xml"
+stage bench-compiled 150 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider -k fwd_bwd \
+  --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference_compiled \
+  --benchmark-json "$RES/bench-compiled.json" --benchmark-columns=median,min,rounds $TIMING
 
 stage ncu-epilogue 90 env PYTHONPATH="$PWD" ncu --profile-from-start off --kernel-name regex:hgt_step_ --launch-count 8 \
   --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
+  --section ComputeWorkloadAnalysis --section InstructionStats --section LaunchStats \
   --log-file "$RES/ncu-epilogue.txt" "$PY" scripts/ncu_epilogue.py --preset txl_wt103
 stage gemm-alignment 40 env PYTHONPATH="$PWD" "$PY" scripts/ncu_epilogue.py --gemm-alignment
 for cap in 1 2 8; do  # the backward epilogue's resident blocks per SM (default 4: the profile stage)
