@@ -183,6 +183,10 @@ def test_embedding_out_of_range_ids_give_nan_rows_and_no_gradient():
     assert e[1].isnan().all() and e[2].isnan().all()
     g = emulated_ops().embedding_lookup_backward(torch.ones(4, 8), ids, 10, None, 1.0)
     assert g.sum().item() == 16.0 and (g[1] == 1).all() and (g[2] == 1).all()
+    # int64 ids that a plain narrowing to the backward's 32-bit sort keys would wrap onto row 1
+    wrapping = torch.tensor([1, (1 << 32) + 1, -(1 << 32) + 1, 2])
+    g = emulated_ops().embedding_lookup_backward(torch.ones(4, 8), wrapping, 10, None, 1.0)
+    assert g.sum().item() == 16.0 and (g[1] == 1).all() and (g[2] == 1).all()
 
 
 def test_fast_divmod_is_exact():

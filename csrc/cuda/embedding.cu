@@ -8,8 +8,8 @@
 // default; skipped under torch.compile).
 //
 // Backward: the gradient reaches only the touched rows, deterministically: the ids are sorted
-// (stable), and one warp per distinct id sums its rows in their original order; padding rows get
-// nothing. The result is the dense [V, n] gradient the op's schema promises, so the untouched rows
+// (stable, as 32-bit keys), and one warp per distinct id sums its rows in their original order;
+// padding rows get nothing. The result is the dense [V, n] gradient the op's schema promises, so the untouched rows
 // are one memset (see README, "Gradients of the table").
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 
 #include "cuda_utils.cuh"
@@ -163,6 +164,31 @@ __global__ void __launch_bounds__(kBackwardThreads)
   }
 }
 
+// int64 ids → int32 sort keys: a 32-bit radix sort takes half the passes (and launches) of a
+// 64-bit one. Ids outside [0, V) become -1, which the backward kernel skips like every
+// out-of-range id, so that no such id can wrap onto a valid row in the narrowing.
+__global__ void __launch_bounds__(kLookupThreads)
+    narrow_ids_kernel(const int64_t* __restrict__ ids,  // [tokens]
+                      int32_t* __restrict__ keys,       // [tokens]
+                      int64_t tokens, int64_t num_embeddings) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < tokens; i += stride) {
+    const int64_t id = ids[i];
+    keys[i] = id >= 0 && id < num_embeddings ? static_cast<int32_t>(id) : -1;
+  }
+}
+
+at::Tensor sort_keys(const at::Tensor& flat, int64_t num_embeddings) {
+  if (flat.scalar_type() != at::kLong || num_embeddings > INT32_MAX) return flat;
+  at::Tensor keys = at::empty(flat.sizes(), flat.options().dtype(at::kInt));
+  const int64_t tokens = flat.numel();
+  const int64_t blocks = std::min<int64_t>((tokens + kLookupThreads - 1) / kLookupThreads,
+                                           static_cast<int64_t>(cuda::num_sms()) * 8);
+  cuda::launch_kernel(&narrow_ids_kernel, blocks, kLookupThreads, 0, flat.const_data_ptr<int64_t>(),
+                      keys.data_ptr<int32_t>(), tokens, num_embeddings);
+  return keys;
+}
+
 template <typename scalar_t, typename index_t, int V>
 void launch_backward(const at::Tensor& grad, const at::Tensor& sorted, const at::Tensor& order,
                      at::Tensor& grad_weight, bool has_padding, int64_t padding_idx, double scale) {
@@ -194,9 +220,10 @@ at::Tensor embedding_lookup_backward_cuda(const at::Tensor& grad,  // [numel, n]
   at::Tensor grad_weight = at::zeros({num_embeddings, width}, grad.options());
   if (flat.numel() == 0 || width == 0 || num_embeddings == 0) return grad_weight;
   const at::Tensor g = grad.contiguous();
-  const auto [sorted, order] = at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor keys = sort_keys(flat, num_embeddings);
+  const auto [sorted, order] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "embedding_backward_cuda", [&] {
-    AT_DISPATCH_INDEX_TYPES(flat.scalar_type(), "embedding_backward_cuda_ids", [&] {
+    AT_DISPATCH_INDEX_TYPES(keys.scalar_type(), "embedding_backward_cuda_ids", [&] {
       constexpr int V = 16 / sizeof(scalar_t);
       const bool vectorized = width % V == 0 && cuda::is_aligned(g.const_data_ptr<scalar_t>(), 16) &&
                               cuda::is_aligned(grad_weight.const_data_ptr<scalar_t>(), 16);
