@@ -433,21 +433,62 @@ def _prune_dx(configs, named_args, **kwargs):
 
 
 @triton.jit
+def _sum_column_block(
+    P,  # [R, C] contiguous partial sums, accumulation dtype
+    OUT_A,  # [C_A] dense: column sums [0, C_A), at their flat offsets
+    OUT_B,  # [C - C_A] dense: column sums [C_A, C)
+    R, C, C_A, block,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Columns [block·BLOCK_C, (block + 1)·BLOCK_C) of P summed over its rows, in row order
+    (deterministic), written to two outputs."""
+    c = block * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    acc = tl.zeros((BLOCK_C,), dtype=P.dtype.element_ty)
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        offs = r.to(tl.int64)[:, None] * C + c[None, :]
+        acc += tl.sum(tl.load(P + offs, mask=(r < R)[:, None] & c_ok[None, :], other=0.0), axis=0)
+    tl.store(OUT_A + c, acc.to(OUT_A.dtype.element_ty), mask=c < C_A)
+    tl.store(OUT_B + (c - C_A), acc.to(OUT_B.dtype.element_ty), mask=c_ok & (c >= C_A))
+
+
+@triton.jit
 def _hgt_step_bwd_dx_kernel(
     DY,  # [T, b] gradient of the GEMM output, GEMM order, any strides
     W,  # [g, a/g, s] grouped weight, any strides
     GRAD,  # [T, out_width] gradient of the output, any strides (read at e's places)
     DX,  # [T, a] contiguous
     ROWS,  # [1] int64 rows to compute, read when HAS_ROWS (DX rows past it are left as they are)
+    PA, OUT_AA, OUT_AB,  # SUM_A: [R_A, C_A] partial sums (dW ‖ d bias per token split) → grad_weight ‖ grad_bias
+    PB, OUT_BA, OUT_BB,  # SUM_B: [R_B, 2s] partial sums (d γ ‖ d β per token tile) → grad_gamma ‖ grad_beta
     T, a_g, s, stride_dyt, stride_dyn, stride_wg, stride_wk, stride_wn, stride_gt, stride_gn,
     e_in, h_in, e_out, h_out, t_bucket,
+    rows_a, cols_a, split_a, blocks_a, rows_b, cols_b, split_b, blocks_b,
     CARRY_E: tl.constexpr, ALLOW_TF32: tl.constexpr, DOT_F32: tl.constexpr, HAS_ROWS: tl.constexpr,
+    SUM_A: tl.constexpr, SUM_B: tl.constexpr, SUM_BLOCK_R: tl.constexpr, SUM_BLOCK_C: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """dx_j = dY_j W_jᵀ (+ e's gradient, copied through from the output); program = (token tile, group, x tile)."""
+    """dx_j = dY_j W_jᵀ (+ e's gradient, copied through from the output); program = (token tile, group, x tile).
+
+    The programs past the token tiles add up the partial sums that the dW and dY kernels (launched
+    before this one) left, SUM_BLOCK_C columns each: the step's backward is three launches.
+    """
     pid_t = tl.program_id(0)
     grp = tl.program_id(1)
     pid_k = tl.program_id(2)
+    if SUM_A or SUM_B:
+        t_tiles = tl.cdiv(T, BLOCK_T)
+        if pid_t >= t_tiles:
+            block = (pid_t - t_tiles) * (tl.num_programs(1) * tl.num_programs(2)) + grp * tl.num_programs(2) + pid_k
+            if SUM_A:
+                if block < blocks_a:
+                    _sum_column_block(PA, OUT_AA, OUT_AB, rows_a, cols_a, split_a, block, SUM_BLOCK_R, SUM_BLOCK_C)
+            if SUM_B:
+                if (block >= blocks_a) & (block < blocks_a + blocks_b):
+                    _sum_column_block(PB, OUT_BA, OUT_BB, rows_b, cols_b, split_b, block - blocks_a, SUM_BLOCK_R,
+                                      SUM_BLOCK_C)  # fmt: skip
+            return
     if HAS_ROWS:
         T = tl.load(ROWS)
         if pid_t * BLOCK_T >= T:
@@ -768,6 +809,9 @@ def _backward(
     tokens, groups, a_g, s = p.tokens, p.g, p.a_g, p.s
     cap = INTERPRET_MAX_BLOCK
 
+    # (partials [R, C], out_a, out_b): partial sums that the dx launch adds up (its extra programs)
+    norm_sums: tuple[Tensor, Tensor, Tensor] | None = None
+    dw_sums: tuple[Tensor, Tensor, Tensor] | None = None
     # dY, GEMM order. Without an epilogue it is grad_out itself (its h part: a strided view).
     if not (p.norm or p.act or p.dropout or p.shuffle) and e_out_chunks <= 1:
         dy = grad_out[:, p.e_width :] if p.carry_e else grad_out
@@ -794,25 +838,8 @@ def _backward(
         meta = dict(BLOCK_T=block_t, BLOCK_N=block_n)
         grid = (tiles, n_tiles)
         launch(_hgt_step_bwd_dy_kernel, None, lambda _: grid, args, flags, meta, dict(meta, num_warps=warps))
-        if p.norm:  # per-tile partial sums, added in a fixed order
-            _sum_rows(part, grad_gamma, grad_beta)
-
-    # dx = dY Wᵀ, plus e's gradient passed straight through to e's places in x.
-    args = (
-        dy, weight, grad_out, grad_x, rows, p.tokens, p.a_g, p.s, dy.stride(0), dy.stride(1),
-        weight.stride(0), weight.stride(1), weight.stride(2), grad_out.stride(0), grad_out.stride(1),
-        p.e_in, p.h_in, p.e_out, p.h_out, p.t_bucket,
-    )  # fmt: skip
-    flags = dict(CARRY_E=p.carry_e, ALLOW_TF32=p.allow_tf32, DOT_F32=p.dot_f32, HAS_ROWS=has_rows)
-    meta = dict(
-        BLOCK_T=interpret_block(p.tokens, cap["T"]), BLOCK_K=interpret_block(p.a_g, cap["K"]),
-        BLOCK_N=interpret_block(p.s, cap["N"]),
-    )  # fmt: skip
-
-    def dx_grid(meta):
-        return (triton.cdiv(tokens, meta["BLOCK_T"]), groups, triton.cdiv(a_g, meta["BLOCK_K"]))
-
-    launch(_hgt_step_bwd_dx_kernel, _hgt_step_bwd_dx_tuned, dx_grid, args, flags, meta)
+        if p.norm:  # per-tile partial sums, added in a fixed order by the dx launch below
+            norm_sums = (part, grad_gamma, grad_beta)
 
     # dW = xᵀ dY and d bias = Σ_t dY, over `splits` token ranges when the weight alone gives too few programs.
     if INTERPRET:
@@ -846,46 +873,51 @@ def _backward(
         return (triton.cdiv(a_g, meta["BLOCK_K"]) * triton.cdiv(s, meta["BLOCK_N"]), groups, splits)
 
     launch(_hgt_step_bwd_dw_kernel, _hgt_step_bwd_dw_tuned, dw_grid, args, flags, meta)
-    if splits > 1:
-        _sum_rows(partials, grad_weight, grad_bias if p.bias else None)
+    if splits > 1:  # without a bias, out_b is never written (its columns start past C)
+        dw_sums = (partials, grad_weight, grad_bias if p.bias else grad_weight)
+
+    # dx = dY Wᵀ, plus e's gradient passed straight through to e's places in x.
+    # The partial sums of dW / d bias (split dW) and d γ / d β are added up by extra programs of
+    # this launch: dY, dW, dx make the step's three launches.
+    sum_block_r, sum_block_c = (16, 256) if INTERPRET else (4, 1024)
+
+    def slot(sums: tuple[Tensor, Tensor, Tensor] | None) -> tuple[tuple, tuple]:
+        """((partials, out_a, out_b), (rows, columns, columns of out_a, column blocks))."""
+        if sums is None:
+            return (dummy, dummy, dummy), (0, 0, 0, 0)
+        partials_, out_a, _ = sums
+        rows_, cols_ = partials_.shape
+        return sums, (rows_, cols_, out_a.numel(), triton.cdiv(cols_, sum_block_c))
+
+    (pa, out_aa, out_ab), sizes_a = slot(dw_sums)
+    (pb, out_ba, out_bb), sizes_b = slot(norm_sums)
+    sum_blocks = sizes_a[3] + sizes_b[3]
+    args = (
+        dy, weight, grad_out, grad_x, rows, pa, out_aa, out_ab, pb, out_ba, out_bb, p.tokens, p.a_g, p.s,
+        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), weight.stride(2), grad_out.stride(0),
+        grad_out.stride(1), p.e_in, p.h_in, p.e_out, p.h_out, p.t_bucket, *sizes_a, *sizes_b,
+    )  # fmt: skip
+    flags = dict(
+        CARRY_E=p.carry_e, ALLOW_TF32=p.allow_tf32, DOT_F32=p.dot_f32, HAS_ROWS=has_rows, SUM_A=dw_sums is not None,
+        SUM_B=norm_sums is not None, SUM_BLOCK_R=sum_block_r, SUM_BLOCK_C=sum_block_c,
+    )  # fmt: skip
+    meta = dict(
+        BLOCK_T=interpret_block(p.tokens, cap["T"]), BLOCK_K=interpret_block(p.a_g, cap["K"]),
+        BLOCK_N=interpret_block(p.s, cap["N"]),
+    )  # fmt: skip
+
+    def dx_grid(meta):
+        k_tiles = triton.cdiv(a_g, meta["BLOCK_K"])
+        extra = triton.cdiv(sum_blocks, groups * k_tiles)  # the sum programs, spread over (group, x tile)
+        return (triton.cdiv(tokens, meta["BLOCK_T"]) + extra, groups, k_tiles)
+
+    launch(_hgt_step_bwd_dx_kernel, _hgt_step_bwd_dx_tuned, dx_grid, args, flags, meta)
+
     return grad_x, grad_weight, grad_bias, grad_gamma, grad_beta
 
 
 # Token splits of the dW kernel under the interpreter (tests raise it to cover the split path).
 DW_SPLITS_INTERPRET = 1
-
-
-@triton.jit
-def _sum_rows_kernel(
-    P,  # [R, C] contiguous partial sums, accumulation dtype
-    OUT_A,  # [C_A] dense: column sums [0, C_A), at their flat offsets
-    OUT_B,  # [C - C_A] dense: column sums [C_A, C)
-    R, C, C_A,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    """Column sums of P, rows added in order (deterministic), written to two outputs."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    acc = tl.zeros((BLOCK_C,), dtype=P.dtype.element_ty)
-    for r0 in range(0, R, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        offs = r.to(tl.int64)[:, None] * C + c[None, :]
-        acc += tl.sum(tl.load(P + offs, mask=(r < R)[:, None] & c_ok[None, :], other=0.0), axis=0)
-    tl.store(OUT_A + c, acc.to(OUT_A.dtype.element_ty), mask=c < C_A)
-    tl.store(OUT_B + (c - C_A), acc.to(OUT_B.dtype.element_ty), mask=c_ok & (c >= C_A))
-
-
-def _sum_rows(partials: Tensor, out_a: Tensor, out_b: Tensor | None) -> None:
-    """out_a ‖ out_b (flat) = partials [R, C].sum(0), in row order: one launch for two outputs."""
-    rows, cols = partials.shape
-    if INTERPRET:
-        block_r, block_c = max(1, min(next_pow2(rows), 64)), min(next_pow2(cols), 1024)
-    else:
-        block_r, block_c = 4, 1024
-    args = (partials, out_a, out_b if out_b is not None else out_a, rows, cols, out_a.numel())
-    meta = dict(BLOCK_R=block_r, BLOCK_C=block_c)
-    grid = (triton.cdiv(cols, block_c),)
-    launch(_sum_rows_kernel, None, lambda _: grid, args, {}, meta, dict(meta, num_warps=4))
 
 
 # ----------------------------------------------------------------------------- ops and autograd
