@@ -251,7 +251,7 @@ def test_embedding_scale_and_init():
 
 
 @pytest.mark.skipif(not HAS_CPU_KERNELS, reason="compiled CPU kernels not loaded")
-def test_compiled_provider_trains_like_the_eager_layer():
+def test_compiled_provider_runs_training_and_eval_steps():
     """The benchmarks' <backend>_compiled provider (torch.compile of our layer; reduce-overhead on a
     GPU) runs a training step and an eval step; it refuses dedup."""
     from define_ops.bench import make_workload
