@@ -403,21 +403,23 @@ class DeFINE(nn.Module):
             return F.embedding(ids, self._cached_table())
         flat = ids.reshape(-1)
         use_dedup = (self.dedup if dedup is None else dedup) and flat.numel() > 0
-        if use_dedup and resolve_backend(self.backend, self.device) == "triton":
+        backend = self.active_backend() if use_dedup else None
+        if backend == "triton":
             distinct, inverse, count = distinct_ids(flat)
-            out = self._expand(self._unit(distinct, row_count=count), inverse)
+            out = self._expand(self._unit(distinct, row_count=count), inverse, backend)
         elif use_dedup and not torch.compiler.is_compiling():
             distinct, inverse = torch.unique(flat, return_inverse=True)
-            out = self._expand(self._unit(distinct), inverse)
+            out = self._expand(self._unit(distinct), inverse, backend)
         else:
             out = self._unit(flat)
         return out.reshape(*ids.shape, self.config.embedding_dim)
 
-    def _expand(self, rows: Tensor, inverse: Tensor) -> Tensor:
+    @staticmethod
+    def _expand(rows: Tensor, inverse: Tensor, backend: str) -> Tensor:
         """rows [U, m] of the distinct ids → [T, m] by ``inverse`` [T], through the backend's lookup
         op: its backward sums each distinct id's gradients in token order (deterministic), where
         ``index_select``'s backward adds them with atomics on CUDA."""
-        return ops.embedding_lookup(rows, inverse, None, 1.0, backend=resolve_backend(self.backend, self.device))
+        return ops.embedding_lookup(rows, inverse, None, 1.0, backend=backend)
 
     # ------------------------------------------------------------------ inference table
     @torch.no_grad()

@@ -52,6 +52,11 @@ class StepSpec:
                 float(self.dropout_p), float(self.norm_eps))  # fmt: skip
 
 
+def _step_tensors(tensors: Sequence[Tensor | None], index: int) -> Sequence[Tensor | None]:
+    """Step ``index``'s (weight, bias, norm_weight, norm_bias, seed) out of the flat tensor list."""
+    return tensors[index * TENSORS_PER_STEP : (index + 1) * TENSORS_PER_STEP]
+
+
 def _ops_for(backend: str) -> tuple[Callable[..., Any], Callable[..., Any], bool]:
     """(forward op, backward op, whether they take a trailing row_count) of a compiled backend."""
     if backend == "triton":
@@ -71,8 +76,7 @@ class _HGTStack(torch.autograd.Function):
         inputs, saved, means, rstds = [], [], [], []
         with _below_autograd():
             for index, spec in enumerate(specs):
-                step_tensors = tensors[index * TENSORS_PER_STEP : (index + 1) * TENSORS_PER_STEP]
-                out, pre_activation, mean, rstd = forward_op(x, *step_tensors, *spec.args(), *trailing)
+                out, pre_activation, mean, rstd = forward_op(x, *_step_tensors(tensors, index), *spec.args(), *trailing)
                 inputs.append(x)
                 saved.append(pre_activation)
                 means.append(mean)
@@ -98,7 +102,7 @@ class _HGTStack(torch.autograd.Function):
         with _below_autograd():
             for index in reversed(range(steps)):
                 first = index * TENSORS_PER_STEP
-                weight, bias, norm_weight, norm_bias, seed = tensors[first : first + TENSORS_PER_STEP]
+                weight, bias, norm_weight, norm_bias, seed = _step_tensors(tensors, index)
                 grad_x, grad_weight, grad_bias, grad_gamma, grad_beta = ctx.backward_op(
                     grad, inputs[index], weight, bias, norm_weight, norm_bias, seed, saved[index], means[index],
                     rstds[index], *specs[index].args(), *trailing,
@@ -142,7 +146,6 @@ def hgt_stack(
         forward_op, _, takes_rows = _ops_for(backend)
         trailing = (row_count,) if takes_rows else ()
         for index, spec in enumerate(specs):
-            step_tensors = tensors[index * TENSORS_PER_STEP : (index + 1) * TENSORS_PER_STEP]
-            x = forward_op(x, *step_tensors, *spec.args(), *trailing)[0]
+            x = forward_op(x, *_step_tensors(tensors, index), *spec.args(), *trailing)[0]
         return x
     return _HGTStack.apply(backend, specs, row_count, x, *tensors)
