@@ -17,8 +17,24 @@ struct PhiloxWords {
   uint32_t w[4];
 };
 
-C10_HOST_DEVICE inline uint32_t mul_hi_u32(uint32_t a, uint32_t b) {
-  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+// a · b as (high, low) 32-bit halves. On the GPU one mul.wide (a single IMAD.WIDE.U32 that yields
+// both halves); nvcc emits a second multiply for the low half when the two are written apart.
+struct WideProduct {
+  uint32_t hi;
+  uint32_t lo;
+};
+
+C10_HOST_DEVICE inline WideProduct mul_wide_u32(uint32_t a, uint32_t b) {
+#ifdef __CUDA_ARCH__
+  uint32_t lo, hi;
+  asm("{\n\t.reg .b64 product;\n\tmul.wide.u32 product, %2, %3;\n\tmov.b64 {%0, %1}, product;\n\t}"
+      : "=r"(lo), "=r"(hi)
+      : "r"(a), "r"(b));
+  return WideProduct{hi, lo};
+#else
+  const uint64_t product = static_cast<uint64_t>(a) * b;
+  return WideProduct{static_cast<uint32_t>(product >> 32), static_cast<uint32_t>(product)};
+#endif
 }
 
 C10_HOST_DEVICE inline PhiloxWords philox4x32_10(uint64_t seed, uint32_t c0, uint32_t c1) {
@@ -28,11 +44,11 @@ C10_HOST_DEVICE inline PhiloxWords philox4x32_10(uint64_t seed, uint32_t c0, uin
   uint32_t c2 = 0, c3 = 0;
 #pragma unroll
   for (int round = 0; round < 10; ++round) {
-    const uint32_t old_c0 = c0, old_c2 = c2;
-    c0 = mul_hi_u32(kRoundB, old_c2) ^ c1 ^ k0;
-    c2 = mul_hi_u32(kRoundA, old_c0) ^ c3 ^ k1;
-    c1 = kRoundB * old_c2;
-    c3 = kRoundA * old_c0;
+    const WideProduct product_a = mul_wide_u32(kRoundA, c0), product_b = mul_wide_u32(kRoundB, c2);
+    c0 = product_b.hi ^ c1 ^ k0;
+    c2 = product_a.hi ^ c3 ^ k1;
+    c1 = product_b.lo;
+    c3 = product_a.lo;
     k0 += kKeyA;
     k1 += kKeyB;
   }

@@ -98,7 +98,7 @@ inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream();
 // The block's dynamic shared memory.
 template <typename T>
 __device__ __forceinline__ T* shared_memory() {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(32) unsigned char smem_raw[];  // 32: the kernels load 4 doubles at once
   return reinterpret_cast<T*>(smem_raw);
 }
 

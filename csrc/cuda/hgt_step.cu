@@ -134,7 +134,69 @@ __device__ __forceinline__ uint64_t load_seed(const int64_t* seed_ptr, uint64_t 
   return seed_ptr != nullptr ? static_cast<uint64_t>(*seed_ptr) : seed;
 }
 
+// f and d·f' over a quad of values, the activation's branch taken once for the four (inside the
+// quad loop a per-value switch costs a few uniform branches per value).
+template <typename acc_t>
+__device__ __forceinline__ void activation_forward4(Activation act, acc_t (&v)[4]) {
+  switch (act) {
+    case Activation::kGelu:
+#pragma unroll
+      for (int k = 0; k < 4; ++k) v[k] = epilogue::activation_forward(Activation::kGelu, v[k]);
+      break;
+    case Activation::kRelu:
+#pragma unroll
+      for (int k = 0; k < 4; ++k) v[k] = epilogue::activation_forward(Activation::kRelu, v[k]);
+      break;
+    case Activation::kSwish:
+#pragma unroll
+      for (int k = 0; k < 4; ++k) v[k] = epilogue::activation_forward(Activation::kSwish, v[k]);
+      break;
+    default:
+      break;
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void activation_backward4(Activation act, const acc_t (&a)[4], acc_t (&d)[4]) {
+  switch (act) {
+    case Activation::kGelu:
+#pragma unroll
+      for (int k = 0; k < 4; ++k) d[k] = epilogue::activation_backward(Activation::kGelu, a[k], d[k]);
+      break;
+    case Activation::kRelu:
+#pragma unroll
+      for (int k = 0; k < 4; ++k) d[k] = epilogue::activation_backward(Activation::kRelu, a[k], d[k]);
+      break;
+    case Activation::kSwish:
+#pragma unroll
+      for (int k = 0; k < 4; ++k) d[k] = epilogue::activation_backward(Activation::kSwish, a[k], d[k]);
+      break;
+    default:
+      break;
+  }
+}
+
+// Four consecutive values as one aligned access (the caller guarantees the alignment).
+template <typename T, typename U>
+__device__ __forceinline__ void load4(const U* ptr, T (&v)[4]) {
+  const Vec<U, 4> packed = *reinterpret_cast<const Vec<U, 4>*>(ptr);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) v[k] = static_cast<T>(packed.v[k]);
+}
+
+template <typename U, typename T>
+__device__ __forceinline__ void store4(U* ptr, const T (&v)[4]) {
+  Vec<U, 4> packed;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) packed.v[k] = static_cast<U>(v[k]);
+  *reinterpret_cast<Vec<U, 4>*>(ptr) = packed;
+}
+
 // ============================================================================ forward epilogue
+// Accumulator slots of the forward's row stage: the row [b] then mean and rstd [g] each, rounded up to
+// a multiple of 4 so that every workspace row starts 4-aligned (the quad path loads 4 at a time).
+__host__ __device__ __forceinline__ int forward_stage(const RowShape& R) { return (R.b + 2 * R.g + 3) / 4 * 4; }
+
 template <typename scalar_t>
 struct ForwardArgs {
   using acc_t = at::opmath_type<scalar_t>;
@@ -157,6 +219,7 @@ struct ForwardArgs {
   bool keep_saved;          // write y + bias back, rounded; the rest of the row uses the rounded values
   bool vec_in;              // y and bias rows can be read 16 bytes at a time
   bool vec_out;             // the four outputs of a quad are contiguous and 4-aligned in out
+  bool quads_in_group;      // vec_out, s % 4 == 0 and γ/β 4-aligned: a quad is 4 features of one norm group
 };
 
 // One block per row at a time (grid-stride over rows). Per row:
@@ -174,7 +237,7 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_forward_kernel(const For
   const RowShape& R = A.R;
   const int tid = threadIdx.x, nthreads = blockDim.x;
   const int lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
-  acc_t* z = A.workspace != nullptr ? A.workspace + static_cast<int64_t>(blockIdx.x) * (R.b + 2 * R.g)
+  acc_t* z = A.workspace != nullptr ? A.workspace + static_cast<int64_t>(blockIdx.x) * forward_stage(R)
                                     : smem + kForwardReduceSlots;  // [b] the row, shuffled order
   acc_t* mean_s = z + R.b;                                                // [g]
   acc_t* rstd_s = mean_s + R.g;                                           // [g]
@@ -270,7 +333,30 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_forward_kernel(const For
 
     // ---- 3. norm → activation → dropout → store, four features (one Philox call) per thread
     scalar_t* out_row = A.out + t * R.out_width;
-    for (int qd = tid; qd < quads; qd += nthreads) {
+    if (A.quads_in_group) {  // every preset: one group's statistics, 4-wide γ/β, stage and output
+      for (int qd = tid; qd < quads; qd += nthreads) {
+        const int p0 = 4 * qd;
+        const int group = R.by_s.div(p0), u = p0 - group * R.s;
+        acc_t h[4];
+        load4(z + p0, h);
+        if (R.norm) {
+          const acc_t mu = mean_s[group], rs = rstd_s[group];
+          acc_t gamma[4], beta[4];
+          load4(A.gamma + u, gamma);
+          load4(A.beta + u, beta);
+#pragma unroll
+          for (int k = 0; k < 4; ++k) h[k] = (h[k] - mu) * rs * gamma[k] + beta[k];
+        }
+        activation_forward4(R.activation, h);
+        if (R.dropout) {
+          const PhiloxWords words = philox4x32_10(seed, static_cast<uint32_t>(qd), static_cast<uint32_t>(t));
+#pragma unroll
+          for (int k = 0; k < 4; ++k) h[k] = words.w[k] >= A.threshold ? h[k] * A.keep_scale : acc_t(0);
+        }
+        store4(out_row + h_position(R, RowCursor(p0, R.by_hc_out)), h);
+      }
+    }
+    for (int qd = A.quads_in_group ? quads : tid; qd < quads; qd += nthreads) {  // the general case
       const int p0 = 4 * qd;
       PhiloxWords words{{0u, 0u, 0u, 0u}};
       if (R.dropout) words = philox4x32_10(seed, static_cast<uint32_t>(qd), static_cast<uint32_t>(t));
@@ -323,7 +409,7 @@ void launch_forward(ForwardArgs<scalar_t> args, const at::TensorOptions& options
   using acc_t = at::opmath_type<scalar_t>;
   const RowShape& R = args.R;
   const int threads = cuda::row_block_threads(R.b);
-  const int64_t stage = static_cast<int64_t>(R.b) + 2 * R.g;
+  const int64_t stage = forward_stage(R);
   const size_t reduce_bytes = kForwardReduceSlots * sizeof(acc_t);
   size_t smem = reduce_bytes + static_cast<size_t>(stage) * sizeof(acc_t);
   const bool stage_in_global = smem > cuda::max_dynamic_smem();
@@ -341,6 +427,12 @@ void launch_forward(ForwardArgs<scalar_t> args, const at::TensorOptions& options
 }
 
 // ============================================================================ backward epilogue
+// Accumulator slots of the backward's stage: d [b], x̂ [b] with the norm, this block's column sums,
+// rounded up to a multiple of 4 (workspace rows start 4-aligned for the quad path's 4-wide accesses).
+__host__ __device__ __forceinline__ int backward_stage(const RowShape& R, int num_partials) {
+  return (R.b + (R.norm ? R.b : 0) + num_partials + 3) / 4 * 4;
+}
+
 template <typename scalar_t>
 struct BackwardArgs {
   using acc_t = at::opmath_type<scalar_t>;
@@ -368,6 +460,8 @@ struct BackwardArgs {
   bool vec_dy;                // dy rows can be written 16 bytes at a time
   bool vec_go;                // a quad's four grad_out values are contiguous and 4-aligned
   bool vec_saved;             // a quad's four saved values are contiguous (no shuffle) and 4-aligned
+  bool quads_in_group;        // vec_go, vec_saved (or no saved), s % 4 == 0, γ/β 4-aligned: a quad is 4
+                              // features of one norm group
 };
 
 // One block per row at a time (grid-stride over rows). Per row, with d the gradient in the
@@ -390,7 +484,7 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_backward_kernel(const Ba
   const RowShape& R = A.R;
   const int tid = threadIdx.x, nthreads = blockDim.x;
   const int lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
-  const int stage = R.b + (R.norm ? R.b : 0) + A.num_partials;
+  const int stage = backward_stage(R, A.num_partials);
   acc_t* d = A.workspace != nullptr ? A.workspace + static_cast<int64_t>(blockIdx.x) * stage
                                     : smem + kBackwardReduceSlots;  // [b] gradient, shuffled order
   acc_t* xh = d + R.b;                                                    // [b] x̂ (norm only)
@@ -409,7 +503,38 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_backward_kernel(const Ba
     const scalar_t* go_row = A.grad_out + t * R.out_width;
     const scalar_t* saved_row = A.saved != nullptr ? A.saved + t * R.b : nullptr;
     // ---- 1. dropout, activation backward (x̂ recomputed on the way)
-    for (int qd = tid; qd < quads; qd += nthreads) {
+    if (A.quads_in_group) {  // every preset: 4-wide loads and stores, one group's statistics per quad
+      for (int qd = tid; qd < quads; qd += nthreads) {
+        const int p0 = 4 * qd;
+        acc_t dv[4];
+        load4(go_row + h_position(R, RowCursor(p0, R.by_hc_out)), dv);
+        if (R.dropout) {
+          const PhiloxWords words = philox4x32_10(seed, static_cast<uint32_t>(qd), static_cast<uint32_t>(t));
+#pragma unroll
+          for (int k = 0; k < 4; ++k) dv[k] = words.w[k] >= A.threshold ? dv[k] * A.keep_scale : acc_t(0);
+        }
+        if (saved_row != nullptr) {
+          acc_t av[4];
+          load4(saved_row + p0, av);
+          if (R.norm) {
+            const int group = R.by_s.div(p0), u = p0 - group * R.s;
+            const acc_t mu = A.mean[t * R.g + group], rs = A.rstd[t * R.g + group];
+            acc_t gamma[4], beta[4], xv[4];
+            load4(A.gamma + u, gamma);
+            load4(A.beta + u, beta);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+              xv[k] = (av[k] - mu) * rs;
+              av[k] = xv[k] * gamma[k] + beta[k];
+            }
+            store4(xh + p0, xv);
+          }
+          activation_backward4(R.activation, av, dv);
+        }
+        store4(d + p0, dv);
+      }
+    }
+    for (int qd = A.quads_in_group ? quads : tid; qd < quads; qd += nthreads) {  // the general case
       const int p0 = 4 * qd;
       PhiloxWords words{{0u, 0u, 0u, 0u}};
       if (R.dropout) words = philox4x32_10(seed, static_cast<uint32_t>(qd), static_cast<uint32_t>(t));
@@ -602,7 +727,7 @@ void launch_backward(BackwardArgs<scalar_t> args, const at::TensorOptions& optio
   using acc_t = at::opmath_type<scalar_t>;
   const RowShape& R = args.R;
   const int threads = cuda::row_block_threads(R.b);
-  const int64_t stage = static_cast<int64_t>(R.b) + (R.norm ? R.b : 0) + args.num_partials;
+  const int64_t stage = backward_stage(R, args.num_partials);
   const size_t reduce_bytes = kBackwardReduceSlots * sizeof(acc_t);
   size_t smem = reduce_bytes + static_cast<size_t>(stage) * sizeof(acc_t);
   const bool stage_in_global = smem > cuda::max_dynamic_smem();
@@ -729,6 +854,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgt_step_cuda(
                   (args.bias == nullptr || cuda::is_aligned(args.bias, 16));
     args.vec_out = shape.b % 4 == 0 && shape.hc_out % 4 == 0 && shape.ec_out % 4 == 0 &&
                    shape.out_width % 4 == 0 && cuda::is_aligned(args.out, 4 * sizeof(scalar_t));
+    args.quads_in_group = args.vec_out && shape.s % 4 == 0 &&
+                          (!p.norm || (cuda::is_aligned(args.gamma, 4 * sizeof(scalar_t)) &&
+                                       cuda::is_aligned(args.beta, 4 * sizeof(scalar_t))));
     launch_forward<scalar_t>(args, x.options());
   });
   return {out, saved, mean, rstd};
@@ -810,6 +938,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgt_step_
                     shape.out_width % 4 == 0 && cuda::is_aligned(args.grad_out, 4 * sizeof(scalar_t));
       args.vec_saved = !shape.shuffle && shape.b % 4 == 0 && args.saved != nullptr &&
                        cuda::is_aligned(args.saved, 4 * sizeof(scalar_t));
+      args.quads_in_group = args.vec_go && shape.s % 4 == 0 && (args.saved == nullptr || args.vec_saved) &&
+                            (!p.norm || (cuda::is_aligned(args.gamma, 4 * sizeof(scalar_t)) &&
+                                         cuda::is_aligned(args.beta, 4 * sizeof(scalar_t))));
       launch_backward<scalar_t>(args, opts);
     });
   }

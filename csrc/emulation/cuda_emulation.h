@@ -53,13 +53,18 @@ struct Warp {
 };
 
 struct Block {
+  // Shared memory starts 64-byte aligned, as the device's does (kernels load 4 doubles at once).
+  static constexpr size_t kSmemAlign = 64;
   Block(int threads, size_t smem_bytes)
-      : barrier(threads), warps(threads / 32), smem(new unsigned char[smem_bytes + 16]) {
-    std::memset(smem.get(), 0xFF, smem_bytes + 16);
+      : barrier(threads), warps(threads / 32), smem_storage(new unsigned char[smem_bytes + 16 + kSmemAlign]) {
+    const auto address = reinterpret_cast<uintptr_t>(smem_storage.get());
+    smem = smem_storage.get() + (kSmemAlign - address % kSmemAlign) % kSmemAlign;
+    std::memset(smem, 0xFF, smem_bytes + 16);
   }
   std::barrier<> barrier;
   std::vector<Warp> warps;
-  std::unique_ptr<unsigned char[]> smem;
+  std::unique_ptr<unsigned char[]> smem_storage;
+  unsigned char* smem;
 };
 
 struct ThreadState {
@@ -116,7 +121,7 @@ inline int current_stream() { return 0; }
 
 template <typename T>
 T* shared_memory() {
-  return reinterpret_cast<T*>(emu::current.block_state->smem.get());
+  return reinterpret_cast<T*>(emu::current.block_state->smem);
 }
 
 inline void grid_sync() {
