@@ -192,6 +192,38 @@ __device__ __forceinline__ void store4(U* ptr, const T (&v)[4]) {
   *reinterpret_cast<Vec<U, 4>*>(ptr) = packed;
 }
 
+// N consecutive stage values, four per access where N allows it (the pointer is then 4-aligned).
+template <int N, typename T>
+__device__ __forceinline__ void load_run(const T* ptr, T (&v)[N]) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int k = 0; k < N; k += 4) {
+      const Vec<T, 4> packed = *reinterpret_cast<const Vec<T, 4>*>(ptr + k);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) v[k + j] = packed.v[j];
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) v[k] = ptr[k];
+  }
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store_run(T* ptr, const T (&v)[N]) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int k = 0; k < N; k += 4) {
+      Vec<T, 4> packed;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) packed.v[j] = v[k + j];
+      *reinterpret_cast<Vec<T, 4>*>(ptr + k) = packed;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) ptr[k] = v[k];
+  }
+}
+
 // ============================================================================ forward epilogue
 // Accumulator slots of the forward's row stage: the row [b] then mean and rstd [g] each, rounded up to
 // a multiple of 4 so that every workspace row starts 4-aligned (the quad path loads 4 at a time).
@@ -267,11 +299,15 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_forward_kernel(const For
           }
         }
         if (A.keep_saved) *reinterpret_cast<Vec<scalar_t, V>*>(y_row + q0) = yv;
-        RowCursor zc(q0, R.by_s);
+        if (R.shuffle) {
+          RowCursor zc(q0, R.by_s);
 #pragma unroll
-        for (int k = 0; k < V; ++k) {
-          z[R.shuffle ? zc.offset * R.g + zc.group : q0 + k] = v[k];
-          zc.next(R.s);
+          for (int k = 0; k < V; ++k) {
+            z[zc.offset * R.g + zc.group] = v[k];
+            zc.next(R.s);
+          }
+        } else {
+          store_run(z + q0, v);
         }
       }
     } else {
@@ -652,15 +688,27 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_backward_kernel(const Ba
     const bool bias = A.grad_bias != nullptr;
     if (A.vec_dy) {
       for (int q0 = tid * V; q0 < R.b; q0 += nthreads * V) {
-        Vec<scalar_t, V> packed;
-        RowCursor zc(q0, R.by_s);
+        acc_t dz[V];
+        if (R.shuffle) {
+          RowCursor zc(q0, R.by_s);
 #pragma unroll
-        for (int k = 0; k < V; ++k) {
-          const acc_t dz = d[R.shuffle ? zc.offset * R.g + zc.group : q0 + k];
-          packed.v[k] = static_cast<scalar_t>(dz);
-          if (bias) sum_bias[q0 + k] += dz;
-          zc.next(R.s);
+          for (int k = 0; k < V; ++k) {
+            dz[k] = d[zc.offset * R.g + zc.group];
+            zc.next(R.s);
+          }
+        } else {
+          load_run(d + q0, dz);
         }
+        if (bias) {
+          acc_t column_sums[V];
+          load_run(sum_bias + q0, column_sums);
+#pragma unroll
+          for (int k = 0; k < V; ++k) column_sums[k] += dz[k];
+          store_run(sum_bias + q0, column_sums);
+        }
+        Vec<scalar_t, V> packed;
+#pragma unroll
+        for (int k = 0; k < V; ++k) packed.v[k] = static_cast<scalar_t>(dz[k]);
         *reinterpret_cast<Vec<scalar_t, V>*>(dy_row + q0) = packed;
       }
     } else {
