@@ -8,6 +8,13 @@ under cProfile and prints the functions with the most time of their own and the 
 time per step. On the GPU the torch profiler (scripts/gpu_profile.py) names the slow host ops;
 this names the Python behind them: e.g. the Triton backend's eager step spent ~0.65 ms of host
 per layer backward on an H200 (benchmarks/results/h200-profile-triton-bf16.json), 40x its launches.
+
+Without a GPU, ``--stub-launches`` (with TRITON_INTERPRET=1, so that the Triton backend exists on
+the CPU) replaces every Triton kernel launch by a no-op: what is left is define_ops's own host
+work around the launches (layer, autograd node, op dispatch, argument checks, allocations), timed
+per step. Outputs are then uninitialised memory: the numbers are host time only.
+
+    TRITON_INTERPRET=1 python scripts/host_profile.py --provider triton --quick --stub-launches
 """
 
 from __future__ import annotations
@@ -16,10 +23,20 @@ import argparse
 import cProfile
 import io
 import pstats
+import time
 
 import torch
 
 from define_ops.bench import device, make_workload
+
+
+def stub_triton_launches() -> None:
+    """Every Triton kernel launch of define_ops becomes a no-op (see the module docstring)."""
+    import importlib
+
+    for name in ("define_ops.triton.hgt_step", "define_ops.triton.embedding"):
+        module = importlib.import_module(name)  # the package re-exports functions of the same names
+        module.launch = lambda *args, **kwargs: None
 
 
 def main() -> None:
@@ -29,11 +46,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="the benchmarks' small vocabulary and token count")
+    parser.add_argument("--stub-launches", action="store_true", help="Triton launches become no-ops (host time only)")
     args = parser.parse_args()
+    if args.stub_launches:
+        stub_triton_launches()
     dtype = torch.bfloat16 if device().type == "cuda" else torch.float32
     work = make_workload(args.preset, args.provider, "fwd_bwd", quick=args.quick, dtype=dtype)
     for _ in range(3):
         work.step()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        work.step()
+    print(f"{args.preset} {args.provider}: {(time.perf_counter() - start) / args.steps * 1e3:.3f} ms per step (wall)")
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(args.steps):

@@ -27,10 +27,19 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("DEFINE_OPS_TRITON_AUTOTUNE", "1") != "0"
 
 
+# Host-side integer helpers in plain Python: triton.cdiv and triton.next_power_of_2 are
+# constexpr_functions since Triton 3.5, whose host calls cost a few microseconds each (argument
+# unwrapping), a measurable part of an eager launch's Python.
 def next_pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    return 1 << (max(int(n), 1) - 1).bit_length()
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for non-negative ints (also SymInts: no int() conversion)."""
+    return (a + b - 1) // b
+
+
+@functools.lru_cache(maxsize=1024)  # a layer passes the same few constants on every call
 def split_float(value: float) -> tuple[float, float, float]:
     """Three float32-representable parts whose float64 sum is exactly ``value``.
 

@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._autograd import embedding_autograd
-from ._common import INTERPRET, launch, next_pow2, register_op, split_float
+from ._common import INTERPRET, cdiv, launch, next_pow2, register_op, split_float
 
 # Interpreter blocks: ids per program and (largest) feature tile.
 INTERPRET_BLOCK_IDS = 128
@@ -111,7 +111,7 @@ def _lookup(weight: Tensor, ids: Tensor, padding_idx: int | None, scale: float, 
     args = (weight, flat, out, count, num_embeddings, width, weight.stride(0), weight.stride(1),
             -1 if padding_idx is None else padding_idx, *split_float(scale))  # fmt: skip
     meta = dict(BLOCK_I=block_i, BLOCK_N=block_n)
-    grid = (triton.cdiv(count, block_i), triton.cdiv(width, block_n))
+    grid = (cdiv(count, block_i), cdiv(width, block_n))
     launch(_embedding_fwd_kernel, None, lambda _: grid, args, {}, meta, dict(meta, num_warps=4))
     return out
 
@@ -132,7 +132,7 @@ def _lookup_backward(
     block_n = max(16, min(next_pow2(width), INTERPRET_MAX_BLOCK_N if INTERPRET else 256))
     args = (grad, sorted_ids, order, grad_weight, flat.numel(), num_embeddings, width, grad.stride(0), grad.stride(1),
             -1 if padding_idx is None else padding_idx, *split_float(scale))  # fmt: skip
-    grid = (flat.numel(), triton.cdiv(width, block_n))
+    grid = (flat.numel(), cdiv(width, block_n))
     meta = dict(BLOCK_N=block_n)
     warps = 4 if block_n >= 128 else 1
     launch(_embedding_bwd_kernel, None, lambda _: grid, args, {}, meta, dict(meta, num_warps=warps))

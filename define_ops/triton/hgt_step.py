@@ -32,6 +32,7 @@ from ._common import (
     acc_dtype,
     allow_tf32,
     autotuned,
+    cdiv,
     dot_in_f32,
     interpret_block,
     keep_fitting,
@@ -739,7 +740,7 @@ def _forward(
     tokens, groups, s = p.tokens, p.g, p.s
 
     def grid(meta):
-        return (triton.cdiv(tokens, meta["BLOCK_T"]), groups, triton.cdiv(s, meta["BLOCK_N"]))
+        return (cdiv(tokens, meta["BLOCK_T"]), groups, cdiv(s, meta["BLOCK_N"]))
 
     block_n = max(16, next_pow2(p.s)) if flags["NORM"] else interpret_block(p.s, INTERPRET_MAX_BLOCK["N"])
     interpret_meta = dict(
@@ -763,7 +764,7 @@ def _forward(
     )  # fmt: skip
     meta = dict(BLOCK_T=block_t, BLOCK_N=block_n)
     launch(
-        _hgt_step_fwd_rows_kernel, None, lambda _: (triton.cdiv(tokens, block_t), groups), rows_args, rows_flags, meta,
+        _hgt_step_fwd_rows_kernel, None, lambda _: (cdiv(tokens, block_t), groups), rows_args, rows_flags, meta,
         dict(meta, num_warps=warps),
     )  # fmt: skip
     return out, saved, mean, rstd
@@ -821,7 +822,7 @@ def _backward(
         if not p.norm and not INTERPRET:
             block_n = min(block_n, 256)
             block_t = max(1, min(64, _ROW_TILE // block_n))
-        tiles = triton.cdiv(p.tokens, block_t)
+        tiles = cdiv(p.tokens, block_t)
         part = x.new_empty((tiles * p.g, 2 * p.s), dtype=stats) if p.norm else dummy
         args = (
             grad_out, saved if p.needs_saved else dummy, mean if p.norm else dummy, rstd if p.norm else dummy,
@@ -834,7 +835,7 @@ def _backward(
             QUADS=not p.norm or p.s % 4 == 0,  # tiles start at multiples of BLOCK_N, or of s
             HAS_ROWS=has_rows,
         )  # fmt: skip
-        n_tiles = p.g if p.norm else triton.cdiv(p.b, block_n)
+        n_tiles = p.g if p.norm else cdiv(p.b, block_n)
         meta = dict(BLOCK_T=block_t, BLOCK_N=block_n)
         grid = (tiles, n_tiles)
         launch(_hgt_step_bwd_dy_kernel, None, lambda _: grid, args, flags, meta, dict(meta, num_warps=warps))
@@ -845,8 +846,8 @@ def _backward(
     if INTERPRET:
         splits = DW_SPLITS_INTERPRET
     else:
-        programs = p.g * triton.cdiv(p.a_g, 64) * triton.cdiv(p.s, 64)
-        splits = max(1, min(triton.cdiv(2 * sm_count(x.device), programs), triton.cdiv(p.tokens, 512)))
+        programs = p.g * cdiv(p.a_g, 64) * cdiv(p.s, 64)
+        splits = max(1, min(cdiv(2 * sm_count(x.device), programs), cdiv(p.tokens, 512)))
     splits = max(1, min(splits, p.tokens))
     if splits == 1:
         dw, db = grad_weight, grad_bias if p.bias else dummy
@@ -870,7 +871,7 @@ def _backward(
     )  # fmt: skip
 
     def dw_grid(meta):
-        return (triton.cdiv(a_g, meta["BLOCK_K"]) * triton.cdiv(s, meta["BLOCK_N"]), groups, splits)
+        return (cdiv(a_g, meta["BLOCK_K"]) * cdiv(s, meta["BLOCK_N"]), groups, splits)
 
     launch(_hgt_step_bwd_dw_kernel, _hgt_step_bwd_dw_tuned, dw_grid, args, flags, meta)
     if splits > 1:  # without a bias, out_b is never written (its columns start past C)
@@ -887,7 +888,7 @@ def _backward(
             return (dummy, dummy, dummy), (0, 0, 0, 0)
         partials_, out_a, _ = sums
         rows_, cols_ = partials_.shape
-        return sums, (rows_, cols_, out_a.numel(), triton.cdiv(cols_, sum_block_c))
+        return sums, (rows_, cols_, out_a.numel(), cdiv(cols_, sum_block_c))
 
     (pa, out_aa, out_ab), sizes_a = slot(dw_sums)
     (pb, out_ba, out_bb), sizes_b = slot(norm_sums)
@@ -907,9 +908,9 @@ def _backward(
     )  # fmt: skip
 
     def dx_grid(meta):
-        k_tiles = triton.cdiv(a_g, meta["BLOCK_K"])
-        extra = triton.cdiv(sum_blocks, groups * k_tiles)  # the sum programs, spread over (group, x tile)
-        return (triton.cdiv(tokens, meta["BLOCK_T"]) + extra, groups, k_tiles)
+        k_tiles = cdiv(a_g, meta["BLOCK_K"])
+        extra = cdiv(sum_blocks, groups * k_tiles)  # the sum programs, spread over (group, x tile)
+        return (cdiv(tokens, meta["BLOCK_T"]) + extra, groups, k_tiles)
 
     launch(_hgt_step_bwd_dx_kernel, _hgt_step_bwd_dx_tuned, dx_grid, args, flags, meta)
 
