@@ -17,9 +17,10 @@
 #   4. tests/test_cuda.py (not the slow ones);
 #   5. torch.compile(mode="reduce-overhead") of our CUDA layer, then torch.compile of the
 #      reference (bf16, forward + backward): the other side of the 5x target;
-#   6. Nsight Compute on the epilogue kernels of one txl_wt103 step and the unaligned grouped GEMM
-#      vs a padded copy (scripts/ncu_epilogue.py); the profile again with 1, 2 and 8 backward
-#      blocks per SM (DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM);
+#   6. Nsight Compute on the epilogue kernels of one txl_wt103 step (scripts/ncu_epilogue.py);
+#      every grouped GEMM of every preset as the backend runs it, dense and padded
+#      (scripts/gemm_census.py); the profile again with 1, 2 and 8 backward blocks per SM
+#      (DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM);
 #   7. compute-sanitizer memcheck and racecheck on scripts/cuda_smoke.py;
 #   8. the Triton layer benchmark, one preset per stage and JSON (autotuning is slow: 150 s did
 #      not cover all five presets on an H200); then scripts/host_profile.py (cProfile) on the
@@ -118,7 +119,7 @@ stage ncu-epilogue 90 env PYTHONPATH="$PWD" ncu --profile-from-start off --kerne
   --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
   --section ComputeWorkloadAnalysis --section InstructionStats --section LaunchStats \
   --log-file "$RES/ncu-epilogue.txt" "$PY" scripts/ncu_epilogue.py --preset txl_wt103
-stage gemm-alignment 40 env PYTHONPATH="$PWD" "$PY" scripts/ncu_epilogue.py --gemm-alignment
+stage gemm-census 60 env PYTHONPATH="$PWD" "$PY" scripts/gemm_census.py
 for cap in 1 2 8; do  # the backward epilogue's resident blocks per SM (default 4: the profile stage)
   stage "bwd-blocks-$cap" 40 env DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM=$cap PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py \
     --presets lstm_wt103,txl_wt103 --providers cuda --json "$RES/profile-bwd-blocks-$cap.json"

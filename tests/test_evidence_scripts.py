@@ -65,3 +65,14 @@ def test_gpu_profile_script_runs_and_writes_its_json(tmp_path):
     assert "### awd_ptb embedding: wall" in done.stdout
     (row,) = json.loads(out.read_text())["results"]
     assert row["preset"] == "awd_ptb" and row["wall_ms"] > 0 and row["top_host_ops"]
+
+
+def test_gemm_census_script_runs_on_the_cpu():
+    done = subprocess.run(
+        [sys.executable, "scripts/gemm_census.py", "--device", "cpu", "--tokens", "16", "--dtype", "float32",
+         "--presets", "nmt_wmt14"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split(" | ")[1:4] for row in rows] == [["4", "32", "108"], ["2", "280", "364"], ["1", "856", "1024"]]

@@ -1,0 +1,143 @@
+"""Every grouped GEMM of a preset's layer step, timed as the CUDA backend runs it and as it could run.
+
+    python scripts/gemm_census.py [--presets nmt_wmt14,txl_wt103] [--dtype bfloat16]
+
+The H100 profile (benchmarks/results/h100-profile-bf16.json) showed cuBLAS picking CUTLASS
+``align2`` kernels where a group's width is not a multiple of 8 elements: at ``nmt_wmt14`` two
+weight-gradient GEMMs (M = a/g and N = b/g small, K = the token count) took ~49 us each, at
+``txl_wt103`` the layer-2 GEMMs ~280 us against ~86 us on a padded copy. Per layer this prints,
+in microseconds (CUDA events, median of 20 after warm-up):
+
+- ``fwd``, ``dgrad``, ``wgrad``: the three strided-batched GEMMs exactly as csrc/cuda/hgt_step.cu
+  calls them (x, y, dY as [g, T, width / g] views of [T, width] rows; W [g, a/g, b/g]);
+- ``wgrad dense``: xᵀ dY as ONE [a, b] GEMM (g times the FLOPs, every operand 16-byte aligned
+  whenever a and b are multiples of 8), whose diagonal blocks are the weight gradient: a view
+  with strides ((a/g)·b + b/g, b, 1), and ``+copy`` with those blocks copied out;
+- ``*-padded``: the same GEMMs on copies padded to 8 features per group (copy not included), the
+  alignment's own effect.
+
+Nothing is written (the table goes to stdout for the session log). ``--device cpu --tokens 64``
+runs the same code on the CPU (a smoke test of the script; its times mean nothing for the GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from define_ops import DeFINEConfig
+from define_ops.bench import PRESET_TOKENS
+
+
+def time_us(fn, device: torch.device, repeats: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        else:
+            began = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - began) * 1e6)
+    return statistics.median(times)
+
+
+def group_view(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """[T, width] as [g, T, width / g] with strides (width / g, width, 1), as the backend views it."""
+    tokens, width = t.shape
+    return t.as_strided((groups, tokens, width // groups), (width // groups, width, 1))
+
+
+def padded_copy(t: torch.Tensor, groups: int, multiple: int = 8) -> torch.Tensor:
+    """[T, width] → [g, T, pad(width / g)], zero columns after each group's."""
+    tokens, width = t.shape
+    per = width // groups
+    padded = torch.zeros(groups, tokens, (per + multiple - 1) // multiple * multiple, device=t.device, dtype=t.dtype)
+    padded[:, :, :per] = group_view(t, groups)
+    return padded
+
+
+def layer_times(plan, tokens: int, dtype: torch.dtype, dev: torch.device) -> list[float]:
+    """us of (fwd, dgrad, wgrad, wgrad dense, wgrad dense + copy, fwd padded, wgrad padded) of one layer."""
+    g, a, b = plan.groups, plan.in_features, plan.out_features
+    a_g, b_g = a // g, b // g
+    x = torch.randn(tokens, a, device=dev, dtype=dtype)  # [T, a]
+    weight = torch.randn(g, a_g, b_g, device=dev, dtype=dtype)  # [g, a/g, b/g]
+    y = torch.empty(tokens, b, device=dev, dtype=dtype)  # [T, b]
+    dy = torch.randn(tokens, b, device=dev, dtype=dtype)  # [T, b]
+    grad_x = torch.randn(tokens, a, device=dev, dtype=dtype)  # [T, a]
+    grad_weight = torch.empty_like(weight)  # [g, a/g, b/g]
+    dense = torch.empty(a, b, device=dev, dtype=dtype)  # [a, b]
+    blocks = dense.as_strided((g, a_g, b_g), (a_g * b + b_g, b, 1))  # its diagonal blocks: the weight gradient
+    x_pad, dy_pad = padded_copy(x, g), padded_copy(dy, g)  # [g, T, pad(a/g)], [g, T, pad(b/g)]
+    w_pad = torch.zeros(g, x_pad.shape[2], dy_pad.shape[2], device=dev, dtype=dtype)
+    w_pad[:, :a_g, :b_g] = weight
+    y_pad = torch.empty(g, tokens, dy_pad.shape[2], device=dev, dtype=dtype)
+    gw_pad = torch.empty_like(w_pad)
+
+    def fwd() -> None:
+        torch.bmm(group_view(x, g), weight, out=group_view(y, g))
+
+    def dgrad() -> None:
+        group_view(grad_x, g).baddbmm_(group_view(dy, g), weight.transpose(1, 2))
+
+    def wgrad() -> None:
+        torch.bmm(group_view(x, g).transpose(1, 2), group_view(dy, g), out=grad_weight)
+
+    def wgrad_dense() -> None:
+        torch.mm(x.t(), dy, out=dense)
+
+    def wgrad_dense_copy() -> None:
+        torch.mm(x.t(), dy, out=dense)
+        grad_weight.copy_(blocks)
+
+    def fwd_padded() -> None:
+        torch.bmm(x_pad, w_pad, out=y_pad)
+
+    def wgrad_padded() -> None:
+        torch.bmm(x_pad.transpose(1, 2), dy_pad, out=gw_pad)
+
+    variants = (fwd, dgrad, wgrad, wgrad_dense, wgrad_dense_copy, fwd_padded, wgrad_padded)
+    return [time_us(fn, dev) for fn in variants]
+
+
+def census(preset: str, dtype: torch.dtype, dev: torch.device, tokens: int | None = None) -> None:
+    config = DeFINEConfig.from_preset(preset)
+    tokens = tokens or PRESET_TOKENS[preset]
+    card = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    print(f"### {preset}: T = {tokens}, {dtype}, {card}")
+    print("| layer | g | a/g | b/g | fwd | dgrad | wgrad | wgrad dense (view / +copy) | fwd-padded | wgrad-padded |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for index, plan in enumerate(config.layer_plans()[:-1]):  # the Reduce layer is one dense addmm
+        t = layer_times(plan, tokens, dtype, dev)
+        g = plan.groups
+        print(f"| {index + 1} | {g} | {plan.in_features // g} | {plan.out_features // g} | {t[0]:.1f} | {t[1]:.1f} | "
+              f"{t[2]:.1f} | {t[3]:.1f} / {t[4]:.1f} | {t[5]:.1f} | {t[6]:.1f} |")  # fmt: skip
+    print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", default="nmt_wmt14,lstm_wt103_n7,txl_wt103,awd_ptb,lstm_wt103")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tokens", type=int, default=None, help="default: the benchmarks' token count of each preset")
+    args = parser.parse_args()
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gemm_census.py: no CUDA GPU here (--device cpu runs a smoke test)")
+    for preset in args.presets.split(","):
+        census(preset, getattr(torch, args.dtype), dev, args.tokens)
+
+
+if __name__ == "__main__":
+    main()
