@@ -20,7 +20,8 @@
 #   6. Nsight Compute on the epilogue kernels of one txl_wt103 step (scripts/ncu_epilogue.py);
 #      every grouped GEMM of every preset as the backend runs it, dense and padded
 #      (scripts/gemm_census.py); the profile again with 1, 2 and 8 backward blocks per SM
-#      (DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM);
+#      (DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM) and with row blocks of at most 256 threads
+#      (DEFINE_OPS_CUDA_MAX_THREADS);
 #   7. compute-sanitizer memcheck and racecheck on scripts/cuda_smoke.py;
 #   8. the Triton layer benchmark, one preset per stage and JSON (autotuning is slow: 150 s did
 #      not cover all five presets on an H200); then scripts/host_profile.py (cProfile) on the
@@ -30,9 +31,9 @@
 #  10. the layer benchmark in fp32, compute-sanitizer synccheck, the cuda cases of
 #      tests/test_ops.py, the slow int64 test.
 # Files in $OUT: session.log, report.md, bench.png and results.tgz, which holds tests.xml,
-# sanitizer.log, profile.json, profile-bwd-blocks-*.json, ncu-epilogue.txt, bench-bf16.json,
-# bench-compiled.json, bench-compiled-ours.json, bench-triton-<preset>.json, host-profile-*.txt,
-# bench-issue8-bf16.json, bench-fp32.json.
+# sanitizer.log, profile.json, profile-bwd-blocks-*.json, profile-max-threads-256.json,
+# ncu-epilogue.txt, bench-bf16.json, bench-compiled.json, bench-compiled-ours.json,
+# bench-triton-<preset>.json, host-profile-*.txt, bench-issue8-bf16.json, bench-fp32.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -124,6 +125,10 @@ for cap in 1 2 8; do  # the backward epilogue's resident blocks per SM (default 
   stage "bwd-blocks-$cap" 40 env DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM=$cap PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py \
     --presets lstm_wt103,txl_wt103 --providers cuda --json "$RES/profile-bwd-blocks-$cap.json"
 done
+
+# threads per row block capped at 256 (the H100 session's kernels) against the default 512: the wide rows
+stage max-threads-256 40 env DEFINE_OPS_CUDA_MAX_THREADS=256 PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py \
+  --presets txl_wt103,lstm_wt103 --providers cuda --json "$RES/profile-max-threads-256.json"
 
 sanitize() {  # sanitize TOOL LIMIT
   stage "sanitizer-$1" "$2" compute-sanitizer --tool "$1" --error-exitcode 9 --print-limit 20 \

@@ -81,11 +81,11 @@ struct RowCursor {
 };
 
 // Threads per block for a row of `width` features handled four at a time: a multiple of 32 in
-// [64, 256].
-inline int row_block_threads(int64_t width) {
+// [64, max_threads].
+inline int row_block_threads(int64_t width, int max_threads) {
   const int64_t quads = (width + 3) / 4;
   const int64_t rounded = (quads + 31) / 32 * 32;
-  return static_cast<int>(rounded < 64 ? 64 : (rounded > 256 ? 256 : rounded));
+  return static_cast<int>(rounded < 64 ? 64 : (rounded > max_threads ? max_threads : rounded));
 }
 
 #ifndef DEFINE_OPS_CUDA_EMULATION

@@ -45,8 +45,27 @@ using cuda::FastDivmod;
 using cuda::RowCursor;
 using cuda::Vec;
 
-constexpr int kMaxThreads = 256;
+// Threads per row block: up to a quad per thread, at most kMaxThreads. Wide rows get 512 because
+// their stage caps the resident blocks (on an H100, txl_wt103's 4096-wide backward ran 2 blocks of
+// 256 threads per SM: 25 % occupancy, latency-bound); a row's threads are what keeps the SM busy
+// there. DEFINE_OPS_CUDA_MAX_THREADS (a multiple of 32 in 64..512, read once) lowers the cap for
+// a GPU session's sweep.
+constexpr int kMaxThreads = 512;
 constexpr int kMaxWarps = kMaxThreads / 32;
+
+int row_threads_cap() {
+  static const int cap = [] {
+    const char* env = std::getenv("DEFINE_OPS_CUDA_MAX_THREADS");
+    if (env == nullptr || *env == '\0') return kMaxThreads;
+    char* end = nullptr;
+    const long value = std::strtol(env, &end, 10);
+    TORCH_CHECK_VALUE(*end == '\0' && value >= 64 && value <= kMaxThreads && value % 32 == 0,
+                      "DEFINE_OPS_CUDA_MAX_THREADS must be a multiple of 32 in 64..", kMaxThreads, ", got '", env,
+                      "'");
+    return static_cast<int>(value);
+  }();
+  return cap;
+}
 // Cap on resident backward blocks per SM: more blocks keep more rows in flight (the kernel waits
 // on memory between its phases), and each adds one row of partial sums to the final reduction.
 // 4 until measured otherwise; DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM (1..32, read once) overrides it
@@ -444,7 +463,7 @@ template <typename scalar_t>
 void launch_forward(ForwardArgs<scalar_t> args, const at::TensorOptions& options) {
   using acc_t = at::opmath_type<scalar_t>;
   const RowShape& R = args.R;
-  const int threads = cuda::row_block_threads(R.b);
+  const int threads = cuda::row_block_threads(R.b, row_threads_cap());
   const int64_t stage = forward_stage(R);
   const size_t reduce_bytes = kForwardReduceSlots * sizeof(acc_t);
   size_t smem = reduce_bytes + static_cast<size_t>(stage) * sizeof(acc_t);
@@ -774,7 +793,7 @@ template <typename scalar_t>
 void launch_backward(BackwardArgs<scalar_t> args, const at::TensorOptions& options) {
   using acc_t = at::opmath_type<scalar_t>;
   const RowShape& R = args.R;
-  const int threads = cuda::row_block_threads(R.b);
+  const int threads = cuda::row_block_threads(R.b, row_threads_cap());
   const int64_t stage = backward_stage(R, args.num_partials);
   const size_t reduce_bytes = kBackwardReduceSlots * sizeof(acc_t);
   size_t smem = reduce_bytes + static_cast<size_t>(stage) * sizeof(acc_t);
