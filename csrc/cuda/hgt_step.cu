@@ -271,6 +271,7 @@ struct ForwardArgs {
   bool vec_in;              // y and bias rows can be read 16 bytes at a time
   bool vec_out;             // the four outputs of a quad are contiguous and 4-aligned in out
   bool quads_in_group;      // vec_out, s % 4 == 0 and γ/β 4-aligned: a quad is 4 features of one norm group
+  bool vec_e;               // e's chunks are 4-aligned in x and in out: e is copied 4 features at a time
 };
 
 // One block per row at a time (grid-stride over rows). Per row:
@@ -451,8 +452,15 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_forward_kernel(const For
     // ---- 4. e: from its places in x to its places in the output
     if (R.carry_e) {
       const scalar_t* x_row = A.x + t * R.a;
-      for (int q = tid; q < R.n; q += nthreads) {
-        out_row[e_position(q, R.by_ec_out, R.hc_out)] = x_row[e_position(q, R.by_ec_in, R.hc_in)];
+      if (A.vec_e) {  // four e features at a time: contiguous and 4-aligned on both sides
+        for (int q = 4 * tid; q < R.n; q += 4 * nthreads) {
+          *reinterpret_cast<Vec<scalar_t, 4>*>(out_row + e_position(q, R.by_ec_out, R.hc_out)) =
+              *reinterpret_cast<const Vec<scalar_t, 4>*>(x_row + e_position(q, R.by_ec_in, R.hc_in));
+        }
+      } else {
+        for (int q = tid; q < R.n; q += nthreads) {
+          out_row[e_position(q, R.by_ec_out, R.hc_out)] = x_row[e_position(q, R.by_ec_in, R.hc_in)];
+        }
       }
     }
     __syncthreads();  // the stage is rewritten by the next row
@@ -517,6 +525,8 @@ struct BackwardArgs {
   bool vec_saved;             // a quad's four saved values are contiguous (no shuffle) and 4-aligned
   bool quads_in_group;        // vec_go, vec_saved (or no saved), s % 4 == 0, γ/β 4-aligned: a quad is 4
                               // features of one norm group
+  bool vec_gx;                // x's e and h chunks and grad_x 4-aligned, grad_out as for vec_go: grad_x is
+                              // prefilled 4 features at a time
 };
 
 // One block per row at a time (grid-stride over rows). Per row, with d the gradient in the
@@ -742,10 +752,23 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_backward_kernel(const Ba
     // ---- 5. grad_x prefill: e's copy in the output hands its gradient straight back
     if (A.grad_x != nullptr) {
       scalar_t* gx_row = A.grad_x + t * R.a;
-      for (int c = tid; c < R.a; c += nthreads) {
-        const RowCursor cc(c, R.by_chunk_in);
-        gx_row[c] = cc.offset < R.ec_in ? go_row[e_position(cc.group * R.ec_in + cc.offset, R.by_ec_out, R.hc_out)]
-                                        : scalar_t(0);
+      if (A.vec_gx) {  // a quad of x lies in one e or one h part; its e gradient is 4 contiguous values
+        for (int c = 4 * tid; c < R.a; c += 4 * nthreads) {
+          const RowCursor cc(c, R.by_chunk_in);
+          Vec<scalar_t, 4> quad{};
+          if (cc.offset < R.ec_in) {
+            quad = *reinterpret_cast<const Vec<scalar_t, 4>*>(
+                go_row + e_position(cc.group * R.ec_in + cc.offset, R.by_ec_out, R.hc_out));
+          }
+          *reinterpret_cast<Vec<scalar_t, 4>*>(gx_row + c) = quad;
+        }
+      } else {
+        for (int c = tid; c < R.a; c += nthreads) {
+          const RowCursor cc(c, R.by_chunk_in);
+          gx_row[c] = cc.offset < R.ec_in
+                          ? go_row[e_position(cc.group * R.ec_in + cc.offset, R.by_ec_out, R.hc_out)]
+                          : scalar_t(0);
+        }
       }
     }
     __syncthreads();  // d and x̂ are rewritten by the next row
@@ -921,6 +944,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgt_step_cuda(
                   (args.bias == nullptr || cuda::is_aligned(args.bias, 16));
     args.vec_out = shape.b % 4 == 0 && shape.hc_out % 4 == 0 && shape.ec_out % 4 == 0 &&
                    shape.out_width % 4 == 0 && cuda::is_aligned(args.out, 4 * sizeof(scalar_t));
+    args.vec_e = shape.carry_e && shape.ec_in % 4 == 0 && shape.hc_in % 4 == 0 && shape.ec_out % 4 == 0 &&
+                 shape.hc_out % 4 == 0 && shape.a % 4 == 0 && shape.out_width % 4 == 0 &&
+                 cuda::is_aligned(args.x, 4 * sizeof(scalar_t)) && cuda::is_aligned(args.out, 4 * sizeof(scalar_t));
     args.quads_in_group = args.vec_out && shape.s % 4 == 0 &&
                           (!p.norm || (cuda::is_aligned(args.gamma, 4 * sizeof(scalar_t)) &&
                                        cuda::is_aligned(args.beta, 4 * sizeof(scalar_t))));
@@ -1005,6 +1031,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgt_step_
                     shape.out_width % 4 == 0 && cuda::is_aligned(args.grad_out, 4 * sizeof(scalar_t));
       args.vec_saved = !shape.shuffle && shape.b % 4 == 0 && args.saved != nullptr &&
                        cuda::is_aligned(args.saved, 4 * sizeof(scalar_t));
+      args.vec_gx = shape.carry_e && args.vec_go && shape.ec_in % 4 == 0 && shape.hc_in % 4 == 0 &&
+                    shape.a % 4 == 0 && cuda::is_aligned(args.grad_x, 4 * sizeof(scalar_t));
       args.quads_in_group = args.vec_go && shape.s % 4 == 0 && (args.saved == nullptr || args.vec_saved) &&
                             (!p.norm || (cuda::is_aligned(args.gamma, 4 * sizeof(scalar_t)) &&
                                          cuda::is_aligned(args.beta, 4 * sizeof(scalar_t))));
