@@ -12,24 +12,25 @@
 #   1. build the extension in place for this card (sm_90), print kernel resource usage;
 #   2. benchmarks in bf16 at the five presets: the whole layer (reference, cuda, cuda replayed as
 #      a CUDA graph, plain embedding), ceilings, floors, kernel launches per layer;
-#   3. scripts/gpu_profile.py: wall clock vs kernel time vs CUDA-graph replay, top kernels and
+#   3. tests/test_cuda.py (not the slow ones);
+#   4. scripts/gpu_profile.py: wall clock vs kernel time vs CUDA-graph replay, top kernels and
 #      host ops, per preset (reference, cuda);
-#   4. tests/test_cuda.py (not the slow ones);
-#   5. torch.compile(mode="reduce-overhead") of our CUDA layer, then torch.compile of the
-#      reference (bf16, forward + backward): the other side of the 5x target;
-#   6. Nsight Compute on the epilogue kernels of one txl_wt103 step (scripts/ncu_epilogue.py);
-#      every grouped GEMM of every preset as the backend runs it, dense and padded
-#      (scripts/gemm_census.py); the profile again with 1, 2 and 8 backward blocks per SM
-#      (DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM) and with row blocks of at most 256 threads
-#      (DEFINE_OPS_CUDA_MAX_THREADS);
-#   7. compute-sanitizer memcheck and racecheck on scripts/cuda_smoke.py;
-#   8. the Triton layer benchmark, one preset per stage and JSON (autotuning is slow: 150 s did
-#      not cover all five presets on an H200); then scripts/host_profile.py (cProfile) on the
-#      Triton and CUDA eager steps, where the host time goes; the Triton GPU tests, autotuning off;
-#   9. issue 8 in bf16: dedup on a real WikiText-2 window at the lstm_wt103 shapes (needs the
-#      corpus: run scripts/gpu_data.sh here first and carry .gpu-data) and cached inference;
-#  10. the layer benchmark in fp32, compute-sanitizer synccheck, the cuda cases of
-#      tests/test_ops.py, the slow int64 test.
+#   5. every grouped GEMM of every preset as the backend runs it, dense and padded
+#      (scripts/gemm_census.py); the profile with row blocks of at most 256 threads
+#      (DEFINE_OPS_CUDA_MAX_THREADS) against the default 512; compute-sanitizer memcheck on
+#      scripts/cuda_smoke.py; Nsight Compute on the epilogue kernels of one txl_wt103 step
+#      (scripts/ncu_epilogue.py);
+#   6. the Triton layer benchmark at awd_ptb and nmt_wmt14, one preset per stage and JSON
+#      (autotuning is slow); scripts/host_profile.py (cProfile) on the Triton and CUDA eager
+#      steps, where the host time goes; the Triton GPU tests, autotuning off;
+#   7. the layer benchmark in fp32; issue 8 in bf16: dedup on a real WikiText-2 window at the
+#      lstm_wt103 shapes (needs the corpus: run scripts/gpu_data.sh here first and carry
+#      .gpu-data) and cached inference; racecheck;
+#   8. what an earlier session measured on the same kind of card: torch.compile(mode=
+#      "reduce-overhead") of our CUDA layer and torch.compile of the reference (the other side
+#      of the 5x target), the profile with 1, 2 and 8 backward blocks per SM
+#      (DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM), the Triton benchmark at the other three presets;
+#   9. compute-sanitizer synccheck, the cuda cases of tests/test_ops.py, the slow int64 test.
 # Files in $OUT: session.log, report.md, bench.png and results.tgz, which holds tests.xml,
 # sanitizer.log, profile.json, profile-bwd-blocks-*.json, profile-max-threads-256.json,
 # ncu-epilogue.txt, bench-bf16.json, bench-compiled.json, bench-compiled-ours.json,
@@ -99,33 +100,18 @@ PRESETS=lstm_wt103,lstm_wt103_n7,txl_wt103,awd_ptb,nmt_wmt14
 # pytest-benchmark's default 1 s per case did not fit 56 cases in 150 s (H100 session); 0.2 s and at
 # least 10 rounds (15 in practice) measured them in 54 s
 TIMING="--benchmark-max-time=0.2 --benchmark-min-rounds=10"
+# What changed since the last measurement is timed and tested first; what an earlier session
+# measured on this kind of card (torch.compile of the reference and of our layer, the block
+# sweeps) comes last.
 stage bench-bf16 150 "$PY" -m pytest benchmarks/test_bench_layer.py benchmarks/test_bench_floor.py -q -p no:cacheprovider \
   --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference,cuda,cuda_graph,embedding \
   --benchmark-json "$RES/bench-bf16.json" --benchmark-columns=median,min,rounds $TIMING
-
-stage profile 90 env PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py --providers reference,cuda --json "$RES/profile.json"
 stage tests 110 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m "not slow" -rfE --maxfail=40 \
   --junitxml="$RES/tests.xml"
 
-# torch.compile(mode="reduce-overhead") of our layer: what a user runs to remove the host time
-stage bench-compiled-ours 120 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider -k fwd_bwd \
-  --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers cuda_compiled \
-  --benchmark-json "$RES/bench-compiled-ours.json" --benchmark-columns=median,min,rounds $TIMING
+stage profile 90 env PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py --providers reference,cuda --json "$RES/profile.json"
 
-stage bench-compiled 150 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider -k fwd_bwd \
-  --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference_compiled \
-  --benchmark-json "$RES/bench-compiled.json" --benchmark-columns=median,min,rounds $TIMING
-
-stage ncu-epilogue 90 env PYTHONPATH="$PWD" ncu --profile-from-start off --kernel-name regex:hgt_step_ --launch-count 8 \
-  --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
-  --section ComputeWorkloadAnalysis --section InstructionStats --section LaunchStats \
-  --log-file "$RES/ncu-epilogue.txt" "$PY" scripts/ncu_epilogue.py --preset txl_wt103
 stage gemm-census 60 env PYTHONPATH="$PWD" "$PY" scripts/gemm_census.py
-for cap in 1 2 8; do  # the backward epilogue's resident blocks per SM (default 4: the profile stage)
-  stage "bwd-blocks-$cap" 40 env DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM=$cap PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py \
-    --presets lstm_wt103,txl_wt103 --providers cuda --json "$RES/profile-bwd-blocks-$cap.json"
-done
-
 # threads per row block capped at 256 (the H100 session's kernels) against the default 512: the wide rows
 stage max-threads-256 40 env DEFINE_OPS_CUDA_MAX_THREADS=256 PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py \
   --presets txl_wt103,lstm_wt103 --providers cuda --json "$RES/profile-max-threads-256.json"
@@ -137,9 +123,13 @@ sanitize() {  # sanitize TOOL LIMIT
   rm -f "$RES/sanitizer-$1.tmp"
 }
 sanitize memcheck 70
-sanitize racecheck 70
 
-for preset in awd_ptb nmt_wmt14 lstm_wt103 txl_wt103 lstm_wt103_n7; do
+stage ncu-epilogue 90 env PYTHONPATH="$PWD" ncu --profile-from-start off --kernel-name regex:hgt_step_ --launch-count 8 \
+  --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
+  --section ComputeWorkloadAnalysis --section InstructionStats --section LaunchStats \
+  --log-file "$RES/ncu-epilogue.txt" "$PY" scripts/ncu_epilogue.py --preset txl_wt103
+
+for preset in awd_ptb nmt_wmt14; do
   stage "bench-triton-$preset" "${TRITON_STAGE_S:-60}" "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider \
     --benchmark-only --dtype bfloat16 --presets "$preset" --providers triton,triton_graph \
     --benchmark-json "$RES/bench-triton-$preset.json" --benchmark-columns=median,min,rounds $TIMING
@@ -155,14 +145,37 @@ stage host-profile-cuda 30 env PYTHONPATH="$PWD" "$PY" scripts/host_profile.py -
 stage tests-triton 90 env DEFINE_OPS_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_triton_gpu.py tests/test_ops.py -q \
   -p no:cacheprovider -k "gpu or triton-cuda" -rfE --maxfail=40
 
+stage bench-fp32 70 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider -k fwd_bwd \
+  --benchmark-only --dtype float32 --presets "$PRESETS" --providers reference,cuda,embedding \
+  --benchmark-json "$RES/bench-fp32.json" --benchmark-columns=median,min,rounds $TIMING
+
 stage bench-issue8 90 "$PY" -m pytest benchmarks/test_bench_dedup.py benchmarks/test_bench_inference.py -q \
   -p no:cacheprovider --benchmark-only --dtype bfloat16 --presets lstm_wt103,awd_ptb,nmt_wmt14 \
   --providers reference,cuda,triton,embedding --benchmark-json "$RES/bench-issue8-bf16.json" \
   --benchmark-columns=median,min,rounds $TIMING
 
-stage bench-fp32 70 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider -k fwd_bwd \
-  --benchmark-only --dtype float32 --presets "$PRESETS" --providers reference,cuda,embedding \
-  --benchmark-json "$RES/bench-fp32.json" --benchmark-columns=median,min,rounds $TIMING
+sanitize racecheck 70
+
+# torch.compile(mode="reduce-overhead") of our layer: what a user runs to remove the host time
+stage bench-compiled-ours 120 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider -k fwd_bwd \
+  --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers cuda_compiled \
+  --benchmark-json "$RES/bench-compiled-ours.json" --benchmark-columns=median,min,rounds $TIMING
+
+stage bench-compiled 150 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider -k fwd_bwd \
+  --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference_compiled \
+  --benchmark-json "$RES/bench-compiled.json" --benchmark-columns=median,min,rounds $TIMING
+
+for cap in 1 2 8; do  # the backward epilogue's resident blocks per SM (default 4: the profile stage)
+  stage "bwd-blocks-$cap" 40 env DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM=$cap PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py \
+    --presets lstm_wt103,txl_wt103 --providers cuda --json "$RES/profile-bwd-blocks-$cap.json"
+done
+
+for preset in lstm_wt103 txl_wt103 lstm_wt103_n7; do
+  stage "bench-triton-$preset" "${TRITON_STAGE_S:-60}" "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider \
+    --benchmark-only --dtype bfloat16 --presets "$preset" --providers triton,triton_graph \
+    --benchmark-json "$RES/bench-triton-$preset.json" --benchmark-columns=median,min,rounds $TIMING
+done
+
 sanitize synccheck 60
 grep -E "^---|ERROR SUMMARY|RACECHECK SUMMARY|Error" "$RES/sanitizer.log" | head -20
 stage test-ops 90 "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider -k "cuda-cuda" -rfE --maxfail=20
