@@ -558,11 +558,13 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_backward_kernel(const Ba
   acc_t* sum_gamma = sums + A.gamma_offset;                               // [s]
   acc_t* sum_beta = sum_gamma + R.s;                                      // [s]
   for (int c = tid; c < A.num_partials; c += nthreads) sums[c] = acc_t(0);
+  __syncthreads();  // step 1 may add to the sums (one group) before the first barrier of a row
   const int wpg = R.g >= nwarps ? 1 : nwarps / R.g;
   const int nteams = nwarps / wpg, team = warp / wpg, rank = warp % wpg;
   const int rounds = (R.g + nteams - 1) / nteams;
   const uint64_t seed = R.dropout ? load_seed(A.seed_ptr, A.seed) : 0;
   const int quads = (R.b + 3) / 4;
+  const bool fold_gamma_beta = A.quads_in_group && R.norm && R.g == 1;
 
   for (int64_t t = blockIdx.x; t < A.tokens; t += gridDim.x) {
     const scalar_t* go_row = A.grad_out + t * R.out_width;
@@ -578,13 +580,14 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_backward_kernel(const Ba
 #pragma unroll
           for (int k = 0; k < 4; ++k) dv[k] = words.w[k] >= A.threshold ? dv[k] * A.keep_scale : acc_t(0);
         }
+        acc_t xv[4];  // x̂ (norm only)
         if (saved_row != nullptr) {
           acc_t av[4];
           load4(saved_row + p0, av);
           if (R.norm) {
             const int group = R.by_s.div(p0), u = p0 - group * R.s;
             const acc_t mu = A.mean[t * R.g + group], rs = A.rstd[t * R.g + group];
-            acc_t gamma[4], beta[4], xv[4];
+            acc_t gamma[4], beta[4];
             load4(A.gamma + u, gamma);
             load4(A.beta + u, beta);
 #pragma unroll
@@ -597,6 +600,18 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_backward_kernel(const Ba
           activation_backward4(R.activation, av, dv);
         }
         store4(d + p0, dv);
+        if (fold_gamma_beta) {  // step 2 here: one group, so this thread owns features p0..p0+3 in every row
+          acc_t sum_g[4], sum_b[4];
+          load_run(sum_gamma + p0, sum_g);
+          load_run(sum_beta + p0, sum_b);
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            sum_g[k] += dv[k] * xv[k];
+            sum_b[k] += dv[k];
+          }
+          store_run(sum_gamma + p0, sum_g);
+          store_run(sum_beta + p0, sum_b);
+        }
       }
     }
     for (int qd = A.quads_in_group ? quads : tid; qd < quads; qd += nthreads) {  // the general case
@@ -663,8 +678,9 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_backward_kernel(const Ba
     __syncthreads();
 
     if (R.norm) {
-      // ---- 2. d γ, d β for this row: per feature u of a group, over the groups in order
-      for (int u = tid; u < R.s; u += nthreads) {
+      // ---- 2. d γ, d β for this row: per feature u of a group, over the groups in order (with one
+      // group the quad path of step 1 did it)
+      for (int u = fold_gamma_beta ? R.s : tid; u < R.s; u += nthreads) {
         acc_t dg = 0, db = 0;
         for (int i = 0; i < R.g; ++i) {
           const int pp = i * R.s + u;
