@@ -100,7 +100,7 @@ def test_hgt_step_global_workspace_fallback(monkeypatch, layout, smem):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("options", OPTIONS[1:4], ids=lambda o: "-".join(str(v) for v in o))
-@pytest.mark.parametrize("layout", ["first-layer", "mix-middle", "eight-groups"])
+@pytest.mark.parametrize("layout", ["first-layer", "mix-middle", "eight-groups", "dense-last"])
 def test_hgt_step_low_precision_within_cpu_error(layout, options, dtype):
     """Within 2x the CPU op's own error against float64 (fp16 is left to the GPU tests: ATen's
     fp16 GEMM on the CPU is not a path worth a bound)."""

@@ -564,12 +564,16 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_backward_kernel(const Ba
   const int rounds = (R.g + nteams - 1) / nteams;
   const uint64_t seed = R.dropout ? load_seed(A.seed_ptr, A.seed) : 0;
   const int quads = (R.b + 3) / 4;
+  // One norm group (most layers) on the quad path: step 1 also adds this row's d γ / d β (it owns
+  // each feature) and, where dY is written V-wide, step 3's two sums, whose formula step 4 applies.
   const bool fold_gamma_beta = A.quads_in_group && R.norm && R.g == 1;
+  const bool fuse_norm = fold_gamma_beta && A.vec_dy;
 
   for (int64_t t = blockIdx.x; t < A.tokens; t += gridDim.x) {
     const scalar_t* go_row = A.grad_out + t * R.out_width;
     const scalar_t* saved_row = A.saved != nullptr ? A.saved + t * R.b : nullptr;
     // ---- 1. dropout, activation backward (x̂ recomputed on the way)
+    acc_t norm_s1 = 0, norm_s2 = 0;  // Σ d·γ and Σ d·γ·x̂ over this thread's features (one group)
     if (A.quads_in_group) {  // every preset: 4-wide loads and stores, one group's statistics per quad
       for (int qd = tid; qd < quads; qd += nthreads) {
         const int p0 = 4 * qd;
@@ -580,14 +584,14 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_backward_kernel(const Ba
 #pragma unroll
           for (int k = 0; k < 4; ++k) dv[k] = words.w[k] >= A.threshold ? dv[k] * A.keep_scale : acc_t(0);
         }
-        acc_t xv[4];  // x̂ (norm only)
+        acc_t xv[4], gamma[4];  // x̂ and γ (norm only)
         if (saved_row != nullptr) {
           acc_t av[4];
           load4(saved_row + p0, av);
           if (R.norm) {
             const int group = R.by_s.div(p0), u = p0 - group * R.s;
             const acc_t mu = A.mean[t * R.g + group], rs = A.rstd[t * R.g + group];
-            acc_t gamma[4], beta[4];
+            acc_t beta[4];
             load4(A.gamma + u, gamma);
             load4(A.beta + u, beta);
 #pragma unroll
@@ -608,9 +612,22 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_backward_kernel(const Ba
           for (int k = 0; k < 4; ++k) {
             sum_g[k] += dv[k] * xv[k];
             sum_b[k] += dv[k];
+            if (fuse_norm) {  // step 3's two sums, this thread's share
+              const acc_t dxh = dv[k] * gamma[k];
+              norm_s1 += dxh;
+              norm_s2 += dxh * xv[k];
+            }
           }
           store_run(sum_gamma + p0, sum_g);
           store_run(sum_beta + p0, sum_b);
+        }
+      }
+      if (fuse_norm) {  // every warp's share of step 3's sums, added up after the barrier below
+        norm_s1 = cuda::warp_sum(norm_s1);
+        norm_s2 = cuda::warp_sum(norm_s2);
+        if (lane == 0) {
+          red_dxh[warp] = norm_s1;
+          red_dxh_xh[warp] = norm_s2;
         }
       }
     }
@@ -691,8 +708,9 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_backward_kernel(const Ba
         sum_beta[u] += db;
       }
       // ---- 3. LayerNorm backward, one group per team; reads of d above end before the first
-      // barrier below, and every write to d comes after one.
-      for (int r = 0; r < rounds; ++r) {
+      // barrier below, and every write to d comes after one. (With one group, step 1 made the
+      // sums and step 4 applies the formula.)
+      for (int r = 0; r < (fuse_norm ? 0 : rounds); ++r) {
         const int i = team + r * nteams;
         const bool active = team < nteams && i < R.g;
         const int base = active ? i * R.s : 0;
@@ -725,13 +743,51 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_backward_kernel(const Ba
           }
         }
       }
-      __syncthreads();
+      if (!fuse_norm) __syncthreads();
     }
 
     // ---- 4. dY in GEMM order (the shuffle undone as addressing), d bias
     scalar_t* dy_row = A.dy + t * R.b;
     const bool bias = A.grad_bias != nullptr;
-    if (A.vec_dy) {
+    if (fuse_norm) {  // one group: step 3's formula applied here, on the way out
+      acc_t total_s1 = 0, total_s2 = 0;
+      for (int k = 0; k < nwarps; ++k) {
+        total_s1 += red_dxh[k];
+        total_s2 += red_dxh_xh[k];
+      }
+      const acc_t rs = A.rstd[t], mean_dxh = total_s1 / acc_t(R.s), mean_dxh_xh = total_s2 / acc_t(R.s);
+      for (int q0 = tid * V; q0 < R.b; q0 += nthreads * V) {
+        acc_t dz[V], xv[V], gamma[V];
+        load_run(d + q0, dz);
+        load_run(xh + q0, xv);
+#pragma unroll
+        if constexpr (V % 4 == 0) {
+#pragma unroll
+          for (int k = 0; k < V; k += 4) {
+            acc_t four[4];
+            load4(A.gamma + q0 + k, four);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) gamma[k + j] = four[j];
+          }
+        } else {
+#pragma unroll
+          for (int k = 0; k < V; ++k) gamma[k] = static_cast<acc_t>(A.gamma[q0 + k]);
+        }
+#pragma unroll
+        for (int k = 0; k < V; ++k) dz[k] = rs * (dz[k] * gamma[k] - mean_dxh - xv[k] * mean_dxh_xh);
+        if (bias) {
+          acc_t column_sums[V];
+          load_run(sum_bias + q0, column_sums);
+#pragma unroll
+          for (int k = 0; k < V; ++k) column_sums[k] += dz[k];
+          store_run(sum_bias + q0, column_sums);
+        }
+        Vec<scalar_t, V> packed;
+#pragma unroll
+        for (int k = 0; k < V; ++k) packed.v[k] = static_cast<scalar_t>(dz[k]);
+        *reinterpret_cast<Vec<scalar_t, V>*>(dy_row + q0) = packed;
+      }
+    } else if (A.vec_dy) {
       for (int q0 = tid * V; q0 < R.b; q0 += nthreads * V) {
         acc_t dz[V];
         if (R.shuffle) {
