@@ -299,8 +299,12 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_forward_kernel(const For
   const int rounds = (R.g + nteams - 1) / nteams;
   const uint64_t seed = R.dropout ? load_seed(A.seed_ptr, A.seed) : 0;
   const int quads = (R.b + 3) / 4;
+  // One norm group on the V-wide and quad paths (most layers): step 1 makes the mean's sum, and
+  // every thread keeps the row's statistics in registers (two barriers fewer per row).
+  const bool one_group = R.norm && R.g == 1 && A.vec_in && A.quads_in_group;
 
   for (int64_t t = blockIdx.x; t < A.tokens; t += gridDim.x) {
+    acc_t row_sum = 0;  // one group: this thread's share of the row sum
     // ---- 1. bias, `saved`, stage in shuffled order: z[u·g + i] = v[i·s + u]
     scalar_t* y_row = A.y + t * R.b;
     if (A.vec_in) {
@@ -319,6 +323,10 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_forward_kernel(const For
           }
         }
         if (A.keep_saved) *reinterpret_cast<Vec<scalar_t, V>*>(y_row + q0) = yv;
+        if (one_group) {
+#pragma unroll
+          for (int k = 0; k < V; ++k) row_sum += v[k];
+        }
         if (R.shuffle) {
           RowCursor zc(q0, R.by_s);
 #pragma unroll
@@ -343,10 +351,34 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_forward_kernel(const For
         z[R.shuffle ? zc.offset * R.g + zc.group : q] = v;
       }
     }
+    if (one_group) {  // the mean's sum, made on the way in
+      row_sum = cuda::warp_sum(row_sum);
+      if (lane == 0) red_sum[warp] = row_sum;
+    }
     __syncthreads();
 
     // ---- 2. per-group mean and rstd (two passes over the staged row)
-    if (R.norm) {
+    acc_t row_mu = 0, row_rs = 0;  // one group: every thread holds the row's statistics
+    if (one_group) {
+      acc_t total = 0;
+      for (int k = 0; k < nwarps; ++k) total += red_sum[k];
+      row_mu = total / acc_t(R.s);
+      acc_t sq = 0;
+      for (int u = tid; u < R.s; u += nthreads) {
+        const acc_t dev = z[u] - row_mu;
+        sq += dev * dev;
+      }
+      sq = cuda::warp_sum(sq);
+      if (lane == 0) red_sq[warp] = sq;
+      __syncthreads();  // red_sum and red_sq are rewritten by the next row only after its first barrier
+      acc_t total_sq = 0;
+      for (int k = 0; k < nwarps; ++k) total_sq += red_sq[k];
+      row_rs = acc_t(1) / epilogue::sqrt_acc(total_sq / acc_t(R.s) + A.eps);
+      if (tid == 0) {
+        A.mean[t] = row_mu;
+        A.rstd[t] = row_rs;
+      }
+    } else if (R.norm) {
       for (int r = 0; r < rounds; ++r) {
         const int i = team + r * nteams;
         const bool active = team < nteams && i < R.g;
@@ -396,7 +428,7 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_forward_kernel(const For
         acc_t h[4];
         load4(z + p0, h);
         if (R.norm) {
-          const acc_t mu = mean_s[group], rs = rstd_s[group];
+          const acc_t mu = one_group ? row_mu : mean_s[group], rs = one_group ? row_rs : rstd_s[group];
           acc_t gamma[4], beta[4];
           load4(A.gamma + u, gamma);
           load4(A.beta + u, beta);
