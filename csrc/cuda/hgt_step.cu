@@ -280,7 +280,9 @@ struct ForwardArgs {
 //   3. per quad of 4 output features (one Philox call): norm, activation, dropout, store;
 //   4. copy of e from x into its places in the output.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kMaxThreads) hgt_step_forward_kernel(const ForwardArgs<scalar_t> A) {
+// At least 3 blocks of 512 threads per SM, i.e. <= 40 registers: ptxas gave the kernel 64 (bf16) and
+// 110 (fp32) registers otherwise, halving the resident warps of a latency-bound kernel.
+__global__ void __launch_bounds__(kMaxThreads, 3) hgt_step_forward_kernel(const ForwardArgs<scalar_t> A) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = 16 / sizeof(scalar_t);
   acc_t* smem = cuda::shared_memory<acc_t>();
