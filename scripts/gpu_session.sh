@@ -17,7 +17,8 @@
 #      host ops, per preset (reference, cuda);
 #   5. every grouped GEMM of every preset as the backend runs it, dense and padded
 #      (scripts/gemm_census.py); the profile with row blocks of at most 256 threads
-#      (DEFINE_OPS_CUDA_MAX_THREADS) against the default 512; compute-sanitizer memcheck on
+#      (DEFINE_OPS_CUDA_MAX_THREADS) against the default 512, and with the table gradient's sort
+#      at every batch size (DEFINE_OPS_CUDA_SMALL_BATCH_TOKENS=0); compute-sanitizer memcheck on
 #      scripts/cuda_smoke.py; Nsight Compute on the epilogue kernels of one txl_wt103 step
 #      (scripts/ncu_epilogue.py);
 #   6. the Triton layer benchmark at awd_ptb and nmt_wmt14, one preset per stage and JSON
@@ -33,8 +34,9 @@
 #   9. compute-sanitizer synccheck, the cuda cases of tests/test_ops.py, the slow int64 test.
 # Files in $OUT: session.log, report.md, bench.png and results.tgz, which holds tests.xml,
 # sanitizer.log, profile.json, profile-bwd-blocks-*.json, profile-max-threads-256.json,
-# ncu-epilogue.txt, bench-bf16.json, bench-compiled.json, bench-compiled-ours.json,
-# bench-triton-<preset>.json, host-profile-*.txt, bench-issue8-bf16.json, bench-fp32.json.
+# profile-small-batch-sorted.json, ncu-epilogue.txt, bench-bf16.json, bench-compiled.json,
+# bench-compiled-ours.json, bench-triton-<preset>.json, host-profile-*.txt, bench-issue8-bf16.json,
+# bench-fp32.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -115,6 +117,10 @@ stage gemm-census 60 env PYTHONPATH="$PWD" "$PY" scripts/gemm_census.py
 # threads per row block capped at 256 (the H100 session's kernels) against the default 512: the wide rows
 stage max-threads-256 40 env DEFINE_OPS_CUDA_MAX_THREADS=256 PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py \
   --presets txl_wt103,lstm_wt103 --providers cuda --json "$RES/profile-max-threads-256.json"
+
+# the table gradient with the sort at every batch size (the default skips it up to 4096 ids)
+stage small-batch-sorted 40 env DEFINE_OPS_CUDA_SMALL_BATCH_TOKENS=0 PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py \
+  --presets awd_ptb,nmt_wmt14 --providers cuda --json "$RES/profile-small-batch-sorted.json"
 
 sanitize() {  # sanitize TOOL LIMIT
   stage "sanitizer-$1" "$2" compute-sanitizer --tool "$1" --error-exitcode 9 --print-limit 20 \

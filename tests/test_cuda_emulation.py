@@ -175,6 +175,48 @@ def test_embedding_matches_cpu(padding_idx, ids_dtype, width, dtype):
         assert (g[padding_idx] == 0).all()
 
 
+_EMBEDDING_PATHS_CHECK = """
+import torch
+from tests.test_cuda_emulation import emulated_ops
+gen = torch.Generator().manual_seed(0)
+ids = torch.randint(0, 40, (301,), generator=gen)  # repeats, and more than one shuffle chunk of 32
+ids[::7] = 5
+ids[3] = 99  # out of range: skipped
+grad = torch.randn(301, 24, generator=gen)
+g = emulated_ops().embedding_lookup_backward(grad, ids, 40, 0, 1.5)
+torch.save(g, "{out}")
+"""
+
+
+def test_embedding_backward_sort_free_and_sorted_paths_agree(tmp_path):
+    """Batches of up to DEFINE_OPS_CUDA_SMALL_BATCH_TOKENS ids (read once per process, hence
+    subprocesses) skip the sort; both paths add each id's rows in token order, so they agree bit
+    for bit, and both match the CPU op."""
+    import subprocess
+    import sys
+
+    emulated_ops()  # build here (cached), so the subprocesses only load it
+    root = Path(__file__).resolve().parents[1]
+    results = {}
+    for limit in ("0", "4096"):
+        out = tmp_path / f"g{limit}.pt"
+        env = {**os.environ, "DEFINE_OPS_CUDA_SMALL_BATCH_TOKENS": limit}
+        done = subprocess.run([sys.executable, "-c", _EMBEDDING_PATHS_CHECK.format(out=out)], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[limit] = torch.load(out)
+    assert torch.equal(results["0"], results["4096"])
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 40, (301,), generator=gen)
+    ids[::7] = 5
+    ids[3] = 99
+    grad = torch.randn(301, 24, generator=gen)
+    keep = ids < 40
+    expected = torch.ops.define_ops.embedding_lookup_backward(grad[keep], ids[keep], 40, 0, 1.5)
+    assert max_err(results["0"], expected) <= 1e-5 * expected.abs().max().item()
+    assert (results["0"][0] == 0).all()  # padding_idx 0
+
+
 def test_embedding_out_of_range_ids_give_nan_rows_and_no_gradient():
     weight = torch.randn(10, 8)
     ids = torch.tensor([1, 10, -1, 2])

@@ -41,6 +41,15 @@ __device__ __forceinline__ T warp_sum(T value) {
   return value;
 }
 
+// Index of the lowest set bit of a non-zero mask.
+__device__ __forceinline__ int lowest_set_bit(unsigned mask) {
+#ifdef __CUDA_ARCH__
+  return __ffs(static_cast<int>(mask)) - 1;
+#else
+  return __builtin_ctz(mask);
+#endif
+}
+
 // n / d and n % d for a divisor d fixed for a launch, as a multiply-high, an add and a shift
 // instead of a runtime integer division (~20 instructions on the GPU; the epilogues' layout
 // arithmetic needs a few per quad of features). Granlund & Montgomery (PLDI 1994) with

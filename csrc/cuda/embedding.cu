@@ -9,7 +9,8 @@
 //
 // Backward: the gradient reaches only the touched rows, deterministically: the ids are sorted
 // (stable, as 32-bit keys), and one warp per distinct id sums its rows in their original order;
-// padding rows get nothing. The result is the dense [V, n] gradient the op's schema promises, so the untouched rows
+// padding rows get nothing. Up to kSmallBatchTokens ids there is no sort: a warp per token finds
+// the id's other occurrences itself (the sort alone took ~30 us for 1,400 ids on an H100). The result is the dense [V, n] gradient the op's schema promises, so the untouched rows
 // are one memset (see README, "Gradients of the table").
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -22,6 +23,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdlib>
 
 #include "cuda_utils.cuh"
 
@@ -32,6 +34,24 @@ using cuda::Vec;
 
 constexpr int kLookupThreads = 256;
 constexpr int kBackwardThreads = 256;  // 8 warps, one sorted position each at a time
+// Largest batch whose backward skips the sort. ATen sorts up to 4096 keys with one block
+// (radixSortKVInPlace: ~30 us on an H100 at 1,400 keys, the awd_ptb batch); the sort-free kernel
+// scans the batch's ids once per token, O(T^2 / 32) compares. DEFINE_OPS_CUDA_SMALL_BATCH_TOKENS
+// (read once; 0 always sorts) moves the threshold for a GPU session's comparison.
+constexpr int64_t kSmallBatchTokensDefault = 4096;
+
+int64_t small_batch_tokens() {
+  static const int64_t limit = [] {
+    const char* env = std::getenv("DEFINE_OPS_CUDA_SMALL_BATCH_TOKENS");
+    if (env == nullptr || *env == '\0') return kSmallBatchTokensDefault;
+    char* end = nullptr;
+    const long long value = std::strtoll(env, &end, 10);
+    TORCH_CHECK_VALUE(*end == '\0' && value >= 0 && value <= (int64_t{1} << 20),
+                      "DEFINE_OPS_CUDA_SMALL_BATCH_TOKENS must be an integer in 0..1048576, got '", env, "'");
+    return static_cast<int64_t>(value);
+  }();
+  return limit;
+}
 
 // ============================================================================ forward
 // A block covers 256 / 2^row_shift rows at a time; 2^row_shift threads share a row, each moving V
@@ -164,6 +184,60 @@ __global__ void __launch_bounds__(kBackwardThreads)
   }
 }
 
+// Small batches, no sort: warp w takes tokens w, w + warps, ... A token whose id occurs earlier in
+// the batch is skipped; otherwise the warp sums the rows of every occurrence of the id, in token
+// order (the order the stable sort gives the sorted path, so the two agree bit for bit), finding
+// them 32 ids at a time: one id per lane, the matches gathered into a bit mask by a shuffle sum.
+template <typename scalar_t, typename index_t, int V>
+__global__ void __launch_bounds__(kBackwardThreads)
+    embedding_backward_small_kernel(const scalar_t* __restrict__ grad,  // [tokens, width]
+                                    const index_t* __restrict__ ids,    // [tokens]
+                                    scalar_t* __restrict__ grad_weight, // [num_embeddings, width], zeros
+                                    int64_t tokens, int64_t width, int64_t num_embeddings, bool has_padding,
+                                    int64_t padding_idx, at::opmath_type<scalar_t> scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; i < tokens;
+       i += warps) {
+    const index_t id = ids[i];
+    if ((has_padding && static_cast<int64_t>(id) == padding_idx) || id < 0 || static_cast<int64_t>(id) >= num_embeddings) {
+      continue;
+    }
+    bool seen_before = false;  // the same for every lane of the warp
+    for (int64_t j0 = 0; j0 < i && !seen_before; j0 += 32) {
+      const int64_t j = j0 + lane;
+      seen_before = cuda::warp_sum(j < i && ids[j] == id ? 1u : 0u) != 0u;
+    }
+    if (seen_before) continue;
+    for (int64_t col = static_cast<int64_t>(lane) * V; col - lane * V < width; col += 32 * V) {
+      const bool active = col < width;  // every lane joins the shuffles; a lane past the row only looks
+      acc_t sum[V];
+#pragma unroll
+      for (int k = 0; k < V; ++k) sum[k] = acc_t(0);
+      for (int64_t j0 = i; j0 < tokens; j0 += 32) {
+        const int64_t j = j0 + lane;
+        unsigned matches = cuda::warp_sum(j < tokens && ids[j] == id ? 1u << lane : 0u);  // distinct bits: an OR
+        while (matches != 0u) {
+          const int64_t row = j0 + cuda::lowest_set_bit(matches);
+          matches &= matches - 1u;
+          if (active) {
+            const Vec<scalar_t, V> values = *reinterpret_cast<const Vec<scalar_t, V>*>(grad + row * width + col);
+#pragma unroll
+            for (int k = 0; k < V; ++k) sum[k] += static_cast<acc_t>(values.v[k]) * scale;
+          }
+        }
+      }
+      if (active) {
+        Vec<scalar_t, V> result;
+#pragma unroll
+        for (int k = 0; k < V; ++k) result.v[k] = static_cast<scalar_t>(sum[k]);
+        *reinterpret_cast<Vec<scalar_t, V>*>(grad_weight + static_cast<int64_t>(id) * width + col) = result;
+      }
+    }
+  }
+}
+
 // int64 ids → int32 sort keys: a 32-bit radix sort takes half the passes (and launches) of a
 // 64-bit one. Ids outside [0, V) become -1, which the backward kernel skips like every
 // out-of-range id, so that no such id can wrap onto a valid row in the narrowing.
@@ -203,6 +277,19 @@ void launch_backward(const at::Tensor& grad, const at::Tensor& sorted, const at:
                       grad_weight.size(0), has_padding, padding_idx, static_cast<acc_t>(scale));
 }
 
+template <typename scalar_t, typename index_t, int V>
+void launch_small_backward(const at::Tensor& grad, const at::Tensor& ids, at::Tensor& grad_weight, bool has_padding,
+                           int64_t padding_idx, double scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t tokens = ids.numel();
+  constexpr int warps_per_block = kBackwardThreads / 32;
+  const int64_t blocks = std::min<int64_t>((tokens + warps_per_block - 1) / warps_per_block,
+                                           static_cast<int64_t>(cuda::num_sms()) * 16);
+  cuda::launch_kernel(&embedding_backward_small_kernel<scalar_t, index_t, V>, blocks, kBackwardThreads, 0,
+                      grad.const_data_ptr<scalar_t>(), ids.const_data_ptr<index_t>(), grad_weight.data_ptr<scalar_t>(),
+                      tokens, grad.size(1), grad_weight.size(0), has_padding, padding_idx, static_cast<acc_t>(scale));
+}
+
 at::Tensor embedding_lookup_backward_cuda(const at::Tensor& grad,  // [numel, n]
                                           const at::Tensor& ids,   // [*] int32/int64
                                           int64_t num_embeddings, std::optional<int64_t> padding_idx,
@@ -220,6 +307,23 @@ at::Tensor embedding_lookup_backward_cuda(const at::Tensor& grad,  // [numel, n]
   at::Tensor grad_weight = at::zeros({num_embeddings, width}, grad.options());
   if (flat.numel() == 0 || width == 0 || num_embeddings == 0) return grad_weight;
   const at::Tensor g = grad.contiguous();
+  if (flat.numel() <= small_batch_tokens()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "embedding_backward_small_cuda", [&] {
+      AT_DISPATCH_INDEX_TYPES(flat.scalar_type(), "embedding_backward_small_cuda_ids", [&] {
+        constexpr int V = 16 / sizeof(scalar_t);
+        const bool vectorized = width % V == 0 && cuda::is_aligned(g.const_data_ptr<scalar_t>(), 16) &&
+                                cuda::is_aligned(grad_weight.const_data_ptr<scalar_t>(), 16);
+        if (vectorized) {
+          launch_small_backward<scalar_t, index_t, V>(g, flat, grad_weight, padding_idx.has_value(),
+                                                      padding_idx.value_or(0), scale);
+        } else {
+          launch_small_backward<scalar_t, index_t, 1>(g, flat, grad_weight, padding_idx.has_value(),
+                                                      padding_idx.value_or(0), scale);
+        }
+      });
+    });
+    return grad_weight;
+  }
   const at::Tensor keys = sort_keys(flat, num_embeddings);
   const auto [sorted, order] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "embedding_backward_cuda", [&] {
