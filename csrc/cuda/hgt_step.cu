@@ -794,7 +794,6 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_backward_kernel(const Ba
         acc_t dz[V], xv[V], gamma[V];
         load_run(d + q0, dz);
         load_run(xh + q0, xv);
-#pragma unroll
         if constexpr (V % 4 == 0) {
 #pragma unroll
           for (int k = 0; k < V; k += 4) {
