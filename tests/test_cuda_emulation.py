@@ -83,6 +83,30 @@ def test_hgt_step_float64_matches_cpu(layout, options, tokens):
     assert_float64_matches(ours, cpu)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 37, 300])
+@pytest.mark.parametrize("layout", [(16, 32, 4, 24, 0, 0), (16, 56, 1, 64, 0, 0), (16, 56, 1, 61, 0, 0)],
+                         ids=["grouped", "reduce", "reduce-odd-width"])  # fmt: skip
+def test_plain_step_with_bias_matches_cpu(layout, tokens, dtype):
+    """A step with no norm, activation, dropout or skip (the Reduce layer is one): its bias gradient
+    is the column-sum kernel (cooperative, V-wide where the width allows, else one column a thread)."""
+    options = (False, False, None, 0.0, True)
+    tensors, params = make_step_inputs(layout, options, tokens, torch.float64)
+    if dtype == torch.float64:
+        ours = forward_backward(emulated_ops(), tensors, params)
+        assert_float64_matches(ours, forward_backward(torch.ops.define_ops, tensors, params))
+        return
+    low = {k: v.to(dtype) if v is not None else None for k, v in tensors.items()}
+    high = forward_backward(torch.ops.define_ops, tensors, params)
+    ours = forward_backward(emulated_ops(), low, params)
+    theirs = forward_backward(torch.ops.define_ops, low, params)
+    floor = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for name, a, b, h in zip(NAMES, ours, theirs, high, strict=True):
+        if name in ("mean", "rstd") or not h.numel():
+            continue
+        assert_within_reference_error(a, b, h, floor=floor, what=name)
+
+
 @pytest.mark.parametrize("smem", ["64", "200"], ids=["stage-in-global", "tight"])
 @pytest.mark.parametrize("layout", ["first-layer", "eight-groups", "dense-last"])
 def test_hgt_step_global_workspace_fallback(monkeypatch, layout, smem):
