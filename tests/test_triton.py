@@ -154,8 +154,11 @@ def test_dropout_mask_is_the_reference_mask(seed, shuffle, groups, width):
     torch.testing.assert_close(out, out_ref)
 
 
+@pytest.mark.parametrize("sort", [False, True], ids=["sort-free", "sorted"])
 @pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
-def test_embedding_gradient_touched_rows_deterministic(small_blocks, ids_dtype):
+def test_embedding_gradient_touched_rows_deterministic(small_blocks, ids_dtype, sort, monkeypatch):
+    if sort:  # 200 ids: above the threshold, the backward sorts
+        monkeypatch.setattr(importlib.import_module("define_ops.triton.embedding"), "SMALL_BATCH_TOKENS", 100)
     gen = torch.Generator().manual_seed(1)
     weight = torch.randn(50, 20, generator=gen, dtype=torch.float64)
     ids = torch.randint(0, 12, (200,), generator=gen).to(ids_dtype)  # heavy repeats; rows 12.. untouched

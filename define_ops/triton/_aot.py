@@ -93,7 +93,9 @@ def _run_scenarios(dtype: torch.dtype) -> None:
     table = torch.empty(1000, 256, **meta)
     ids = torch.empty(tokens, device="meta", dtype=torch.int64)
     embedding._lookup(table, ids, 0, 16.0, run=True)
-    embedding._lookup_backward(torch.empty(tokens, 256, **meta), ids, 1000, 0, 16.0, run=True)
+    embedding._lookup_backward(torch.empty(tokens, 256, **meta), ids, 1000, 0, 16.0, run=True)  # no sort
+    many = torch.empty(2 * embedding.SMALL_BATCH_TOKENS + 1, device="meta", dtype=torch.int64)
+    embedding._lookup_backward(torch.empty(many.numel(), 256, **meta), many, 1000, 0, 16.0, run=True)  # sorted
 
 
 def _signature(kernel, args: tuple, constexprs: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
@@ -155,6 +157,7 @@ _KERNELS = {
         hgt_step._hgt_step_bwd_dx_kernel, hgt_step._hgt_step_bwd_dw_kernel,
         embedding._embedding_fwd_kernel,
         embedding._embedding_bwd_kernel,
+        embedding._embedding_bwd_small_kernel,
     )
 }  # fmt: skip
 

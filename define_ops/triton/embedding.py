@@ -6,6 +6,9 @@ The backward writes only the rows the batch touches: ids are sorted (stably), an
 at the first position of each run of equal ids sums that run's gradient rows in order and
 writes the row once — deterministic, no atomics, no data-dependent shapes (so it traces under
 torch.compile). Untouched rows are the zeros of the dense [V, n] gradient autograd expects.
+Batches of up to ``SMALL_BATCH_TOKENS`` ids skip the sort (~30 µs for 1,400 ids on an H100, more
+than the kernel): the program of each token finds the id's earlier and later occurrences itself,
+a block of ids at a time.
 
 Ids are validated by the caller (``DeFINE`` checks them eagerly, except under torch.compile). An
 out-of-range id that gets here never touches memory outside the table: its row is NaN (as in the
@@ -23,6 +26,8 @@ from ._common import INTERPRET, cdiv, launch, next_pow2, register_op, split_floa
 # Interpreter blocks: ids per program and (largest) feature tile.
 INTERPRET_BLOCK_IDS = 128
 INTERPRET_MAX_BLOCK_N = 1024
+# Largest batch whose backward runs without a sort (tests lower it to cover the sorted path).
+SMALL_BATCH_TOKENS = 4096
 
 
 @triton.jit
@@ -84,6 +89,43 @@ def _embedding_bwd_kernel(
         tl.store(DW + token * n + c, (acc * scale).to(DW.dtype.element_ty), mask=c_ok)
 
 
+@triton.jit
+def _embedding_bwd_small_kernel(
+    GRAD,  # [N, n] gradient of e, any strides
+    IDS,  # [N] int32/int64 token ids, contiguous
+    DW,  # [V, n] contiguous dense gradient, zero-filled; touched rows are written here
+    N, V, n, stride_gi, stride_gn, pad,
+    scale_hi, scale_mid, scale_lo,
+    BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One program = (token, feature tile), no sort: a token whose id occurs earlier in the batch
+    does nothing; otherwise the program sums the rows of all the id's occurrences (BLOCK_J ids at a
+    time, a block's matching rows added as a fixed-order tree) and writes the row once."""
+    i = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = c < n
+    token = tl.load(IDS + i).to(tl.int64)
+    if (token != pad) & (token >= 0) & (token < V):
+        earlier = 0
+        for j0 in range(0, i, BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            before = j < i
+            earlier += tl.sum(((tl.load(IDS + j, mask=before, other=-1).to(tl.int64) == token) & before).to(tl.int32))
+        if earlier == 0:
+            acc_t = tl.float64 if DW.dtype.element_ty == tl.float64 else tl.float32
+            acc = tl.zeros((BLOCK_N,), dtype=acc_t)
+            for j0 in range(i, N, BLOCK_J):
+                j = j0 + tl.arange(0, BLOCK_J)
+                inside = j < N
+                match = (tl.load(IDS + j, mask=inside, other=-1).to(tl.int64) == token) & inside
+                if tl.sum(match.to(tl.int32)) > 0:
+                    rows = tl.load(GRAD + j.to(tl.int64)[:, None] * stride_gi + c.to(tl.int64)[None, :] * stride_gn,
+                                   mask=match[:, None] & c_ok[None, :], other=0.0)  # fmt: skip
+                    acc += tl.sum(rows.to(acc_t), axis=0)
+            scale = tl.cast(scale_hi, acc_t) + tl.cast(scale_mid, acc_t) + tl.cast(scale_lo, acc_t)
+            tl.store(DW + token * n + c, (acc * scale).to(DW.dtype.element_ty), mask=c_ok)
+
+
 def _blocks(n: int) -> tuple[int, int]:
     """(ids per program, feature tile) of the forward."""
     if INTERPRET:
@@ -128,8 +170,17 @@ def _lookup_backward(
     grad_weight = grad.new_zeros((num_embeddings, width)) if run else grad.new_empty((num_embeddings, width))
     if not run or flat.numel() == 0 or width == 0:
         return grad_weight
-    sorted_ids, order = torch.sort(flat.to(torch.int64), stable=True)
     block_n = max(16, min(next_pow2(width), INTERPRET_MAX_BLOCK_N if INTERPRET else 256))
+    if flat.numel() <= SMALL_BATCH_TOKENS:
+        flat = flat.contiguous()
+        block_j = max(16, 8192 // block_n) if not INTERPRET else 64  # the [BLOCK_J, BLOCK_N] tile of rows
+        args = (grad, flat, grad_weight, flat.numel(), num_embeddings, width, grad.stride(0), grad.stride(1),
+                -1 if padding_idx is None else padding_idx, *split_float(scale))  # fmt: skip
+        grid = (flat.numel(), cdiv(width, block_n))
+        meta = dict(BLOCK_J=block_j, BLOCK_N=block_n)
+        launch(_embedding_bwd_small_kernel, None, lambda _: grid, args, {}, meta, dict(meta, num_warps=4))
+        return grad_weight
+    sorted_ids, order = torch.sort(flat.to(torch.int64), stable=True)
     args = (grad, sorted_ids, order, grad_weight, flat.numel(), num_embeddings, width, grad.stride(0), grad.stride(1),
             -1 if padding_idx is None else padding_idx, *split_float(scale))  # fmt: skip
     grid = (flat.numel(), cdiv(width, block_n))
