@@ -72,6 +72,20 @@ def assert_same_layout(ours, theirs):
         assert (a.shape, a.dtype, a.stride()) == (b.shape, b.dtype, b.stride()), name
 
 
+def assert_low_precision_within_cpu_error(tensors, params, dtype):
+    """Every output and gradient of the emulated op in ``dtype`` within 2x the CPU op's own error
+    in ``dtype``, both measured against the CPU op in float64 (``tensors`` are float64)."""
+    low = {k: v.to(dtype) if v is not None else None for k, v in tensors.items()}
+    high = forward_backward(torch.ops.define_ops, tensors, params)
+    ours = forward_backward(emulated_ops(), low, params)
+    theirs = forward_backward(torch.ops.define_ops, low, params)
+    floor = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for name, a, b, h in zip(NAMES, ours, theirs, high, strict=True):
+        if name in ("mean", "rstd") or not h.numel():
+            continue
+        assert_within_reference_error(a, b, h, floor=floor, what=name)
+
+
 @pytest.mark.parametrize("tokens", [0, 1, 37])
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(str(v) for v in o))
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -96,15 +110,7 @@ def test_plain_step_with_bias_matches_cpu(layout, tokens, dtype):
         ours = forward_backward(emulated_ops(), tensors, params)
         assert_float64_matches(ours, forward_backward(torch.ops.define_ops, tensors, params))
         return
-    low = {k: v.to(dtype) if v is not None else None for k, v in tensors.items()}
-    high = forward_backward(torch.ops.define_ops, tensors, params)
-    ours = forward_backward(emulated_ops(), low, params)
-    theirs = forward_backward(torch.ops.define_ops, low, params)
-    floor = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
-    for name, a, b, h in zip(NAMES, ours, theirs, high, strict=True):
-        if name in ("mean", "rstd") or not h.numel():
-            continue
-        assert_within_reference_error(a, b, h, floor=floor, what=name)
+    assert_low_precision_within_cpu_error(tensors, params, dtype)
 
 
 @pytest.mark.parametrize("smem", ["64", "200"], ids=["stage-in-global", "tight"])
@@ -129,15 +135,7 @@ def test_hgt_step_low_precision_within_cpu_error(layout, options, dtype):
     """Within 2x the CPU op's own error against float64 (fp16 is left to the GPU tests: ATen's
     fp16 GEMM on the CPU is not a path worth a bound)."""
     tensors, params = make_step_inputs(layout, options, 53, torch.float64)
-    low = {k: v.to(dtype) if v is not None else None for k, v in tensors.items()}
-    high = forward_backward(torch.ops.define_ops, tensors, params)
-    ours = forward_backward(emulated_ops(), low, params)
-    theirs = forward_backward(torch.ops.define_ops, low, params)
-    floor = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
-    for name, a, b, h in zip(NAMES, ours, theirs, high, strict=True):
-        if name in ("mean", "rstd") or not h.numel():
-            continue
-        assert_within_reference_error(a, b, h, floor=floor, what=name)
+    assert_low_precision_within_cpu_error(tensors, params, dtype)
 
 
 def test_backward_is_bitwise_deterministic():
@@ -159,23 +157,33 @@ print("matches")
 """
 
 
-@pytest.mark.parametrize("cap", ["1", "0", "lots"])
-def test_backward_blocks_per_sm_override(cap):
-    """DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM (read once per process, hence a subprocess): 1 block per
-    SM changes the grid (and the partial-sum rows) but not the results; a bad value is a clear error."""
+@pytest.mark.parametrize(
+    ("variable", "value", "error"),
+    [
+        ("DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM", "1", None),
+        ("DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM", "0", "must be an integer in 1..32, got '0'"),
+        ("DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM", "lots", "must be an integer in 1..32, got 'lots'"),
+        ("DEFINE_OPS_CUDA_MAX_THREADS", "64", None),
+        ("DEFINE_OPS_CUDA_MAX_THREADS", "100", "must be a multiple of 32 in 64..512, got '100'"),
+    ],
+)  # fmt: skip
+def test_tuning_overrides(variable, value, error):
+    """The kernels' tuning variables (read once per process, hence a subprocess): 1 backward block
+    per SM or 64-thread row blocks change the launch but not the results; a bad value is a clear
+    error naming the variable."""
     import subprocess
     import sys
 
     emulated_ops()  # build here (cached), so the subprocess only loads it
-    env = {**os.environ, "DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM": cap}
+    env = {**os.environ, variable: value}
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", _BLOCKS_CAP_CHECK], cwd=root, env=env, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
-    if cap == "1":
+    if error is None:
         assert done.returncode == 0 and "matches" in done.stdout, done.stderr[-3000:]
     else:
         assert done.returncode != 0
-        assert f"DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM must be an integer in 1..32, got '{cap}'" in done.stderr
+        assert f"{variable} {error}" in done.stderr
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

@@ -17,6 +17,7 @@
 #endif
 
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -88,6 +89,23 @@ struct RowCursor {
     }
   }
 };
+
+// An integer tuning setting from the environment (callers read it once): `fallback` when unset or
+// empty, else the value, which must lie in [lo, hi] and be a multiple of `multiple`; anything else
+// is a clear error naming the variable and the value.
+inline int64_t env_integer(const char* name, int64_t fallback, int64_t lo, int64_t hi, int64_t multiple = 1) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return fallback;
+  char* end = nullptr;
+  const long long value = std::strtoll(env, &end, 10);
+  const bool ok = *end == '\0' && value >= lo && value <= hi && value % multiple == 0;
+  if (multiple == 1) {
+    TORCH_CHECK_VALUE(ok, name, " must be an integer in ", lo, "..", hi, ", got '", env, "'");
+  } else {
+    TORCH_CHECK_VALUE(ok, name, " must be a multiple of ", multiple, " in ", lo, "..", hi, ", got '", env, "'");
+  }
+  return static_cast<int64_t>(value);
+}
 
 // Threads per block for a row of `width` features handled four at a time: a multiple of 32 in
 // [64, max_threads].

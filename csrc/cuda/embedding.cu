@@ -23,7 +23,6 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
-#include <cstdlib>
 
 #include "cuda_utils.cuh"
 
@@ -41,15 +40,8 @@ constexpr int kBackwardThreads = 256;  // 8 warps, one sorted position each at a
 constexpr int64_t kSmallBatchTokensDefault = 4096;
 
 int64_t small_batch_tokens() {
-  static const int64_t limit = [] {
-    const char* env = std::getenv("DEFINE_OPS_CUDA_SMALL_BATCH_TOKENS");
-    if (env == nullptr || *env == '\0') return kSmallBatchTokensDefault;
-    char* end = nullptr;
-    const long long value = std::strtoll(env, &end, 10);
-    TORCH_CHECK_VALUE(*end == '\0' && value >= 0 && value <= (int64_t{1} << 20),
-                      "DEFINE_OPS_CUDA_SMALL_BATCH_TOKENS must be an integer in 0..1048576, got '", env, "'");
-    return static_cast<int64_t>(value);
-  }();
+  static const int64_t limit =
+      cuda::env_integer("DEFINE_OPS_CUDA_SMALL_BATCH_TOKENS", kSmallBatchTokensDefault, 0, int64_t{1} << 20);
   return limit;
 }
 
@@ -135,6 +127,30 @@ at::Tensor embedding_lookup_cuda(const at::Tensor& weight,  // [V, n]
 }
 
 // ============================================================================ backward
+// Whether id's row of the table gradient is written: not padding, inside the table.
+template <typename index_t>
+__device__ __forceinline__ bool gets_gradient(index_t id, int64_t num_embeddings, bool has_padding,
+                                              int64_t padding_idx) {
+  return !(has_padding && static_cast<int64_t>(id) == padding_idx) && id >= 0 &&
+         static_cast<int64_t>(id) < num_embeddings;
+}
+
+// sum += V values of a gradient row · scale (one 16-byte load where V > 1).
+template <int V, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void add_row(acc_t (&sum)[V], const scalar_t* row, acc_t scale) {
+  const Vec<scalar_t, V> values = *reinterpret_cast<const Vec<scalar_t, V>*>(row);
+#pragma unroll
+  for (int k = 0; k < V; ++k) sum[k] += static_cast<acc_t>(values.v[k]) * scale;
+}
+
+template <int V, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_row(scalar_t* out, const acc_t (&sum)[V]) {
+  Vec<scalar_t, V> result;
+#pragma unroll
+  for (int k = 0; k < V; ++k) result.v[k] = static_cast<scalar_t>(sum[k]);
+  *reinterpret_cast<Vec<scalar_t, V>*>(out) = result;
+}
+
 // Warp w takes sorted positions w, w + warps, ...; a position that starts a run of equal ids sums
 // the gradient rows of that run (in original token order: the sort is stable), four rows in
 // flight at a time, and writes the id's row of the table gradient once. No atomics.
@@ -153,9 +169,7 @@ __global__ void __launch_bounds__(kBackwardThreads)
        i += warps) {
     const index_t id = sorted[i];
     if (i > 0 && sorted[i - 1] == id) continue;  // not the first of its run
-    if ((has_padding && static_cast<int64_t>(id) == padding_idx) || id < 0 || static_cast<int64_t>(id) >= num_embeddings) {
-      continue;
-    }
+    if (!gets_gradient(id, num_embeddings, has_padding, padding_idx)) continue;
     for (int64_t col = static_cast<int64_t>(lane) * V; col < width; col += 32 * V) {
       acc_t sum[V];
 #pragma unroll
@@ -171,15 +185,8 @@ __global__ void __launch_bounds__(kBackwardThreads)
           for (int k = 0; k < V; ++k) sum[k] += static_cast<acc_t>(rows[r].v[k]) * scale;
         }
       }
-      for (; j < tokens && sorted[j] == id; ++j) {
-        const Vec<scalar_t, V> row = *reinterpret_cast<const Vec<scalar_t, V>*>(grad + order[j] * width + col);
-#pragma unroll
-        for (int k = 0; k < V; ++k) sum[k] += static_cast<acc_t>(row.v[k]) * scale;
-      }
-      Vec<scalar_t, V> result;
-#pragma unroll
-      for (int k = 0; k < V; ++k) result.v[k] = static_cast<scalar_t>(sum[k]);
-      *reinterpret_cast<Vec<scalar_t, V>*>(grad_weight + static_cast<int64_t>(id) * width + col) = result;
+      for (; j < tokens && sorted[j] == id; ++j) add_row(sum, grad + order[j] * width + col, scale);
+      store_row(grad_weight + static_cast<int64_t>(id) * width + col, sum);
     }
   }
 }
@@ -201,9 +208,7 @@ __global__ void __launch_bounds__(kBackwardThreads)
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; i < tokens;
        i += warps) {
     const index_t id = ids[i];
-    if ((has_padding && static_cast<int64_t>(id) == padding_idx) || id < 0 || static_cast<int64_t>(id) >= num_embeddings) {
-      continue;
-    }
+    if (!gets_gradient(id, num_embeddings, has_padding, padding_idx)) continue;
     bool seen_before = false;  // the same for every lane of the warp
     for (int64_t j0 = 0; j0 < i && !seen_before; j0 += 32) {
       const int64_t j = j0 + lane;
@@ -221,19 +226,10 @@ __global__ void __launch_bounds__(kBackwardThreads)
         while (matches != 0u) {
           const int64_t row = j0 + cuda::lowest_set_bit(matches);
           matches &= matches - 1u;
-          if (active) {
-            const Vec<scalar_t, V> values = *reinterpret_cast<const Vec<scalar_t, V>*>(grad + row * width + col);
-#pragma unroll
-            for (int k = 0; k < V; ++k) sum[k] += static_cast<acc_t>(values.v[k]) * scale;
-          }
+          if (active) add_row(sum, grad + row * width + col, scale);
         }
       }
-      if (active) {
-        Vec<scalar_t, V> result;
-#pragma unroll
-        for (int k = 0; k < V; ++k) result.v[k] = static_cast<scalar_t>(sum[k]);
-        *reinterpret_cast<Vec<scalar_t, V>*>(grad_weight + static_cast<int64_t>(id) * width + col) = result;
-      }
+      if (active) store_row(grad_weight + static_cast<int64_t>(id) * width + col, sum);
     }
   }
 }

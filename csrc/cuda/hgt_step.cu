@@ -30,7 +30,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <climits>
 
 #include "../common/epilogue_math.h"
@@ -54,18 +53,11 @@ constexpr int kMaxThreads = 512;
 constexpr int kMaxWarps = kMaxThreads / 32;
 
 int row_threads_cap() {
-  static const int cap = [] {
-    const char* env = std::getenv("DEFINE_OPS_CUDA_MAX_THREADS");
-    if (env == nullptr || *env == '\0') return kMaxThreads;
-    char* end = nullptr;
-    const long value = std::strtol(env, &end, 10);
-    TORCH_CHECK_VALUE(*end == '\0' && value >= 64 && value <= kMaxThreads && value % 32 == 0,
-                      "DEFINE_OPS_CUDA_MAX_THREADS must be a multiple of 32 in 64..", kMaxThreads, ", got '", env,
-                      "'");
-    return static_cast<int>(value);
-  }();
+  static const int cap =
+      static_cast<int>(cuda::env_integer("DEFINE_OPS_CUDA_MAX_THREADS", kMaxThreads, 64, kMaxThreads, 32));
   return cap;
 }
+
 // Cap on resident backward blocks per SM: more blocks keep more rows in flight (the kernel waits
 // on memory between its phases), and each adds one row of partial sums to the final reduction.
 // 4 until measured otherwise; DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM (1..32, read once) overrides it
@@ -73,17 +65,11 @@ int row_threads_cap() {
 constexpr int kBackwardBlocksPerSmDefault = 4;
 
 int backward_blocks_per_sm_cap() {
-  static const int cap = [] {
-    const char* env = std::getenv("DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM");
-    if (env == nullptr || *env == '\0') return kBackwardBlocksPerSmDefault;
-    char* end = nullptr;
-    const long value = std::strtol(env, &end, 10);
-    TORCH_CHECK_VALUE(*end == '\0' && value >= 1 && value <= 32,
-                      "DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM must be an integer in 1..32, got '", env, "'");
-    return static_cast<int>(value);
-  }();
+  static const int cap =
+      static_cast<int>(cuda::env_integer("DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM", kBackwardBlocksPerSmDefault, 1, 32));
   return cap;
 }
+
 // Shared memory ahead of the row stage: warp partial sums of the norm reductions.
 constexpr int kForwardReduceSlots = 2 * kMaxWarps;   // red_sum | red_sq
 constexpr int kBackwardReduceSlots = 4 * kMaxWarps;  // red_dxh[2] | red_dxh_xh[2] (double-buffered)
@@ -241,6 +227,23 @@ __device__ __forceinline__ void store_run(T* ptr, const T (&v)[N]) {
 #pragma unroll
     for (int k = 0; k < N; ++k) ptr[k] = v[k];
   }
+}
+
+// V consecutive values of dY: added to the block's bias column sums (null without a bias), then
+// stored V-wide.
+template <int V, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_dy_run(scalar_t* dy, acc_t* bias_sums, const acc_t (&dz)[V]) {
+  if (bias_sums != nullptr) {
+    acc_t sums[V];
+    load_run(bias_sums, sums);
+#pragma unroll
+    for (int k = 0; k < V; ++k) sums[k] += dz[k];
+    store_run(bias_sums, sums);
+  }
+  Vec<scalar_t, V> packed;
+#pragma unroll
+  for (int k = 0; k < V; ++k) packed.v[k] = static_cast<scalar_t>(dz[k]);
+  *reinterpret_cast<Vec<scalar_t, V>*>(dy) = packed;
 }
 
 // ============================================================================ forward epilogue
@@ -897,17 +900,7 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_backward_kernel(const Ba
         }
 #pragma unroll
         for (int k = 0; k < V; ++k) dz[k] = rs * (dz[k] * gamma[k] - mean_dxh - xv[k] * mean_dxh_xh);
-        if (bias) {
-          acc_t column_sums[V];
-          load_run(sum_bias + q0, column_sums);
-#pragma unroll
-          for (int k = 0; k < V; ++k) column_sums[k] += dz[k];
-          store_run(sum_bias + q0, column_sums);
-        }
-        Vec<scalar_t, V> packed;
-#pragma unroll
-        for (int k = 0; k < V; ++k) packed.v[k] = static_cast<scalar_t>(dz[k]);
-        *reinterpret_cast<Vec<scalar_t, V>*>(dy_row + q0) = packed;
+        store_dy_run(dy_row + q0, bias ? sum_bias + q0 : nullptr, dz);
       }
     } else if (A.vec_dy) {
       for (int q0 = tid * V; q0 < R.b; q0 += nthreads * V) {
@@ -922,17 +915,7 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_backward_kernel(const Ba
         } else {
           load_run(d + q0, dz);
         }
-        if (bias) {
-          acc_t column_sums[V];
-          load_run(sum_bias + q0, column_sums);
-#pragma unroll
-          for (int k = 0; k < V; ++k) column_sums[k] += dz[k];
-          store_run(sum_bias + q0, column_sums);
-        }
-        Vec<scalar_t, V> packed;
-#pragma unroll
-        for (int k = 0; k < V; ++k) packed.v[k] = static_cast<scalar_t>(dz[k]);
-        *reinterpret_cast<Vec<scalar_t, V>*>(dy_row + q0) = packed;
+        store_dy_run(dy_row + q0, bias ? sum_bias + q0 : nullptr, dz);
       }
     } else {
       for (int q = tid; q < R.b; q += nthreads) {
