@@ -618,8 +618,8 @@ at::Tensor column_sums(const at::Tensor& grad) {  // grad [T, m] contiguous, T >
 // ============================================================================ backward epilogue
 // Accumulator slots of the backward's stage: d [b], x̂ [b] with the norm, this block's column sums,
 // rounded up to a multiple of 4 (workspace rows start 4-aligned for the quad path's 4-wide accesses).
-__host__ __device__ __forceinline__ int backward_stage(const RowShape& R, int num_partials) {
-  return (R.b + (R.norm ? R.b : 0) + num_partials + 3) / 4 * 4;
+__host__ __device__ __forceinline__ int backward_stage(const RowShape& R, int sum_slots) {
+  return (R.b + (R.norm ? R.b : 0) + sum_slots + 3) / 4 * 4;
 }
 
 template <typename scalar_t>
@@ -642,6 +642,9 @@ struct BackwardArgs {
   acc_t* partials;            // [gridDim.x, num_partials] per-block sums: d bias | d γ | d β
   int num_partials;           // (bias ? b : 0) + (norm ? 2s : 0)
   int gamma_offset;           // column of d γ in partials (d β follows at + s)
+  int sum_slots;              // this block's sums in the stage: d bias [b] | d γ, d β: [g, s] each when
+                              // step 1 makes them (fold_gamma_beta), else [s] each
+  bool fold_gamma_beta;       // quads_in_group and norm: step 1 adds d γ / d β per (group, feature)
   scalar_t* grad_bias;        // [b] or null
   scalar_t* grad_gamma;       // [s] or null
   scalar_t* grad_beta;        // [s] or null
@@ -675,25 +678,26 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_backward_kernel(const Ba
   const RowShape& R = A.R;
   const int tid = threadIdx.x, nthreads = blockDim.x;
   const int lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
-  const int stage = backward_stage(R, A.num_partials);
+  const int stage = backward_stage(R, A.sum_slots);
   acc_t* d = A.workspace != nullptr ? A.workspace + static_cast<int64_t>(blockIdx.x) * stage
                                     : smem + kBackwardReduceSlots;  // [b] gradient, shuffled order
   acc_t* xh = d + R.b;                                                    // [b] x̂ (norm only)
-  acc_t* sums = d + R.b + (R.norm ? R.b : 0);                             // [num_partials] this block's sums
+  acc_t* sums = d + R.b + (R.norm ? R.b : 0);                             // [sum_slots] this block's sums
   acc_t* sum_bias = sums;                                                 // [b]
-  acc_t* sum_gamma = sums + A.gamma_offset;                               // [s]
-  acc_t* sum_beta = sum_gamma + R.s;                                      // [s]
-  for (int c = tid; c < A.num_partials; c += nthreads) sums[c] = acc_t(0);
+  acc_t* sum_gamma = sums + A.gamma_offset;                               // [g, s] or [s]
+  acc_t* sum_beta = sum_gamma + (A.fold_gamma_beta ? R.b : R.s);          // [g, s] or [s]
+  for (int c = tid; c < A.sum_slots; c += nthreads) sums[c] = acc_t(0);
   __syncthreads();  // step 1 may add to the sums (one group) before the first barrier of a row
   const int wpg = R.g >= nwarps ? 1 : nwarps / R.g;
   const int nteams = nwarps / wpg, team = warp / wpg, rank = warp % wpg;
   const int rounds = (R.g + nteams - 1) / nteams;
   const uint64_t seed = R.dropout ? load_seed(A.seed_ptr, A.seed) : 0;
   const int quads = (R.b + 3) / 4;
-  // One norm group (most layers) on the quad path: step 1 also adds this row's d γ / d β (it owns
-  // each feature) and, where dY is written V-wide, step 3's two sums, whose formula step 4 applies.
-  const bool fold_gamma_beta = A.quads_in_group && R.norm && R.g == 1;
-  const bool fuse_norm = fold_gamma_beta && A.vec_dy;
+  // On the quad path step 1 also adds this row's d γ / d β per (group, feature), which the thread
+  // owns in every row (summed over the groups once per block, at the end); with one norm group (most
+  // layers) and dY written V-wide, also step 3's two sums, whose formula step 4 applies.
+  const bool fold_gamma_beta = A.fold_gamma_beta;
+  const bool fuse_norm = fold_gamma_beta && R.g == 1 && A.vec_dy;
 
   for (int64_t t = blockIdx.x; t < A.tokens; t += gridDim.x) {
     const scalar_t* go_row = A.grad_out + t * R.out_width;
@@ -730,7 +734,7 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_backward_kernel(const Ba
           activation_backward4(R.activation, av, dv);
         }
         store4(d + p0, dv);
-        if (fold_gamma_beta) {  // step 2 here: one group, so this thread owns features p0..p0+3 in every row
+        if (fold_gamma_beta) {  // step 2 here: this thread owns (group, features) p0..p0+3 in every row
           acc_t sum_g[4], sum_b[4];
           load_run(sum_gamma + p0, sum_g);
           load_run(sum_beta + p0, sum_b);
@@ -821,8 +825,8 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_backward_kernel(const Ba
     __syncthreads();
 
     if (R.norm) {
-      // ---- 2. d γ, d β for this row: per feature u of a group, over the groups in order (with one
-      // group the quad path of step 1 did it)
+      // ---- 2. d γ, d β for this row: per feature u of a group, over the groups in order (on the
+      // quad path, step 1 did it)
       for (int u = fold_gamma_beta ? R.s : tid; u < R.s; u += nthreads) {
         acc_t dg = 0, db = 0;
         for (int i = 0; i < R.g; ++i) {
@@ -953,7 +957,18 @@ __global__ void __launch_bounds__(kMaxThreads) hgt_step_backward_kernel(const Ba
 
   if (A.num_partials > 0) {  // launched cooperatively: every block reaches the grid barrier
     acc_t* mine = A.partials + static_cast<int64_t>(blockIdx.x) * A.num_partials;
-    for (int c = tid; c < A.num_partials; c += nthreads) mine[c] = sums[c];
+    for (int c = tid; c < A.num_partials; c += nthreads) {
+      if (!fold_gamma_beta || R.g == 1 || c < A.gamma_offset) {  // the same layout in the stage
+        mine[c] = sums[c];
+      } else {  // d γ or d β of feature u: this block's sums per group, added in group order
+        const bool gamma = c < A.gamma_offset + R.s;
+        const int u = c - A.gamma_offset - (gamma ? 0 : R.s);
+        const acc_t* per_group = gamma ? sum_gamma : sum_beta;
+        acc_t total = 0;
+        for (int i = 0; i < R.g; ++i) total += per_group[i * R.s + u];
+        mine[c] = total;
+      }
+    }
     cuda::grid_sync();
     sum_columns_over_blocks(A.partials, A.num_partials, [&](int64_t c, acc_t total) {
       const scalar_t value = static_cast<scalar_t>(total);
@@ -973,7 +988,7 @@ void launch_backward(BackwardArgs<scalar_t> args, const at::TensorOptions& optio
   using acc_t = at::opmath_type<scalar_t>;
   const RowShape& R = args.R;
   const int threads = cuda::row_block_threads(R.b, row_threads_cap());
-  const int64_t stage = backward_stage(R, args.num_partials);
+  const int64_t stage = backward_stage(R, args.sum_slots);
   const size_t reduce_bytes = kBackwardReduceSlots * sizeof(acc_t);
   size_t smem = reduce_bytes + static_cast<size_t>(stage) * sizeof(acc_t);
   const bool stage_in_global = smem > cuda::max_dynamic_smem();
@@ -1195,6 +1210,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgt_step_
       args.quads_in_group = args.vec_go && shape.s % 4 == 0 && (args.saved == nullptr || args.vec_saved) &&
                             (!p.norm || (cuda::is_aligned(args.gamma, 4 * sizeof(scalar_t)) &&
                                          cuda::is_aligned(args.beta, 4 * sizeof(scalar_t))));
+      args.fold_gamma_beta = args.quads_in_group && p.norm;
+      args.sum_slots = static_cast<int>((p.bias ? p.out_h : 0) +
+                                        (p.norm ? 2 * (args.fold_gamma_beta ? p.out_h : p.out_group) : 0));
       launch_backward<scalar_t>(args, opts);
     });
   }
