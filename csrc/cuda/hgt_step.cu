@@ -669,7 +669,9 @@ struct BackwardArgs {
 // Then the per-block sums go to `partials`, the grid synchronizes, and every column is summed
 // over the blocks in block order.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kMaxThreads) hgt_step_backward_kernel(const BackwardArgs<scalar_t> A) {
+// At least 2 blocks of 512 threads per SM, i.e. <= 64 registers (ptxas otherwise takes ~100 for
+// bf16, halving the resident warps of a latency-bound kernel).
+__global__ void __launch_bounds__(kMaxThreads, 2) hgt_step_backward_kernel(const BackwardArgs<scalar_t> A) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = 16 / sizeof(scalar_t);
   acc_t* smem = cuda::shared_memory<acc_t>();
