@@ -185,6 +185,38 @@ def test_embedding_matches_reference(ids_dtype, padding_idx, width, dtype):
         assert (g[padding_idx] == 0).all()
 
 
+_SORTED_TABLE_GRADIENT = """
+import sys, torch
+import define_ops  # noqa: F401  (registers the ops)
+ids, grad = torch.load(sys.argv[1])
+g = torch.ops.define_ops.embedding_lookup_backward(grad.cuda(), ids.cuda(), 1000, 3, 2.5)
+torch.save(g.cpu(), sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embedding_backward_sort_free_equals_sorted_bitwise(tmp_path, dtype):
+    """Batches up to DEFINE_OPS_CUDA_SMALL_BATCH_TOKENS (read once per process: the sorted run is a
+    subprocess with 0) skip the sort; both paths add each id's rows in token order."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ids = torch.randint(0, 40, (2107,))
+    ids[::5] = 3  # the padding id
+    ids[::7] = 11
+    grad = torch.randn(2107, 24).to(dtype)
+    torch.save((ids, grad), tmp_path / "inputs.pt")
+    env = {**os.environ, "DEFINE_OPS_CUDA_SMALL_BATCH_TOKENS": "0"}
+    done = subprocess.run([sys.executable, "-c", _SORTED_TABLE_GRADIENT, str(tmp_path / "inputs.pt"),
+                           str(tmp_path / "sorted.pt")], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    sort_free = torch.ops.define_ops.embedding_lookup_backward(grad.to(DEVICE), ids.to(DEVICE), 1000, 3, 2.5)
+    assert torch.equal(sort_free.cpu(), torch.load(tmp_path / "sorted.pt"))
+
+
 def test_embedding_out_of_range_ids_give_nan_rows_not_a_crash():
     weight = torch.randn(10, 8, device=DEVICE)
     e = torch.ops.define_ops.embedding_lookup(weight, torch.tensor([1, 10, -1], device=DEVICE), None, 1.0)
