@@ -577,6 +577,7 @@ __global__ void __launch_bounds__(kMaxThreads) column_sums_kernel(const ColumnSu
     acc_t sum[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) sum[k] = acc_t(0);
+#pragma unroll 4  // independent loads in flight; the adds stay in row order
     for (int64_t t = blockIdx.x; t < A.tokens; t += gridDim.x) {
       const Vec<scalar_t, V> values = *reinterpret_cast<const Vec<scalar_t, V>*>(A.grad + t * A.width + c0);
 #pragma unroll
@@ -606,9 +607,10 @@ at::Tensor column_sums(const at::Tensor& grad) {  // grad [T, m] contiguous, T >
   const int per_sm = std::min(cuda::blocks_per_sm(kernel, threads, 0), 4);
   TORCH_CHECK(per_sm > 0 && cuda::supports_cooperative_launch(),
               "define_ops::hgt_step_backward (CUDA): the bias column sums cannot be launched cooperatively");
-  // at least 16 rows per block: fewer partial rows to add up after the barrier
+  // At least 64 rows per block: the sum over the blocks after the barrier walks one partial row per
+  // block, so fewer, longer blocks (loads in flight) beat many short ones (8,400 rows: 132 blocks).
   const int64_t grid =
-      std::max<int64_t>(1, std::min<int64_t>((args.tokens + 15) / 16, int64_t{per_sm} * cuda::num_sms()));
+      std::max<int64_t>(1, std::min<int64_t>((args.tokens + 63) / 64, int64_t{per_sm} * cuda::num_sms()));
   at::Tensor partials = at::empty({grid, args.width}, grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   args.partials = partials.data_ptr<acc_t>();
   cuda::launch_cooperative(kernel, grid, threads, 0, args);
