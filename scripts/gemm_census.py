@@ -24,30 +24,28 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 from define_ops import DeFINEConfig
-from define_ops.bench import PRESET_TOKENS
+from define_ops.bench import PRESET_TOKENS, median_ms
 
 
 def time_us(fn, device: torch.device, repeats: int = 20) -> float:
+    """Median time of fn: CUDA events on a GPU (device time, no launch or sync overhead), else the
+    benchmarks' wall-clock median."""
+    if device.type != "cuda":
+        return median_ms(fn, rounds=repeats, warmup=3) * 1e3
     for _ in range(3):
         fn()
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-        else:
-            began = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - began) * 1e6)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
     return statistics.median(times)
 
 

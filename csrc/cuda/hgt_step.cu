@@ -429,10 +429,10 @@ __global__ void __launch_bounds__(kMaxThreads, 3) hgt_step_forward_kernel(const 
     if (A.quads_in_group) {  // every preset: one group's statistics, 4-wide γ/β, stage and output
       for (int qd = tid; qd < quads; qd += nthreads) {
         const int p0 = 4 * qd;
-        const int group = R.by_s.div(p0), u = p0 - group * R.s;
         acc_t h[4];
         load4(z + p0, h);
         if (R.norm) {
+          const int group = R.by_s.div(p0), u = p0 - group * R.s;
           const acc_t mu = one_group ? row_mu : mean_s[group], rs = one_group ? row_rs : rstd_s[group];
           acc_t gamma[4], beta[4];
           load4(A.gamma + u, gamma);
