@@ -128,6 +128,21 @@ TORCH_LIBRARY(define_ops, m) {
       "Tensor? norm_bias, Tensor? seed, Tensor saved, Tensor mean, Tensor rstd, int e_width, int e_in_chunks, "
       "int e_out_chunks, bool shuffle, str activation, float dropout_p, float norm_eps) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The whole stack in one call: hgt_step for every step in turn, step i + 1 reading step i's output.
+  // Returns (out, values, stats): the last step's output, and what the backward reads (every other
+  // output, the pre-norm values, the statistics) in one buffer per dtype; both are empty with
+  // keep_for_backward=false (inference: each step's memory is freed as soon as the next has read it).
+  m.def(
+      "hgt_stack(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor?[] norm_weights, Tensor?[] norm_biases, "
+      "Tensor?[] seeds, int[] e_widths, int[] e_in_chunks, int[] e_out_chunks, bool[] shuffles, str[] activations, "
+      "float[] dropout_ps, float[] norm_eps, bool keep_for_backward) -> (Tensor, Tensor, Tensor)");
+  // Its backward: (grad_x, grads), grads holding every weight, bias, γ and β gradient, step by step
+  // (define_ops.ops.split_stack_grads cuts it into views).
+  m.def(
+      "hgt_stack_backward(Tensor grad_out, Tensor x, Tensor values, Tensor stats, Tensor[] weights, "
+      "Tensor?[] biases, Tensor?[] norm_weights, Tensor?[] norm_biases, Tensor?[] seeds, int[] e_widths, "
+      "int[] e_in_chunks, int[] e_out_chunks, bool[] shuffles, str[] activations, float[] dropout_ps, "
+      "float[] norm_eps) -> (Tensor, Tensor)");
 }
 
 // `from define_ops import _C` loads this library so the registrations above run; the module

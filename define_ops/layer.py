@@ -315,15 +315,20 @@ class DeFINE(nn.Module):
         return torch.randint(0, 2**62, (self.config.depth,), dtype=torch.int64, device=self.device)
 
     def _layer_params(self) -> list[tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]]:
-        return [
-            (
-                layer.weight,
-                layer.bias,
-                layer.norm.weight if layer.norm is not None else None,
-                layer.norm.bias if layer.norm is not None else None,
-            )
-            for layer in self.layers
-        ]
+        # Straight from the modules' dicts: what attribute access finds, without nn.Module.__getattr__
+        # (~0.5 µs a lookup; this runs on every call: 38 → 2 µs at awd_ptb on a 2-core VM).
+        params = []
+        for layer in self._modules["layers"]:
+            own = layer._parameters
+            norm = layer._modules.get("norm")
+            norm_params = norm._parameters if norm is not None else None
+            params.append((
+                own["weight"],
+                own["bias"],
+                norm_params["weight"] if norm_params is not None else None,
+                norm_params["bias"] if norm_params is not None else None,
+            ))  # fmt: skip
+        return params
 
     def _step_specs(self, dropout: bool) -> tuple[StepSpec, ...]:
         """The stack's per-step arguments (HGT layers, then the Reduce), built once per dropout state

@@ -14,12 +14,19 @@ below. Each public function takes ``backend=`` (see ``_backend.py``).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
 from . import _build, reference
 from ._autograd import embedding_autograd, hgt_step_autograd
 from ._backend import resolve_backend
+
+# The guard torch's custom-op autograd uses to run the kernel below it; a no-op where absent.
+_below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
 
 _ACTIVATION_NAMES = {None: "none", "none": "none", "gelu": "gelu", "relu": "relu", "swish": "swish"}
 
@@ -113,8 +120,202 @@ if _build.HAS_EXTENSION:
         grad_beta = x.new_empty((out_group,)) if norm_weight is not None else x.new_empty((0,))
         return x.new_empty(x.shape), torch.empty_like(weight), grad_bias, grad_gamma, grad_beta
 
+    @torch.library.register_fake("define_ops::hgt_stack")
+    def _hgt_stack_fake(
+        x: Tensor,
+        weights: list[Tensor],
+        biases: list[Tensor | None],
+        norm_weights: list[Tensor | None],
+        norm_biases: list[Tensor | None],
+        seeds: list[Tensor | None],
+        e_widths: list[int],
+        e_in_chunks: list[int],
+        e_out_chunks: list[int],
+        shuffles: list[bool],
+        activations: list[str],
+        dropout_ps: list[float],
+        norm_eps: list[float],
+        keep_for_backward: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        per_step = zip(weights, biases, norm_weights, norm_biases, seeds, e_widths, e_in_chunks, e_out_chunks,
+                       shuffles, activations, dropout_ps, norm_eps, strict=True)  # fmt: skip
+        out = x
+        for step_args in per_step:  # the shapes (and the checks) of the steps one by one
+            out = _hgt_step_fake(out, *step_args)[0]
+        layout = StackLayout(x.shape[0], weights, biases, norm_weights, e_widths, e_out_chunks, activations)
+        values = x.new_empty((layout.values_size if keep_for_backward else 0,))
+        stats = x.new_empty((layout.stats_size if keep_for_backward else 0,), dtype=_stats_dtype(x.dtype))
+        return out, values, stats
+
+    @torch.library.register_fake("define_ops::hgt_stack_backward")
+    def _hgt_stack_backward_fake(
+        grad_out: Tensor,
+        x: Tensor,
+        values: Tensor,
+        stats: Tensor,
+        weights: list[Tensor],
+        biases: list[Tensor | None],
+        norm_weights: list[Tensor | None],
+        norm_biases: list[Tensor | None],
+        seeds: list[Tensor | None],
+        e_widths: list[int],
+        e_in_chunks: list[int],
+        e_out_chunks: list[int],
+        shuffles: list[bool],
+        activations: list[str],
+        dropout_ps: list[float],
+        norm_eps: list[float],
+    ) -> tuple[Tensor, Tensor]:
+        layout = StackLayout(x.shape[0], weights, biases, norm_weights, e_widths, e_out_chunks, activations)
+        torch._check(values.shape == (layout.values_size,) and stats.shape == (layout.stats_size,),
+                     lambda: "hgt_stack_backward: values and stats must be what hgt_stack returned")  # fmt: skip
+        return x.new_empty(x.shape), x.new_empty((layout.grads_size,))
+
+    # hgt_stack's own autograd, for callers of the op itself (DeFINE calls it below autograd from
+    # one autograd.Function in stack.py instead). torch.library.register_autograd cannot give
+    # gradients to a list holding None (a step without bias or norm), so this is an Autograd-key
+    # kernel around an autograd.Function over the flat list of the tensors that are present. Only
+    # the result is differentiable: values and stats are what the backward reads.
+    class _HGTStackOp(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, layout, per_step, x, *present):
+            # layout: per (weights, biases, norm_weights, norm_biases, seeds) which entries are present
+            columns = _unflatten(layout, present)
+            with _below_autograd():
+                out, values, stats = torch.ops.define_ops.hgt_stack.default(x, *columns, *per_step, True)
+            ctx.layout, ctx.per_step = layout, per_step
+            ctx.set_materialize_grads(False)
+            ctx.save_for_backward(x, values, stats, *present)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            x, values, stats, *present = ctx.saved_tensors
+            if grad is None:
+                return None, None, None, *([None] * len(present))
+            columns = _unflatten(ctx.layout, present)
+            with _below_autograd():
+                grad_x, grads = torch.ops.define_ops.hgt_stack_backward.default(
+                    grad, x, values, stats, *columns, *ctx.per_step
+                )
+            # column by column, as `present` is: weights, biases, γ, β (then the seeds: no gradient)
+            per_param = split_stack_grads(grads, *columns[:3])
+            present_grads = [g for column in per_param for g in column if g is not None]
+            return None, None, grad_x, *present_grads, *([None] * sum(ctx.layout[4]))
+
+    def _unflatten(layout: tuple[tuple[bool, ...], ...], present: Sequence[Tensor]) -> list[list[Tensor | None]]:
+        it = iter(present)
+        return [[next(it) if flag else None for flag in flags] for flags in layout]
+
+    @torch.library.impl("define_ops::hgt_stack", "Autograd")
+    def _hgt_stack_autograd(x, weights, biases, norm_weights, norm_biases, seeds, *per_step_and_keep):
+        *per_step, keep = per_step_and_keep
+        columns = (weights, biases, norm_weights, norm_biases, seeds)
+        present = [t for column in columns for t in column if t is not None]
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *present))):
+            with _below_autograd():
+                return torch.ops.define_ops.hgt_stack.default(x, *columns, *per_step, keep)
+        layout = tuple(tuple(t is not None for t in column) for column in columns)
+        out = _HGTStackOp.apply(layout, tuple(per_step), x, *present)
+        empty = x.new_empty((0,))
+        return out, empty, empty.to(_stats_dtype(x.dtype))
+
+    @torch.library.impl("define_ops::hgt_stack_backward", "Autograd")
+    def _hgt_stack_backward_no_double_backward(*args):
+        if torch.is_grad_enabled() and any(
+            t.requires_grad for arg in args for t in (arg if isinstance(arg, list) else [arg]) if isinstance(t, Tensor)
+        ):
+            raise NotImplementedError(
+                "define_ops::hgt_stack_backward is not differentiable (no double backward through DeFINE's stack)"
+            )
+        with _below_autograd():
+            return torch.ops.define_ops.hgt_stack_backward.default(*args)
+
     _hgt_step_setup, _hgt_step_backward = hgt_step_autograd(torch.ops.define_ops.hgt_step_backward)
     torch.library.register_autograd("define_ops::hgt_step", _hgt_step_backward, setup_context=_hgt_step_setup)
+
+
+class StackLayout:
+    """Sizes of the buffers of ``define_ops::hgt_stack`` (values, stats) and ``hgt_stack_backward``
+    (grads), for the fake kernels: the Python twin of csrc/common/hgt_stack.h's StackLayout (same
+    pieces, packed; opcheck compares the two)."""
+
+    def __init__(self, tokens, weights, biases, norm_weights, e_widths, e_out_chunks, activations) -> None:
+        values, stats, grads = 0, 0, 0
+        steps = len(weights)
+        for i, weight in enumerate(weights):
+            groups, _, out_group = weight.shape
+            out_h = groups * out_group
+            norm = norm_weights[i] is not None
+            saved = norm or _activation_name(activations[i]) != "none"
+            if i + 1 < steps:  # the last output has its own allocation
+                values += tokens * (out_h + (e_widths[i] if e_out_chunks[i] > 0 else 0))
+            values += tokens * out_h if saved else 0
+            stats += 2 * tokens * groups if norm else 0
+            grads += weight.numel() + (out_h if biases[i] is not None else 0) + (2 * out_group if norm else 0)
+        self.values_size, self.stats_size, self.grads_size = values, stats, grads
+
+
+def _grad_pieces(key: tuple) -> tuple[list[int], list]:
+    """split_with_sizes sizes of ``grads`` and, per step, (index of the weight piece, the strides to
+    view it with, indices of the bias, γ and β pieces or None where absent). ``key``: per step
+    (weight shape, weight strides, has bias, has norm)."""
+    sizes: list[int] = []
+    steps = []
+
+    def take(numel: int) -> int:
+        sizes.append(numel)
+        return len(sizes) - 1
+
+    for shape, stride, has_bias, has_norm in key:
+        groups, in_group, out_group = shape
+        # the weight's own layout where it is dense (as the C++ backward writes it), else contiguous
+        strides = stride if _is_dense(shape, stride) else (in_group * out_group, out_group, 1)
+        steps.append((
+            take(groups * in_group * out_group),
+            strides,
+            take(groups * out_group) if has_bias else None,
+            take(out_group) if has_norm else None,
+            take(out_group) if has_norm else None,
+        ))  # fmt: skip
+    return sizes, steps
+
+
+def _is_dense(shape: Sequence[int], stride: Sequence[int]) -> bool:
+    """Tensor::is_non_overlapping_and_dense: the strides, sorted, are a contiguous layout's."""
+    expected = 1
+    for step, size in sorted((st, n) for st, n in zip(stride, shape, strict=True) if n != 1):
+        if step != expected:
+            return False
+        expected *= size
+    return True
+
+
+_cached_grad_pieces = functools.lru_cache(maxsize=256)(_grad_pieces)
+
+
+def split_stack_grads(
+    grads: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None], norm_weights: Sequence[Tensor | None]
+) -> tuple[list[Tensor], list[Tensor | None], list[Tensor | None], list[Tensor | None]]:
+    """``hgt_stack_backward``'s one gradient buffer as per-step views: (weight gradients, each with
+    its weight's strides where the weight is dense; bias, γ and β gradients, None where absent).
+    One split and one view per weight: this runs on every training step."""
+    key = tuple(
+        (w.shape, w.stride(), b is not None, n is not None)
+        for w, b, n in zip(weights, biases, norm_weights, strict=True)
+    )
+    try:  # shapes are symbolic while torch.compile traces: not hashable, not cached
+        sizes, steps = _cached_grad_pieces(key)
+    except TypeError:
+        sizes, steps = _grad_pieces(key)
+    pieces = grads.split_with_sizes(sizes)
+    weight_grads, bias_grads, gamma_grads, beta_grads = [], [], [], []
+    for weight, (w, strides, b, g, be) in zip(weights, steps, strict=True):
+        weight_grads.append(pieces[w].as_strided(weight.shape, strides))
+        bias_grads.append(pieces[b] if b is not None else None)
+        gamma_grads.append(pieces[g] if g is not None else None)
+        beta_grads.append(pieces[be] if be is not None else None)
+    return weight_grads, bias_grads, gamma_grads, beta_grads
 
 
 def _triton():

@@ -6,9 +6,12 @@ of the step at the presets, so the training step was host-bound. This Function c
 and backward ops directly, one dispatch per layer and direction, and keeps what the backward
 needs (each layer's input, saved pre-activation and LayerNorm statistics) on its one context.
 
-Inside, the ops are called below the Autograd dispatch key (what torch's own custom-op autograd
-does): the call goes straight to the backend kernel instead of through the ops' Python autograd
-wrapper, which would only find that grad mode is off (~15 µs per call on a 2-core VM).
+On the C++ backends (cpu, cuda) the whole loop is one op per direction, ``define_ops::hgt_stack``
+and ``hgt_stack_backward`` (csrc/common/hgt_stack.h): one Python call and a handful of allocations
+per direction instead of one call and ~5 allocations per layer. The Triton backend loops here over
+its step ops. Either way the ops are called below the Autograd dispatch key (what torch's own
+custom-op autograd does): the call goes straight to the backend kernel instead of through the ops'
+Python autograd wrapper, which would only find that grad mode is off (~15 µs per call on a 2-core VM).
 
 The per-step ops keep their own autograd (``ops.hgt_step``). Under ``torch.compile`` ``hgt_stack``
 calls them one by one instead, through that autograd, which the compiler traces (a compiled graph
@@ -18,6 +21,7 @@ has no per-op Python to save).
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .ops import _activation_name, _autocast
+from .ops import _activation_name, _autocast, split_stack_grads
 
 TENSORS_PER_STEP = 5  # weight, bias, norm_weight, norm_bias, seed
 # The guard torch's custom-op autograd uses to run the kernel below it; a no-op where absent.
@@ -57,6 +61,12 @@ def _step_tensors(tensors: Sequence[Tensor | None], index: int) -> Sequence[Tens
     return tensors[index * TENSORS_PER_STEP : (index + 1) * TENSORS_PER_STEP]
 
 
+def _uses_stack_op(backend: str) -> bool:
+    """Whether the eager path runs the C++ stack ops (cpu, cuda) or loops over the step ops here
+    (triton; or any backend with DEFINE_OPS_STACK_OP=0, for measuring one against the other)."""
+    return backend != "triton" and os.environ.get("DEFINE_OPS_STACK_OP", "1") != "0"
+
+
 def _ops_for(backend: str) -> tuple[Callable[..., Any], Callable[..., Any], bool]:
     """(forward op, backward op, whether they take a trailing row_count) of a compiled backend."""
     if backend == "triton":
@@ -66,12 +76,41 @@ def _ops_for(backend: str) -> tuple[Callable[..., Any], Callable[..., Any], bool
     return torch.ops.define_ops.hgt_step.default, torch.ops.define_ops.hgt_step_backward.default, False
 
 
+def _spec_lists(specs: tuple[StepSpec, ...]) -> tuple[list, ...]:
+    """The stack ops' per-step argument lists (e_widths, e_in_chunks, e_out_chunks, shuffles,
+    activations, dropout_ps, norm_eps), built once per spec tuple."""
+    lists = _SPEC_LISTS.get(specs)
+    if lists is None:
+        lists = tuple(list(column) for column in zip(*(spec.args() for spec in specs), strict=True))
+        _SPEC_LISTS[specs] = lists
+    return lists
+
+
+_SPEC_LISTS: dict[tuple[StepSpec, ...], tuple[list, ...]] = {}
+
+
+def _columns(tensors: Sequence[Tensor | None]) -> list[list[Tensor | None]]:
+    """The flat per-step tensors as the stack ops' (weights, biases, norm_weights, norm_biases, seeds)."""
+    return [list(tensors[k::TENSORS_PER_STEP]) for k in range(TENSORS_PER_STEP)]
+
+
 class _HGTStack(torch.autograd.Function):
     @staticmethod
     def forward(ctx, backend: str, specs: tuple[StepSpec, ...], row_count: Tensor | None, x: Tensor, *tensors: Tensor):
         # x [T, a0]; tensors: per step (weight [g, a/g, b/g], bias [b]?, norm_weight [b/g]?,
         # norm_bias [b/g]?, seed [1]?) → [T, width of the last step]
-        forward_op, backward_op, takes_rows = _ops_for(backend)
+        ctx.backend = backend
+        ctx.specs = specs
+        ctx.set_materialize_grads(False)
+        ctx.stack_op = _uses_stack_op(backend)
+        if ctx.stack_op:  # one C++ op for the whole stack; values/stats: what its backward reads
+            with _below_autograd():
+                out, values, stats = torch.ops.define_ops.hgt_stack.default(
+                    x, *_columns(tensors), *_spec_lists(specs), True
+                )
+            ctx.save_for_backward(x, values, stats, *tensors)
+            return out
+        forward_op, _, takes_rows = _ops_for(backend)
         trailing = (row_count,) if takes_rows else ()
         inputs, saved, means, rstds = [], [], [], []
         with _below_autograd():
@@ -82,10 +121,7 @@ class _HGTStack(torch.autograd.Function):
                 means.append(mean)
                 rstds.append(rstd)
                 x = out
-        ctx.save_for_backward(*inputs, *saved, *means, *rstds, *tensors, *trailing)
-        ctx.backward_op = backward_op
-        ctx.specs = specs
-        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*inputs, *saved, *means, *rstds, *tensors, row_count)
         return x
 
     @staticmethod
@@ -93,17 +129,28 @@ class _HGTStack(torch.autograd.Function):
         specs = ctx.specs
         steps = len(specs)
         stored = ctx.saved_tensors
-        inputs, saved, means, rstds = (stored[k * steps : (k + 1) * steps] for k in range(4))
-        tensors = stored[4 * steps : 4 * steps + steps * TENSORS_PER_STEP]
-        trailing = stored[4 * steps + steps * TENSORS_PER_STEP :]
-        grads: list[Tensor | None] = [None] * len(tensors)
+        grads: list[Tensor | None] = [None] * (steps * TENSORS_PER_STEP)
         if grad is None:  # the output was not used
             return (None, None, None, None, *grads)
+        if ctx.stack_op:
+            x, values, stats, *tensors = stored
+            columns = _columns(tensors)
+            with _below_autograd():
+                grad, flat = torch.ops.define_ops.hgt_stack_backward.default(
+                    grad, x, values, stats, *columns, *_spec_lists(specs)
+                )
+            for k, per_step in enumerate(split_stack_grads(flat, *columns[:3])):
+                grads[k::TENSORS_PER_STEP] = per_step
+            return (None, None, None, grad, *grads)
+        inputs, saved, means, rstds = (stored[k * steps : (k + 1) * steps] for k in range(4))
+        tensors = stored[4 * steps : 4 * steps + steps * TENSORS_PER_STEP]
+        _, backward_op, takes_rows = _ops_for(ctx.backend)
+        trailing = (stored[-1],) if takes_rows else ()
         with _below_autograd():
             for index in reversed(range(steps)):
                 first = index * TENSORS_PER_STEP
                 weight, bias, norm_weight, norm_bias, seed = _step_tensors(tensors, index)
-                grad_x, grad_weight, grad_bias, grad_gamma, grad_beta = ctx.backward_op(
+                grad_x, grad_weight, grad_bias, grad_gamma, grad_beta = backward_op(
                     grad, inputs[index], weight, bias, norm_weight, norm_bias, seed, saved[index], means[index],
                     rstds[index], *specs[index].args(), *trailing,
                 )  # fmt: skip
@@ -148,4 +195,8 @@ def hgt_stack(
         for index, spec in enumerate(specs):
             x = forward_op(x, *_step_tensors(tensors, index), *spec.args(), *trailing)[0]
         return x
+    if _uses_stack_op(backend) and not (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors))
+    ):  # inference: no autograd node, and each step's memory is freed as soon as the next has read it
+        return torch.ops.define_ops.hgt_stack.default(x, *_columns(tensors), *_spec_lists(specs), False)[0]
     return _HGTStack.apply(backend, specs, row_count, x, *tensors)

@@ -14,7 +14,8 @@
 #      a CUDA graph, plain embedding), ceilings, floors, kernel launches per layer;
 #   3. tests/test_cuda.py (not the slow ones);
 #   4. scripts/gpu_profile.py: wall clock vs kernel time vs CUDA-graph replay, top kernels and
-#      host ops, per preset (reference, cuda);
+#      host ops, per preset (reference, cuda); the same for cuda with the Python loop over the
+#      step ops instead of the C++ stack ops (DEFINE_OPS_STACK_OP=0), the host-time A/B;
 #   5. every grouped GEMM of every preset as the backend runs it, dense and padded
 #      (scripts/gemm_census.py); the profile with row blocks of at most 256 threads
 #      (DEFINE_OPS_CUDA_MAX_THREADS) against the default 512, and with the table gradient's sort
@@ -33,7 +34,7 @@
 #      (DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM), the Triton benchmark at the other three presets;
 #   9. compute-sanitizer synccheck, the cuda cases of tests/test_ops.py, the slow int64 test.
 # Files in $OUT: session.log, report.md, bench.png and results.tgz, which holds tests.xml,
-# sanitizer.log, profile.json, profile-bwd-blocks-*.json, profile-max-threads-256.json,
+# sanitizer.log, profile.json, profile-step-loop.json, profile-bwd-blocks-*.json, profile-max-threads-256.json,
 # profile-small-batch-sorted.json, ncu-epilogue.txt, bench-bf16.json, bench-compiled.json,
 # bench-compiled-ours.json, bench-triton-<preset>.json, host-profile-*.txt, bench-issue8-bf16.json,
 # bench-fp32.json.
@@ -112,6 +113,9 @@ stage tests 110 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m "no
   --junitxml="$RES/tests.xml"
 
 stage profile 90 env PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py --providers reference,cuda --json "$RES/profile.json"
+# the eager step with the Python loop over the step ops instead of the C++ stack ops: host time A/B
+stage step-loop 40 env DEFINE_OPS_STACK_OP=0 PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py \
+  --presets awd_ptb,nmt_wmt14,lstm_wt103 --providers cuda --json "$RES/profile-step-loop.json"
 
 stage gemm-census 60 env PYTHONPATH="$PWD" "$PY" scripts/gemm_census.py
 # threads per row block capped at 256 (the H100 session's kernels) against the default 512: the wide rows

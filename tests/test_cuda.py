@@ -18,6 +18,7 @@ from define_ops import PRESETS, DeFINE, DeFINEConfig, perf
 
 from .conftest import assert_within_reference_error, max_err
 from .test_ops import LAYOUTS, OPTIONS, _op_args, make_step_inputs, run_step
+from .test_stack import assert_stack_matches_steps, stack_case
 
 HAS_CUDA_BACKEND = torch.cuda.is_available() and "cuda" in define_ops.available_backends("cuda")
 pytestmark = pytest.mark.skipif(not HAS_CUDA_BACKEND, reason="needs a CUDA device and the compiled CUDA kernels")
@@ -320,6 +321,38 @@ def test_opcheck_embedding(padding_idx):
     torch.library.opcheck(torch.ops.define_ops.embedding_lookup.default, (weight, ids, padding_idx, 1.5))
     grad = torch.randn(5, 8, device=DEVICE)
     torch.library.opcheck(torch.ops.define_ops.embedding_lookup_backward.default, (grad, ids, 10, padding_idx, 1.5))
+
+
+# ----------------------------------------------------------------------------- the stack ops
+@pytest.mark.parametrize("tokens", [0, 1, 37, 1000])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("preset", ["awd_ptb", "lstm_wt103", "paper_literal"])
+def test_stack_ops_equal_the_step_ops(preset, dtype, tokens):
+    x, tensors, lists = stack_case(preset, tokens, dtype, DEVICE)
+    assert_stack_matches_steps(torch.ops.define_ops, x, tensors, lists)
+
+
+@pytest.mark.parametrize("tokens", [0, 5])
+def test_opcheck_stack_ops(tokens):
+    x, tensors, lists = stack_case("awd_ptb", tokens, torch.float32, DEVICE)
+    for keep in (True, False):
+        torch.library.opcheck(torch.ops.define_ops.hgt_stack.default, (x, *tensors, *lists, keep))
+    out, values, stats = torch.ops.define_ops.hgt_stack(x, *tensors, *lists, True)
+    args = (torch.randn_like(out), x, values, stats, *tensors, *lists)
+    torch.library.opcheck(torch.ops.define_ops.hgt_stack_backward.default, args)
+
+
+def test_stack_training_step_has_no_host_synchronisation():
+    config = DeFINEConfig.from_preset("awd_ptb", num_embeddings=500)
+    module = DeFINE.from_config(config, backend="cuda", device=DEVICE, validate_ids=False).train()
+    ids = torch.randint(0, 500, (64,), device=DEVICE)
+    module(ids).sum().backward()  # warm-up: allocator, cuBLAS handles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        module(ids).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 # ----------------------------------------------------------------------------- launch budget

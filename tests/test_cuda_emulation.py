@@ -22,6 +22,7 @@ import torch
 
 from .conftest import HAS_CPU_KERNELS, assert_within_reference_error, max_err
 from .test_ops import LAYOUTS, OPTIONS, _op_args, make_step_inputs
+from .test_stack import assert_stack_matches_steps, stack_case
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 
@@ -144,6 +145,31 @@ def test_backward_is_bitwise_deterministic():
     again = forward_backward(emulated_ops(), tensors, params)
     for name, a, b in zip(NAMES, first, again, strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 37])
+@pytest.mark.parametrize("preset", ["awd_ptb", "lstm_wt103", "paper_literal"])
+def test_stack_ops_match_the_step_ops_and_the_cpu(preset, tokens):
+    """The CUDA stack ops (csrc/common/hgt_stack.h over the CUDA step bodies): against the CUDA step
+    ops one by one, and, float64, against the CPU stack ops to 1e-10."""
+    x, tensors, lists = stack_case(preset, tokens, torch.float64)
+    ops = emulated_ops()
+    assert_stack_matches_steps(ops, x, tensors, lists)
+    ours = ops.hgt_stack(x, *tensors, *lists, True)
+    cpu = torch.ops.define_ops.hgt_stack(x, *tensors, *lists, True)
+    grad = torch.randn(cpu[0].shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ours_grads = ops.hgt_stack_backward(grad, x, ours[1], ours[2], *tensors, *lists)
+    cpu_grads = torch.ops.define_ops.hgt_stack_backward(grad, x, cpu[1], cpu[2], *tensors, *lists)
+    for name, a, b in zip(("out", "values", "stats", "grad_x", "grads"), (*ours, *ours_grads), (*cpu, *cpu_grads),
+                          strict=True):  # fmt: skip
+        assert a.shape == b.shape, name
+        assert max_err(a, b) <= 1e-10 * max(1.0, b.abs().max().item() if b.numel() else 1.0), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stack_ops_low_precision_match_the_step_ops(dtype):
+    x, tensors, lists = stack_case("awd_ptb", 29, dtype)
+    assert_stack_matches_steps(emulated_ops(), x, tensors, lists)
 
 
 _BLOCKS_CAP_CHECK = """

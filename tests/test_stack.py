@@ -9,6 +9,7 @@ import torch
 
 import define_ops
 from define_ops import DeFINE, DeFINEConfig
+from define_ops.ops import split_stack_grads
 from define_ops.stack import StepSpec, hgt_stack
 
 from .conftest import HAS_CPU_KERNELS
@@ -113,3 +114,180 @@ def test_layer_under_inference_mode_and_no_grad(backend):
     with torch.no_grad():
         out = module(ids)
     assert torch.equal(out, expected) and out.grad_fn is None
+
+
+# ----------------------------------------------------------------------------- the C++ stack ops
+def stack_case(preset: str, tokens: int, dtype: torch.dtype, device="cpu", dropout: bool = True):
+    """(x, tensor lists, per-step argument lists) of a small DeFINE layer's whole stack, as
+    ``define_ops::hgt_stack`` takes them (seeds on ``device``: the CPU reads them on the host)."""
+    config = DeFINEConfig.from_preset(preset, num_embeddings=50, input_dim=16, max_dim=64, embedding_dim=24)
+    torch.manual_seed(tokens)
+    module = DeFINE.from_config(config, backend="reference", dtype=dtype)
+    specs = module._build_step_specs(dropout)
+    params = module._layer_params() + [(module.reduce.weight.t().unsqueeze(0), module.reduce.bias, None, None)]
+    seeds = torch.randint(0, 2**62, (len(specs),))
+    tensors = [[p[k].detach().to(device) if p[k] is not None else None for p in params] for k in range(4)]
+    tensors.append([seeds[i].to(device) if spec.dropout_p > 0 else None for i, spec in enumerate(specs)])
+    lists = [list(column) for column in zip(*(spec.args() for spec in specs), strict=True)]
+    x = torch.randn(tokens, config.input_dim, dtype=dtype, device=device)
+    return x, tensors, lists
+
+
+def _same(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
+    """Equal up to the last bit of a GEMM sum: the stack's intermediates are views into one buffer,
+    the step ops' fresh allocations, and a BLAS may pick a pointer-alignment-dependent path."""
+    if ours.shape != theirs.shape or ours.dtype != theirs.dtype:
+        return False
+    if torch.equal(ours, theirs) or not ours.numel():
+        return True
+    rel = {torch.float64: 1e-12, torch.float32: 1e-5}.get(ours.dtype, 1e-2)
+    scale = max(1.0, theirs.abs().max().item())
+    return (ours.double() - theirs.double()).abs().max().item() <= rel * scale
+
+
+def assert_stack_matches_steps(ops, x, tensors, lists):
+    """ops.hgt_stack / hgt_stack_backward against ops.hgt_step / hgt_step_backward called step by
+    step: the same step bodies in the same order (equal but for a GEMM's last bit, see _same)."""
+    out, values, stats = ops.hgt_stack(x, *tensors, *lists, True)
+    steps = len(tensors[0])
+    inputs, step_results = [x], []
+    for i in range(steps):
+        step_results.append(ops.hgt_step(inputs[-1], *(t[i] for t in tensors), *(a[i] for a in lists)))
+        inputs.append(step_results[-1][0])
+    assert _same(out, inputs[-1])
+    # what the backward reads, in the buffers' order (csrc/common/hgt_stack.h): every output but the
+    # last and the pre-norm values, step by step, in `values`; the statistics in `stats`
+    kept_values = [
+        t for i, r in enumerate(step_results) for t in ([r[0]] if i + 1 < steps else []) + [r[1]] if t.dim() == 2
+    ]
+    kept_stats = [t for r in step_results for t in r[2:] if t.dim() == 2]
+    for buffer, kept in ((values, kept_values), (stats, kept_stats)):
+        expected = torch.cat([t.reshape(-1) for t in kept]) if kept else buffer[:0]
+        assert _same(buffer, expected)
+    inference = ops.hgt_stack(x, *tensors, *lists, False)
+    assert torch.equal(inference[0], out) and inference[1].numel() == inference[2].numel() == 0
+
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(out)
+    grad_x, flat = ops.hgt_stack_backward(grad, x, values, stats, *tensors, *lists)
+    param_grads = split_stack_grads(flat, *tensors[:3])
+    g = grad
+    for i in reversed(range(steps)):
+        expected = ops.hgt_step_backward(g, inputs[i], *(t[i] for t in tensors), *step_results[i][1:],
+                                         *(a[i] for a in lists))  # fmt: skip
+        for k, name in enumerate(("grad_weight", "grad_bias", "grad_gamma", "grad_beta")):
+            ours, theirs = param_grads[k][i], expected[k + 1]
+            if ours is None:
+                assert tensors[k][i] is None and theirs.numel() == 0, f"step {i} {name}"
+                continue
+            assert ours.shape == theirs.shape and ours.stride() == theirs.stride(), f"step {i} {name}"
+            assert _same(ours, theirs), f"step {i} {name}"
+        g = expected[0]
+    assert _same(grad_x, g)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("tokens", [0, 1, 37])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("preset", ["awd_ptb", "lstm_wt103", "paper_literal"])
+def test_stack_ops_equal_the_step_ops(preset, dtype, tokens):
+    x, tensors, lists = stack_case(preset, tokens, dtype)
+    assert_stack_matches_steps(torch.ops.define_ops, x, tensors, lists)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("tokens", [0, 5])
+def test_opcheck_stack_ops(tokens, requires_grad):
+    x, tensors, lists = stack_case("awd_ptb", tokens, torch.float32)
+    if requires_grad:
+        x.requires_grad_(True)
+        for column in tensors[:4]:
+            for t in column:
+                if t is not None:
+                    t.requires_grad_(True)
+    for keep in (True, False):
+        torch.library.opcheck(torch.ops.define_ops.hgt_stack.default, (x, *tensors, *lists, keep))
+    with torch.no_grad():
+        out, values, stats = torch.ops.define_ops.hgt_stack(x, *tensors, *lists, True)
+    grad = torch.randn_like(out)
+    detached = [[t.detach() if t is not None else None for t in column] for column in tensors]
+    args = (grad, x.detach(), values, stats, *detached, *lists)
+    torch.library.opcheck(torch.ops.define_ops.hgt_stack_backward.default, args)
+    if requires_grad:  # a clear error instead of a double backward that does not exist
+        with pytest.raises(NotImplementedError, match="not differentiable"):
+            torch.ops.define_ops.hgt_stack_backward(grad, x, values, stats, *tensors, *lists)
+
+
+@needs_cpu_kernels
+def test_stack_ops_reject_mismatched_steps():
+    x, tensors, lists = stack_case("awd_ptb", 3, torch.float32)
+    short = [column[:-1] if k == 1 else column for k, column in enumerate(tensors)]
+    with pytest.raises(ValueError, match="every per-step list must have 8 entries"):
+        torch.ops.define_ops.hgt_stack(x, *short, *lists, True)
+    swapped = [list(column) for column in tensors]
+    for column in swapped:
+        column[1], column[2] = column[2], column[1]
+    swapped_lists = [list(column) for column in lists]
+    for column in swapped_lists:
+        column[1], column[2] = column[2], column[1]
+    with pytest.raises(ValueError, match="step 1 reads .* features .* but its input has"):
+        torch.ops.define_ops.hgt_stack(x, *swapped, *swapped_lists, True)
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        torch.ops.define_ops.hgt_stack(x[0], *tensors, *lists, True)
+    out, values, stats = torch.ops.define_ops.hgt_stack(x, *tensors, *lists, True)
+    with pytest.raises(ValueError, match="values and stats must be what hgt_stack"):
+        torch.ops.define_ops.hgt_stack_backward(out, x, values[1:], stats, *tensors, *lists)
+    with pytest.raises(ValueError, match="values and stats must be what hgt_stack"):  # the inference call's
+        torch.ops.define_ops.hgt_stack_backward(out, x, values[:0], stats[:0], *tensors, *lists)
+    with pytest.raises(ValueError, match="grad_out must be"):
+        torch.ops.define_ops.hgt_stack_backward(out[:, :3], x, values, stats, *tensors, *lists)
+
+
+@needs_cpu_kernels
+def test_stack_parameter_gradients_are_views_of_one_buffer_with_the_weight_layout():
+    """The backward returns every parameter gradient in one allocation; the Reduce layer's
+    transposed weight view gets a gradient with the same strides (what AccumulateGrad expects)."""
+    x, tensors, lists = stack_case("awd_ptb", 6, torch.float32)
+    out, values, stats = torch.ops.define_ops.hgt_stack(x, *tensors, *lists, True)
+    _, flat = torch.ops.define_ops.hgt_stack_backward(torch.ones_like(out), x, values, stats, *tensors, *lists)
+    weights, biases, gammas, betas = split_stack_grads(flat, *tensors[:3])
+    present = [g for column in (weights, biases, gammas, betas) for g in column if g is not None]
+    assert all(g.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for g in present)
+    assert weights[-1].stride() == tensors[0][-1].stride() and not weights[-1].is_contiguous()
+    assert gammas[-1] is None and biases[-1] is not None  # the Reduce layer: a bias, no norm
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("keep", [True, False])
+def test_stack_op_gradcheck_through_its_own_autograd(keep):
+    """The raw op called with autograd (not DeFINE's path): keep_for_backward=False is a memory
+    hint that a caller needing the gradient does not lose it by."""
+    steps = _small_steps()
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    lists = [list(column) for column in zip(*(spec.args() for *_, spec in steps), strict=True)]
+    present = [step[k] for k in range(4) for step in steps if step[k] is not None]  # column by column
+
+    def run(x, *flat):
+        it = iter(flat)
+        columns = [[next(it) if step[k] is not None else None for step in steps] for k in range(4)]
+        seeds = [step[4] if step[5].dropout_p > 0 else None for step in steps]
+        out, values, stats = torch.ops.define_ops.hgt_stack(x, *columns, seeds, *lists, keep)
+        assert not values.requires_grad and not stats.requires_grad
+        return out
+
+    assert torch.autograd.gradcheck(run, (x, *present), eps=1e-6, atol=1e-7)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("preset", ["awd_ptb", "lstm_wt103"])
+def test_eager_step_loop_switch_agrees_with_the_stack_op(preset, monkeypatch):
+    """DEFINE_OPS_STACK_OP=0 (the per-step loop, kept to measure one path against the other)."""
+    config = DeFINEConfig.from_preset(preset, num_embeddings=200, input_dim=16, max_dim=64, embedding_dim=24)
+    module = DeFINE.from_config(config, backend="cpu", dtype=torch.float64).train()
+    ids = torch.randint(0, 200, (3, 11))
+    out, grads = forward_backward(module, ids)
+    monkeypatch.setenv("DEFINE_OPS_STACK_OP", "0")
+    out_loop, grads_loop = forward_backward(module, ids)
+    torch.testing.assert_close(out, out_loop, rtol=1e-12, atol=1e-12)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_loop[name], rtol=1e-12, atol=1e-12, msg=name)

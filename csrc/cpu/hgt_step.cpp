@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../common/philox.h"
+#include "../common/hgt_stack.h"
 #include "../common/step_params.h"
 #include "fast_math.h"
 
@@ -413,6 +414,122 @@ at::Tensor as_acc(const std::optional<at::Tensor>& t, at::ScalarType acc_dtype) 
   return t.has_value() ? t->to(acc_dtype).contiguous() : at::Tensor();
 }
 
+// The step bodies, writing into tensors the caller allocated (the single-step ops and the stack).
+struct CpuStep {
+  static void forward(const StepParams& params, const StepTensors& t, const StepOutputs& o) {
+    StepParams p = params;
+    p.seed = read_seed(t.seed, p);
+    if (p.tokens == 0) return;
+    const at::Tensor x_c = t.x.contiguous();
+    at::Tensor out = o.out;
+    if (p.plain()) {  // the Reduce layer: one GEMM with the bias folded in, straight into out
+      for (int64_t j = 0; j < p.groups; ++j) {
+        auto out_j = out.narrow(1, j * p.out_group, p.out_group);
+        auto x_j = x_c.narrow(1, j * p.in_group, p.in_group);
+        if (p.bias) {
+          at::addmm_out(out_j, t.bias->narrow(0, j * p.out_group, p.out_group), x_j, t.weight.select(0, j));
+        } else {
+          at::mm_out(out_j, x_j, t.weight.select(0, j));
+        }
+      }
+      return;
+    }
+    // GEMM order; it is what the backward needs saved when there is a norm or an activation
+    at::Tensor y = p.needs_saved() ? o.saved : at::empty({p.tokens, p.out_h}, t.x.options());
+    grouped_gemm(x_c, t.weight, y, p);
+    const auto stats_dtype = stats_dtype_of(t.x.scalar_type());
+    const at::Tensor bias_acc = as_acc(t.bias, stats_dtype);
+    const at::Tensor gamma_acc = as_acc(t.norm_weight, stats_dtype);
+    const at::Tensor beta_acc = as_acc(t.norm_bias, stats_dtype);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.x.scalar_type(), "hgt_step_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const ForwardArgs<scalar_t> args{p,
+                                       x_c.const_data_ptr<scalar_t>(),
+                                       y.data_ptr<scalar_t>(),
+                                       out.data_ptr<scalar_t>(),
+                                       p.bias ? bias_acc.const_data_ptr<acc_t>() : nullptr,
+                                       p.norm ? gamma_acc.const_data_ptr<acc_t>() : nullptr,
+                                       p.norm ? beta_acc.const_data_ptr<acc_t>() : nullptr,
+                                       p.norm ? o.mean.data_ptr<acc_t>() : nullptr,
+                                       p.norm ? o.rstd.data_ptr<acc_t>() : nullptr,
+                                       p.needs_saved()};
+      at::parallel_for(0, p.tokens, 16, [&](int64_t begin, int64_t end) { run_forward_rows(args, begin, end); });
+    });
+  }
+
+  static void backward(const StepParams& params, const at::Tensor& grad_out, const StepTensors& t,
+                       const StepOutputs& saved_by_forward, const StepGrads& g) {
+    StepParams p = params;
+    p.seed = read_seed(t.seed, p);
+    if (p.tokens == 0) {  // sums over no rows
+      g.grad_weight.zero_();
+      g.grad_bias.zero_();
+      g.grad_gamma.zero_();
+      g.grad_beta.zero_();
+      return;
+    }
+    const at::Tensor x_c = t.x.contiguous();
+    const at::Tensor g_c = grad_out.contiguous();
+    const auto opts = t.x.options();
+
+    at::Tensor dy;
+    if (p.plain()) {
+      dy = g_c;
+      if (p.bias) {
+        at::Tensor grad_bias = g.grad_bias;
+        at::sum_out(grad_bias, g_c, 0);
+      }
+    } else {
+      dy = g.dy.defined() ? g.dy : at::empty({p.tokens, p.out_h}, opts);
+      const int64_t chunks = (p.tokens + kRowsPerChunk - 1) / kRowsPerChunk;
+      const int64_t partial_width = p.out_h + 2 * p.out_group;
+      at::Tensor partials = at::empty({chunks, partial_width}, opts.dtype(at::kDouble));
+      const auto stats_dtype = stats_dtype_of(t.x.scalar_type());
+      const at::Tensor saved_c = p.needs_saved() ? saved_by_forward.saved.contiguous() : at::Tensor();
+      const at::Tensor gamma_acc = as_acc(t.norm_weight, stats_dtype);
+      const at::Tensor beta_acc = as_acc(t.norm_bias, stats_dtype);
+      const at::Tensor mean_c = p.norm ? saved_by_forward.mean.contiguous() : at::Tensor();
+      const at::Tensor rstd_c = p.norm ? saved_by_forward.rstd.contiguous() : at::Tensor();
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.x.scalar_type(), "hgt_step_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const BackwardArgs<scalar_t> args{p,
+                                          g_c.const_data_ptr<scalar_t>(),
+                                          p.needs_saved() ? saved_c.const_data_ptr<scalar_t>() : nullptr,
+                                          p.norm ? gamma_acc.const_data_ptr<acc_t>() : nullptr,
+                                          p.norm ? beta_acc.const_data_ptr<acc_t>() : nullptr,
+                                          p.norm ? mean_c.const_data_ptr<acc_t>() : nullptr,
+                                          p.norm ? rstd_c.const_data_ptr<acc_t>() : nullptr,
+                                          dy.data_ptr<scalar_t>(),
+                                          partials.data_ptr<double>()};
+        at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) { run_backward_chunks(args, begin, end); });
+      });
+      // Chunk partial sums, added in chunk order (deterministic).
+      at::Tensor totals = at::zeros({partial_width}, opts.dtype(at::kDouble));
+      for (int64_t c = 0; c < chunks; ++c) totals.add_(partials[c]);
+      if (p.bias) g.grad_bias.copy_(totals.narrow(0, 0, p.out_h));
+      if (p.norm) {
+        g.grad_gamma.copy_(totals.narrow(0, p.out_h, p.out_group));
+        g.grad_beta.copy_(totals.narrow(0, p.out_h + p.out_group, p.out_group));
+      }
+    }
+
+    for (int64_t j = 0; j < p.groups; ++j) {
+      const auto dy_j = dy.narrow(1, j * p.out_group, p.out_group);
+      auto dx_j = g.grad_x.narrow(1, j * p.in_group, p.in_group);
+      at::mm_out(dx_j, dy_j, t.weight.select(0, j).t());
+      auto dw_j = g.grad_weight.select(0, j);
+      at::mm_out(dw_j, x_c.narrow(1, j * p.in_group, p.in_group).t(), dy_j);
+    }
+    if (p.carry_e) {  // the e copy in the output passes its gradient straight back to e's place in x
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.x.scalar_type(), "hgt_step_e_grad_cpu", [&] {
+        const scalar_t* go = g_c.const_data_ptr<scalar_t>();
+        scalar_t* dx = g.grad_x.data_ptr<scalar_t>();
+        at::parallel_for(0, p.tokens, 64, [&](int64_t begin, int64_t end) { run_add_e_grad(p, go, dx, begin, end); });
+      });
+    }
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgt_step_cpu(
     const at::Tensor& x,                           // [T, a]
     const at::Tensor& weight,                      // [g, a/g, b/g]
@@ -422,51 +539,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgt_step_cpu(
     const std::optional<at::Tensor>& seed,         // [] int64
     int64_t e_width, int64_t e_in_chunks, int64_t e_out_chunks, bool shuffle, c10::string_view activation,
     double dropout_p, double norm_eps) {
-  StepParams p = make_step_params(x, weight, bias, norm_weight, norm_bias, seed, e_width, e_in_chunks, e_out_chunks,
-                                  shuffle, std::string_view(activation.data(), activation.size()), dropout_p,
-                                  norm_eps);
-  p.seed = read_seed(seed, p);
-  const at::Tensor x_c = x.contiguous();
-  const auto stats_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto empty = [&](at::ScalarType dtype) { return at::empty({0}, x.options().dtype(dtype)); };
-  at::Tensor out = at::empty({p.tokens, p.out_width}, x.options());
-
-  if (p.plain()) {  // the Reduce layer: one GEMM with the bias folded in, straight into out
-    for (int64_t j = 0; j < p.groups; ++j) {
-      auto out_j = out.narrow(1, j * p.out_group, p.out_group);
-      auto x_j = x_c.narrow(1, j * p.in_group, p.in_group);
-      if (p.bias) {
-        at::addmm_out(out_j, bias->narrow(0, j * p.out_group, p.out_group), x_j, weight.select(0, j));
-      } else {
-        at::mm_out(out_j, x_j, weight.select(0, j));
-      }
-    }
-    return {out, empty(x.scalar_type()), empty(stats_dtype), empty(stats_dtype)};
-  }
-
-  at::Tensor y = at::empty({p.tokens, p.out_h}, x.options());  // GEMM order; becomes `saved`
-  grouped_gemm(x_c, weight, y, p);
-  at::Tensor mean = p.norm ? at::empty({p.tokens, p.groups}, x.options().dtype(stats_dtype)) : empty(stats_dtype);
-  at::Tensor rstd = p.norm ? at::empty({p.tokens, p.groups}, x.options().dtype(stats_dtype)) : empty(stats_dtype);
-  const at::Tensor bias_acc = as_acc(bias, stats_dtype);
-  const at::Tensor gamma_acc = as_acc(norm_weight, stats_dtype);
-  const at::Tensor beta_acc = as_acc(norm_bias, stats_dtype);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hgt_step_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const ForwardArgs<scalar_t> args{p,
-                                     x_c.const_data_ptr<scalar_t>(),
-                                     y.data_ptr<scalar_t>(),
-                                     out.data_ptr<scalar_t>(),
-                                     p.bias ? bias_acc.const_data_ptr<acc_t>() : nullptr,
-                                     p.norm ? gamma_acc.const_data_ptr<acc_t>() : nullptr,
-                                     p.norm ? beta_acc.const_data_ptr<acc_t>() : nullptr,
-                                     p.norm ? mean.data_ptr<acc_t>() : nullptr,
-                                     p.norm ? rstd.data_ptr<acc_t>() : nullptr,
-                                     p.needs_saved()};
-    at::parallel_for(0, p.tokens, 16, [&](int64_t begin, int64_t end) { run_forward_rows(args, begin, end); });
-  });
-  at::Tensor saved = p.needs_saved() ? y : empty(x.scalar_type());
-  return {out, saved, mean, rstd};
+  const StepTensors t{x, weight, bias, norm_weight, norm_bias, seed};
+  const StepParams p = make_step_params(x, weight, bias, norm_weight, norm_bias, seed, e_width, e_in_chunks,
+                                        e_out_chunks, shuffle, std::string_view(activation.data(), activation.size()),
+                                        dropout_p, norm_eps);
+  const StepOutputs o = allocate_step_outputs(p, x.options());
+  CpuStep::forward(p, t, o);
+  return {o.out, o.saved, o.mean, o.rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgt_step_backward_cpu(
@@ -482,75 +561,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgt_step_
     const at::Tensor& rstd,                        // [T, g] (or empty)
     int64_t e_width, int64_t e_in_chunks, int64_t e_out_chunks, bool shuffle, c10::string_view activation,
     double dropout_p, double norm_eps) {
-  StepParams p = make_step_params(x, weight, bias, norm_weight, norm_bias, seed, e_width, e_in_chunks, e_out_chunks,
-                                  shuffle, std::string_view(activation.data(), activation.size()), dropout_p,
-                                  norm_eps);
-  p.seed = read_seed(seed, p);
+  const StepTensors t{x, weight, bias, norm_weight, norm_bias, seed};
+  const StepParams p = make_step_params(x, weight, bias, norm_weight, norm_bias, seed, e_width, e_in_chunks,
+                                        e_out_chunks, shuffle, std::string_view(activation.data(), activation.size()),
+                                        dropout_p, norm_eps);
   check_backward_inputs(p, x, grad_out, saved, mean, rstd);
-  const at::Tensor x_c = x.contiguous();
-  const at::Tensor g_c = grad_out.contiguous();
-  const auto opts = x.options();
-
-  at::Tensor dy, grad_bias, grad_gamma, grad_beta;
-  if (p.plain()) {
-    dy = g_c;
-    grad_bias = p.bias ? g_c.sum(0) : at::empty({0}, opts);
-    grad_gamma = at::empty({0}, opts);
-    grad_beta = at::empty({0}, opts);
-  } else {
-    dy = at::empty({p.tokens, p.out_h}, opts);
-    const int64_t chunks = (p.tokens + kRowsPerChunk - 1) / kRowsPerChunk;
-    const int64_t partial_width = p.out_h + 2 * p.out_group;
-    at::Tensor partials = at::empty({chunks, partial_width}, opts.dtype(at::kDouble));
-    const auto stats_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    const at::Tensor saved_c = p.needs_saved() ? saved.contiguous() : at::Tensor();
-    const at::Tensor gamma_acc = as_acc(norm_weight, stats_dtype);
-    const at::Tensor beta_acc = as_acc(norm_bias, stats_dtype);
-    const at::Tensor mean_c = p.norm ? mean.contiguous() : at::Tensor();
-    const at::Tensor rstd_c = p.norm ? rstd.contiguous() : at::Tensor();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hgt_step_backward_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const BackwardArgs<scalar_t> args{p,
-                                        g_c.const_data_ptr<scalar_t>(),
-                                        p.needs_saved() ? saved_c.const_data_ptr<scalar_t>() : nullptr,
-                                        p.norm ? gamma_acc.const_data_ptr<acc_t>() : nullptr,
-                                        p.norm ? beta_acc.const_data_ptr<acc_t>() : nullptr,
-                                        p.norm ? mean_c.const_data_ptr<acc_t>() : nullptr,
-                                        p.norm ? rstd_c.const_data_ptr<acc_t>() : nullptr,
-                                        dy.data_ptr<scalar_t>(),
-                                        partials.data_ptr<double>()};
-      at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) { run_backward_chunks(args, begin, end); });
-    });
-    // Chunk partial sums, added in chunk order (deterministic).
-    at::Tensor totals = at::zeros({partial_width}, opts.dtype(at::kDouble));
-    for (int64_t c = 0; c < chunks; ++c) totals.add_(partials[c]);
-    // Separate copies: the three gradients must not alias one buffer.
-    auto take = [&](int64_t offset, int64_t size) {
-      return totals.narrow(0, offset, size).to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
-    };
-    grad_bias = p.bias ? take(0, p.out_h) : at::empty({0}, opts);
-    grad_gamma = p.norm ? take(p.out_h, p.out_group) : at::empty({0}, opts);
-    grad_beta = p.norm ? take(p.out_h + p.out_group, p.out_group) : at::empty({0}, opts);
-  }
-
-  at::Tensor grad_x = at::empty({p.tokens, p.in_width}, opts);
-  // Same layout as the weight (the Reduce layer passes a transposed view of nn.Linear's weight).
-  at::Tensor grad_weight = at::empty_like(weight, at::MemoryFormat::Preserve);
-  for (int64_t j = 0; j < p.groups; ++j) {
-    const auto dy_j = dy.narrow(1, j * p.out_group, p.out_group);
-    auto dx_j = grad_x.narrow(1, j * p.in_group, p.in_group);
-    at::mm_out(dx_j, dy_j, weight.select(0, j).t());
-    auto dw_j = grad_weight.select(0, j);
-    at::mm_out(dw_j, x_c.narrow(1, j * p.in_group, p.in_group).t(), dy_j);
-  }
-  if (p.carry_e) {  // the e copy in the output passes its gradient straight back to e's place in x
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hgt_step_e_grad_cpu", [&] {
-      const scalar_t* g = g_c.const_data_ptr<scalar_t>();
-      scalar_t* dx = grad_x.data_ptr<scalar_t>();
-      at::parallel_for(0, p.tokens, 64, [&](int64_t begin, int64_t end) { run_add_e_grad(p, g, dx, begin, end); });
-    });
-  }
-  return {grad_x, grad_weight, grad_bias, grad_gamma, grad_beta};
+  const StepGrads g = allocate_step_grads(p, weight, x.options());
+  CpuStep::backward(p, grad_out, t, StepOutputs{at::Tensor(), saved, mean, rstd}, g);
+  return {g.grad_x, g.grad_weight, g.grad_bias, g.grad_gamma, g.grad_beta};
 }
 
 }  // namespace
@@ -558,6 +576,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgt_step_
 TORCH_LIBRARY_IMPL(define_ops, CPU, m) {
   m.impl("hgt_step", &hgt_step_cpu);
   m.impl("hgt_step_backward", &hgt_step_backward_cpu);
+  m.impl("hgt_stack", &StackOps<CpuStep>::forward);
+  m.impl("hgt_stack_backward", &StackOps<CpuStep>::backward);
 }
 
 }  // namespace define_ops

@@ -33,6 +33,7 @@
 #include <climits>
 
 #include "../common/epilogue_math.h"
+#include "../common/hgt_stack.h"
 #include "../common/philox.h"
 #include "../common/step_params.h"
 #include "cuda_utils.cuh"
@@ -591,13 +592,12 @@ __global__ void __launch_bounds__(kMaxThreads) column_sums_kernel(const ColumnSu
 }
 
 template <typename scalar_t>
-at::Tensor column_sums(const at::Tensor& grad) {  // grad [T, m] contiguous, T > 0 → [m]
+void column_sums(const at::Tensor& grad, const at::Tensor& out) {  // grad [T, m] contiguous, T > 0 → out [m]
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V16 = 16 / sizeof(scalar_t);
   ColumnSumsArgs<scalar_t> args{};
   args.tokens = grad.size(0);
   args.width = grad.size(1);
-  at::Tensor out = at::empty({args.width}, grad.options());
   args.grad = grad.const_data_ptr<scalar_t>();
   args.out = out.data_ptr<scalar_t>();
   const bool wide = args.width % V16 == 0 && cuda::is_aligned(args.grad, 16);
@@ -614,7 +614,6 @@ at::Tensor column_sums(const at::Tensor& grad) {  // grad [T, m] contiguous, T >
   at::Tensor partials = at::empty({grid, args.width}, grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   args.partials = partials.data_ptr<acc_t>();
   cuda::launch_cooperative(kernel, grid, threads, 0, args);
-  return out;
 }
 
 // ============================================================================ backward epilogue
@@ -1053,6 +1052,153 @@ acc_t keep_scale_of(double dropout_p) {
   return dropout_p > 0.0 ? acc_t(1) / (acc_t(1) - acc_t(dropout_p)) : acc_t(1);
 }
 
+// The step bodies, writing into tensors the caller allocated (the single-step ops and the stack).
+struct CudaStep {
+  static void forward(const StepParams& p, const StepTensors& t, const StepOutputs& o) {
+    if (p.tokens == 0) return;
+    const cuda::DeviceGuard guard(t.x.device());
+    const RowShape shape = make_row_shape(p);
+    const at::Tensor x_c = t.x.contiguous();
+    at::Tensor out = o.out;
+
+    if (p.plain()) {  // the Reduce layer: one GEMM with the bias folded in, straight into out
+      if (p.groups == 1) {
+        if (p.bias) {
+          at::addmm_out(out, *t.bias, x_c, t.weight.select(0, 0));
+        } else {
+          at::mm_out(out, x_c, t.weight.select(0, 0));
+        }
+      } else {
+        grouped_gemm(x_c, t.weight, out, p.groups);
+        if (p.bias) out.add_(*t.bias);
+      }
+      return;
+    }
+
+    at::Tensor y = p.needs_saved() ? o.saved : at::empty({p.tokens, p.out_h}, t.x.options());  // GEMM order
+    grouped_gemm(x_c, t.weight, y, p.groups);
+    const at::Tensor bias_c = p.bias ? t.bias->contiguous() : at::Tensor();
+    const at::Tensor gamma_c = p.norm ? t.norm_weight->contiguous() : at::Tensor();
+    const at::Tensor beta_c = p.norm ? t.norm_bias->contiguous() : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.x.scalar_type(), "hgt_step_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      constexpr int V = 16 / sizeof(scalar_t);
+      ForwardArgs<scalar_t> args{};
+      args.R = shape;
+      args.tokens = p.tokens;
+      args.x = x_c.const_data_ptr<scalar_t>();
+      args.y = y.data_ptr<scalar_t>();
+      args.out = out.data_ptr<scalar_t>();
+      args.bias = p.bias ? bias_c.const_data_ptr<scalar_t>() : nullptr;
+      args.gamma = p.norm ? gamma_c.const_data_ptr<scalar_t>() : nullptr;
+      args.beta = p.norm ? beta_c.const_data_ptr<scalar_t>() : nullptr;
+      args.mean = p.norm ? o.mean.data_ptr<acc_t>() : nullptr;
+      args.rstd = p.norm ? o.rstd.data_ptr<acc_t>() : nullptr;
+      bind_seed(t.seed, p, t.x, &args.seed_ptr, &args.seed);
+      args.threshold = p.dropout_p > 0.0 ? dropout_threshold(p.dropout_p) : 0u;
+      args.keep_scale = keep_scale_of<acc_t>(p.dropout_p);
+      args.eps = acc_t(p.norm_eps);
+      args.workspace = nullptr;
+      args.keep_saved = p.needs_saved();
+      args.vec_in = shape.b % V == 0 && cuda::is_aligned(args.y, 16) &&
+                    (args.bias == nullptr || cuda::is_aligned(args.bias, 16));
+      args.vec_out = shape.b % 4 == 0 && shape.hc_out % 4 == 0 && shape.ec_out % 4 == 0 &&
+                     shape.out_width % 4 == 0 && cuda::is_aligned(args.out, 4 * sizeof(scalar_t));
+      args.vec_e = shape.carry_e && shape.ec_in % 4 == 0 && shape.hc_in % 4 == 0 && shape.ec_out % 4 == 0 &&
+                   shape.hc_out % 4 == 0 && shape.a % 4 == 0 && shape.out_width % 4 == 0 &&
+                   cuda::is_aligned(args.x, 4 * sizeof(scalar_t)) && cuda::is_aligned(args.out, 4 * sizeof(scalar_t));
+      args.quads_in_group = args.vec_out && shape.s % 4 == 0 &&
+                            (!p.norm || (cuda::is_aligned(args.gamma, 4 * sizeof(scalar_t)) &&
+                                         cuda::is_aligned(args.beta, 4 * sizeof(scalar_t))));
+      launch_forward<scalar_t>(args, t.x.options());
+    });
+  }
+
+  static void backward(const StepParams& p, const at::Tensor& grad_out, const StepTensors& t,
+                       const StepOutputs& saved_by_forward, const StepGrads& g) {
+    const cuda::DeviceGuard guard(t.x.device());
+    if (p.tokens == 0) {  // sums over no rows
+      g.grad_weight.zero_();
+      g.grad_bias.zero_();
+      g.grad_gamma.zero_();
+      g.grad_beta.zero_();
+      return;
+    }
+    const RowShape shape = make_row_shape(p);
+    const auto opts = t.x.options();
+    const at::Tensor x_c = t.x.contiguous();
+    const at::Tensor g_c = grad_out.contiguous();
+
+    at::Tensor dy;
+    if (p.plain()) {
+      dy = g_c;
+      if (p.bias) {
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.x.scalar_type(), "hgt_step_bias_sums_cuda",
+                                        [&] { column_sums<scalar_t>(g_c, g.grad_bias); });
+      }
+    } else {
+      dy = g.dy.defined() ? g.dy : at::empty({p.tokens, p.out_h}, opts);
+      const at::Tensor saved_c = p.needs_saved() ? saved_by_forward.saved.contiguous() : at::Tensor();
+      const at::Tensor mean_c = p.norm ? saved_by_forward.mean.contiguous() : at::Tensor();
+      const at::Tensor rstd_c = p.norm ? saved_by_forward.rstd.contiguous() : at::Tensor();
+      const at::Tensor gamma_c = p.norm ? t.norm_weight->contiguous() : at::Tensor();
+      const at::Tensor beta_c = p.norm ? t.norm_bias->contiguous() : at::Tensor();
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.x.scalar_type(), "hgt_step_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        constexpr int V = 16 / sizeof(scalar_t);
+        BackwardArgs<scalar_t> args{};
+        args.R = shape;
+        args.tokens = p.tokens;
+        args.grad_out = g_c.const_data_ptr<scalar_t>();
+        args.saved = p.needs_saved() ? saved_c.const_data_ptr<scalar_t>() : nullptr;
+        args.gamma = p.norm ? gamma_c.const_data_ptr<scalar_t>() : nullptr;
+        args.beta = p.norm ? beta_c.const_data_ptr<scalar_t>() : nullptr;
+        args.mean = p.norm ? mean_c.const_data_ptr<acc_t>() : nullptr;
+        args.rstd = p.norm ? rstd_c.const_data_ptr<acc_t>() : nullptr;
+        bind_seed(t.seed, p, t.x, &args.seed_ptr, &args.seed);
+        args.threshold = p.dropout_p > 0.0 ? dropout_threshold(p.dropout_p) : 0u;
+        args.keep_scale = keep_scale_of<acc_t>(p.dropout_p);
+        args.dy = dy.data_ptr<scalar_t>();
+        args.grad_x = p.carry_e ? g.grad_x.data_ptr<scalar_t>() : nullptr;
+        args.partials = nullptr;
+        args.num_partials = static_cast<int>((p.bias ? p.out_h : 0) + (p.norm ? 2 * p.out_group : 0));
+        args.gamma_offset = static_cast<int>(p.bias ? p.out_h : 0);
+        args.grad_bias = p.bias ? g.grad_bias.data_ptr<scalar_t>() : nullptr;
+        args.grad_gamma = p.norm ? g.grad_gamma.data_ptr<scalar_t>() : nullptr;
+        args.grad_beta = p.norm ? g.grad_beta.data_ptr<scalar_t>() : nullptr;
+        args.workspace = nullptr;
+        args.vec_dy = shape.b % V == 0 && cuda::is_aligned(args.dy, 16);
+        args.vec_go = shape.b % 4 == 0 && shape.hc_out % 4 == 0 && shape.ec_out % 4 == 0 &&
+                      shape.out_width % 4 == 0 && cuda::is_aligned(args.grad_out, 4 * sizeof(scalar_t));
+        args.vec_saved = !shape.shuffle && shape.b % 4 == 0 && args.saved != nullptr &&
+                         cuda::is_aligned(args.saved, 4 * sizeof(scalar_t));
+        args.vec_gx = shape.carry_e && args.vec_go && shape.ec_in % 4 == 0 && shape.hc_in % 4 == 0 &&
+                      shape.a % 4 == 0 && cuda::is_aligned(args.grad_x, 4 * sizeof(scalar_t));
+        args.quads_in_group = args.vec_go && shape.s % 4 == 0 && (args.saved == nullptr || args.vec_saved) &&
+                              (!p.norm || (cuda::is_aligned(args.gamma, 4 * sizeof(scalar_t)) &&
+                                           cuda::is_aligned(args.beta, 4 * sizeof(scalar_t))));
+        args.fold_gamma_beta = args.quads_in_group && p.norm;
+        args.sum_slots = static_cast<int>((p.bias ? p.out_h : 0) +
+                                          (p.norm ? 2 * (args.fold_gamma_beta ? p.out_h : p.out_group) : 0));
+        launch_backward<scalar_t>(args, opts);
+      });
+    }
+
+    // dgrad: grad_x_j (+)= dY_j @ W_jᵀ, one strided-batched GEMM; with the skip it accumulates onto
+    // the e gradient the epilogue kernel put in place (beta = 1).
+    const at::Tensor dy3 = group_view(dy, p.groups);
+    at::Tensor grad_x3 = group_view(g.grad_x, p.groups);
+    if (p.carry_e) {
+      grad_x3.baddbmm_(dy3, t.weight.transpose(1, 2));
+    } else {
+      at::bmm_out(grad_x3, dy3, t.weight.transpose(1, 2));
+    }
+    // wgrad: dW_j = x_jᵀ @ dY_j, one strided-batched GEMM.
+    at::Tensor grad_weight = g.grad_weight;
+    at::bmm_out(grad_weight, group_view(x_c, p.groups).transpose(1, 2), dy3);
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgt_step_cuda(
     const at::Tensor& x,                           // [T, a]
     const at::Tensor& weight,                      // [g, a/g, b/g]
@@ -1065,69 +1211,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgt_step_cuda(
   const StepParams p = make_step_params(x, weight, bias, norm_weight, norm_bias, seed, e_width, e_in_chunks,
                                         e_out_chunks, shuffle, std::string_view(activation.data(), activation.size()),
                                         dropout_p, norm_eps);
-  const cuda::DeviceGuard guard(x.device());
-  const RowShape shape = make_row_shape(p);
-  const at::Tensor x_c = x.contiguous();
-  const auto stats_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto empty = [&](at::ScalarType dtype) { return at::empty({0}, x.options().dtype(dtype)); };
-  at::Tensor out = at::empty({p.tokens, p.out_width}, x.options());
-  at::Tensor saved = p.needs_saved() ? at::empty({p.tokens, p.out_h}, x.options()) : empty(x.scalar_type());
-  at::Tensor mean = p.norm ? at::empty({p.tokens, p.groups}, x.options().dtype(stats_dtype)) : empty(stats_dtype);
-  at::Tensor rstd = p.norm ? at::empty({p.tokens, p.groups}, x.options().dtype(stats_dtype)) : empty(stats_dtype);
-  if (p.tokens == 0) return {out, saved, mean, rstd};
-
-  if (p.plain()) {  // the Reduce layer: one GEMM with the bias folded in, straight into out
-    if (p.groups == 1) {
-      if (p.bias) {
-        at::addmm_out(out, *bias, x_c, weight.select(0, 0));
-      } else {
-        at::mm_out(out, x_c, weight.select(0, 0));
-      }
-    } else {
-      grouped_gemm(x_c, weight, out, p.groups);
-      if (p.bias) out.add_(*bias);
-    }
-    return {out, saved, mean, rstd};
-  }
-
-  at::Tensor y = p.needs_saved() ? saved : at::empty({p.tokens, p.out_h}, x.options());  // GEMM order
-  grouped_gemm(x_c, weight, y, p.groups);
-  const at::Tensor bias_c = p.bias ? bias->contiguous() : at::Tensor();
-  const at::Tensor gamma_c = p.norm ? norm_weight->contiguous() : at::Tensor();
-  const at::Tensor beta_c = p.norm ? norm_bias->contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hgt_step_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    constexpr int V = 16 / sizeof(scalar_t);
-    ForwardArgs<scalar_t> args{};
-    args.R = shape;
-    args.tokens = p.tokens;
-    args.x = x_c.const_data_ptr<scalar_t>();
-    args.y = y.data_ptr<scalar_t>();
-    args.out = out.data_ptr<scalar_t>();
-    args.bias = p.bias ? bias_c.const_data_ptr<scalar_t>() : nullptr;
-    args.gamma = p.norm ? gamma_c.const_data_ptr<scalar_t>() : nullptr;
-    args.beta = p.norm ? beta_c.const_data_ptr<scalar_t>() : nullptr;
-    args.mean = p.norm ? mean.data_ptr<acc_t>() : nullptr;
-    args.rstd = p.norm ? rstd.data_ptr<acc_t>() : nullptr;
-    bind_seed(seed, p, x, &args.seed_ptr, &args.seed);
-    args.threshold = p.dropout_p > 0.0 ? dropout_threshold(p.dropout_p) : 0u;
-    args.keep_scale = keep_scale_of<acc_t>(p.dropout_p);
-    args.eps = acc_t(p.norm_eps);
-    args.workspace = nullptr;
-    args.keep_saved = p.needs_saved();
-    args.vec_in = shape.b % V == 0 && cuda::is_aligned(args.y, 16) &&
-                  (args.bias == nullptr || cuda::is_aligned(args.bias, 16));
-    args.vec_out = shape.b % 4 == 0 && shape.hc_out % 4 == 0 && shape.ec_out % 4 == 0 &&
-                   shape.out_width % 4 == 0 && cuda::is_aligned(args.out, 4 * sizeof(scalar_t));
-    args.vec_e = shape.carry_e && shape.ec_in % 4 == 0 && shape.hc_in % 4 == 0 && shape.ec_out % 4 == 0 &&
-                 shape.hc_out % 4 == 0 && shape.a % 4 == 0 && shape.out_width % 4 == 0 &&
-                 cuda::is_aligned(args.x, 4 * sizeof(scalar_t)) && cuda::is_aligned(args.out, 4 * sizeof(scalar_t));
-    args.quads_in_group = args.vec_out && shape.s % 4 == 0 &&
-                          (!p.norm || (cuda::is_aligned(args.gamma, 4 * sizeof(scalar_t)) &&
-                                       cuda::is_aligned(args.beta, 4 * sizeof(scalar_t))));
-    launch_forward<scalar_t>(args, x.options());
-  });
-  return {out, saved, mean, rstd};
+  const StepOutputs o = allocate_step_outputs(p, x.options());
+  CudaStep::forward(p, StepTensors{x, weight, bias, norm_weight, norm_bias, seed}, o);
+  return {o.out, o.saved, o.mean, o.rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgt_step_backward_cuda(
@@ -1146,93 +1232,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgt_step_
   const StepParams p = make_step_params(x, weight, bias, norm_weight, norm_bias, seed, e_width, e_in_chunks,
                                         e_out_chunks, shuffle, std::string_view(activation.data(), activation.size()),
                                         dropout_p, norm_eps);
-  const cuda::DeviceGuard guard(x.device());
-  const RowShape shape = make_row_shape(p);
   check_backward_inputs(p, x, grad_out, saved, mean, rstd);
-  const auto opts = x.options();
-  at::Tensor grad_x = at::empty({p.tokens, p.in_width}, opts);
-  // Same layout as the weight (the Reduce layer passes a transposed view of nn.Linear's weight).
-  at::Tensor grad_weight = at::empty_like(weight, at::MemoryFormat::Preserve);
-  at::Tensor grad_bias = p.bias ? at::empty({p.out_h}, opts) : at::empty({0}, opts);
-  at::Tensor grad_gamma = p.norm ? at::empty({p.out_group}, opts) : at::empty({0}, opts);
-  at::Tensor grad_beta = p.norm ? at::empty({p.out_group}, opts) : at::empty({0}, opts);
-  if (p.tokens == 0) {  // sums over no rows
-    grad_weight.zero_();
-    grad_bias.zero_();
-    grad_gamma.zero_();
-    grad_beta.zero_();
-    return {grad_x, grad_weight, grad_bias, grad_gamma, grad_beta};
-  }
-  const at::Tensor x_c = x.contiguous();
-  const at::Tensor g_c = grad_out.contiguous();
-
-  at::Tensor dy;
-  if (p.plain()) {
-    dy = g_c;
-    if (p.bias) {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hgt_step_bias_sums_cuda",
-                                      [&] { grad_bias = column_sums<scalar_t>(g_c); });
-    }
-  } else {
-    dy = at::empty({p.tokens, p.out_h}, opts);
-    const at::Tensor saved_c = p.needs_saved() ? saved.contiguous() : at::Tensor();
-    const at::Tensor mean_c = p.norm ? mean.contiguous() : at::Tensor();
-    const at::Tensor rstd_c = p.norm ? rstd.contiguous() : at::Tensor();
-    const at::Tensor gamma_c = p.norm ? norm_weight->contiguous() : at::Tensor();
-    const at::Tensor beta_c = p.norm ? norm_bias->contiguous() : at::Tensor();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hgt_step_backward_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      constexpr int V = 16 / sizeof(scalar_t);
-      BackwardArgs<scalar_t> args{};
-      args.R = shape;
-      args.tokens = p.tokens;
-      args.grad_out = g_c.const_data_ptr<scalar_t>();
-      args.saved = p.needs_saved() ? saved_c.const_data_ptr<scalar_t>() : nullptr;
-      args.gamma = p.norm ? gamma_c.const_data_ptr<scalar_t>() : nullptr;
-      args.beta = p.norm ? beta_c.const_data_ptr<scalar_t>() : nullptr;
-      args.mean = p.norm ? mean_c.const_data_ptr<acc_t>() : nullptr;
-      args.rstd = p.norm ? rstd_c.const_data_ptr<acc_t>() : nullptr;
-      bind_seed(seed, p, x, &args.seed_ptr, &args.seed);
-      args.threshold = p.dropout_p > 0.0 ? dropout_threshold(p.dropout_p) : 0u;
-      args.keep_scale = keep_scale_of<acc_t>(p.dropout_p);
-      args.dy = dy.data_ptr<scalar_t>();
-      args.grad_x = p.carry_e ? grad_x.data_ptr<scalar_t>() : nullptr;
-      args.partials = nullptr;
-      args.num_partials = static_cast<int>((p.bias ? p.out_h : 0) + (p.norm ? 2 * p.out_group : 0));
-      args.gamma_offset = static_cast<int>(p.bias ? p.out_h : 0);
-      args.grad_bias = p.bias ? grad_bias.data_ptr<scalar_t>() : nullptr;
-      args.grad_gamma = p.norm ? grad_gamma.data_ptr<scalar_t>() : nullptr;
-      args.grad_beta = p.norm ? grad_beta.data_ptr<scalar_t>() : nullptr;
-      args.workspace = nullptr;
-      args.vec_dy = shape.b % V == 0 && cuda::is_aligned(args.dy, 16);
-      args.vec_go = shape.b % 4 == 0 && shape.hc_out % 4 == 0 && shape.ec_out % 4 == 0 &&
-                    shape.out_width % 4 == 0 && cuda::is_aligned(args.grad_out, 4 * sizeof(scalar_t));
-      args.vec_saved = !shape.shuffle && shape.b % 4 == 0 && args.saved != nullptr &&
-                       cuda::is_aligned(args.saved, 4 * sizeof(scalar_t));
-      args.vec_gx = shape.carry_e && args.vec_go && shape.ec_in % 4 == 0 && shape.hc_in % 4 == 0 &&
-                    shape.a % 4 == 0 && cuda::is_aligned(args.grad_x, 4 * sizeof(scalar_t));
-      args.quads_in_group = args.vec_go && shape.s % 4 == 0 && (args.saved == nullptr || args.vec_saved) &&
-                            (!p.norm || (cuda::is_aligned(args.gamma, 4 * sizeof(scalar_t)) &&
-                                         cuda::is_aligned(args.beta, 4 * sizeof(scalar_t))));
-      args.fold_gamma_beta = args.quads_in_group && p.norm;
-      args.sum_slots = static_cast<int>((p.bias ? p.out_h : 0) +
-                                        (p.norm ? 2 * (args.fold_gamma_beta ? p.out_h : p.out_group) : 0));
-      launch_backward<scalar_t>(args, opts);
-    });
-  }
-
-  // dgrad: grad_x_j (+)= dY_j @ W_jᵀ, one strided-batched GEMM; with the skip it accumulates onto
-  // the e gradient the epilogue kernel put in place (beta = 1).
-  const at::Tensor dy3 = group_view(dy, p.groups);
-  at::Tensor grad_x3 = group_view(grad_x, p.groups);
-  if (p.carry_e) {
-    grad_x3.baddbmm_(dy3, weight.transpose(1, 2));
-  } else {
-    at::bmm_out(grad_x3, dy3, weight.transpose(1, 2));
-  }
-  // wgrad: dW_j = x_jᵀ @ dY_j, one strided-batched GEMM.
-  at::bmm_out(grad_weight, group_view(x_c, p.groups).transpose(1, 2), dy3);
-  return {grad_x, grad_weight, grad_bias, grad_gamma, grad_beta};
+  const StepGrads g = allocate_step_grads(p, weight, x.options());
+  CudaStep::backward(p, grad_out, StepTensors{x, weight, bias, norm_weight, norm_bias, seed},
+                     StepOutputs{at::Tensor(), saved, mean, rstd}, g);
+  return {g.grad_x, g.grad_weight, g.grad_bias, g.grad_gamma, g.grad_beta};
 }
 
 }  // namespace
@@ -1240,6 +1244,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgt_step_
 TORCH_LIBRARY_IMPL(define_ops, CUDA, m) {
   m.impl("hgt_step", &hgt_step_cuda);
   m.impl("hgt_step_backward", &hgt_step_backward_cuda);
+  m.impl("hgt_stack", &StackOps<CudaStep>::forward);
+  m.impl("hgt_stack_backward", &StackOps<CudaStep>::backward);
 }
 
 }  // namespace define_ops
