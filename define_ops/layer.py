@@ -371,7 +371,9 @@ class DeFINE(nn.Module):
         backend = resolve_backend(self.backend, self.device)
         seeds = self._dropout_seeds()
         cfg = self.config
-        e = self.embed_ids(flat_ids, backend)
+        # A plain table lookup runs inside the stack's autograd node (see hgt_stack's `lookup`).
+        fold_lookup = backend != "reference" and cfg.map == "table" and not self.sparse
+        e = None if fold_lookup else self.embed_ids(flat_ids, backend)
         if backend == "reference":
             out = reference.hgt_forward_ref(
                 e, self._layer_params(), self.reduce.weight, self.reduce.bias, cfg, training=self.training,
@@ -385,7 +387,8 @@ class DeFINE(nn.Module):
                 for index, (spec, (weight, bias, gamma, beta)) in enumerate(layers)
             ]
             steps.append((self.reduce.weight.t().unsqueeze(0), self.reduce.bias, None, None, None, specs[-1]))
-            out = hgt_stack(e, steps, backend=backend, row_count=row_count)
+            lookup = (self.weight, flat_ids, cfg.padding_idx, self.embedding_scale) if fold_lookup else None
+            out = hgt_stack(e, steps, backend=backend, row_count=row_count, lookup=lookup)
         if cfg.padding_idx is not None:  # like nn.Embedding: a padding token embeds to zeros
             out = out.masked_fill((flat_ids == cfg.padding_idx).unsqueeze(-1), 0.0)
         return out

@@ -9,7 +9,8 @@ needs (each layer's input, saved pre-activation and LayerNorm statistics) on its
 On the C++ backends (cpu, cuda) the whole loop is one op per direction, ``define_ops::hgt_stack``
 and ``hgt_stack_backward`` (csrc/common/hgt_stack.h): one Python call and a handful of allocations
 per direction instead of one call and ~5 allocations per layer. The Triton backend loops here over
-its step ops. Either way the ops are called below the Autograd dispatch key (what torch's own
+its step ops. On the stack-op path the table lookup can run inside the node too (``lookup``).
+Either way the ops are called below the Autograd dispatch key (what torch's own
 custom-op autograd does): the call goes straight to the backend kernel instead of through the ops'
 Python autograd wrapper, which would only find that grad mode is off (~15 µs per call on a 2-core VM).
 
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import ops
 from .ops import _activation_name, _autocast, split_stack_grads
 
 TENSORS_PER_STEP = 5  # weight, bias, norm_weight, norm_bias, seed
@@ -96,20 +98,31 @@ def _columns(tensors: Sequence[Tensor | None]) -> list[list[Tensor | None]]:
 
 class _HGTStack(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, backend: str, specs: tuple[StepSpec, ...], row_count: Tensor | None, x: Tensor, *tensors: Tensor):
-        # x [T, a0]; tensors: per step (weight [g, a/g, b/g], bias [b]?, norm_weight [b/g]?,
-        # norm_bias [b/g]?, seed [1]?) → [T, width of the last step]
+    def forward(
+        ctx, backend: str, specs: tuple[StepSpec, ...], row_count: Tensor | None, lookup: _Lookup | None,
+        x: Tensor, table: Tensor | None, *tensors: Tensor,
+    ):  # fmt: skip
+        # x [T, a0], or with `lookup` the ids [T] of the rows of table [V, n] that make it (the
+        # lookup then runs inside this node too); tensors: per step (weight [g, a/g, b/g], bias [b]?,
+        # norm_weight [b/g]?, norm_bias [b/g]?, seed [1]?) → [T, width of the last step]
         ctx.backend = backend
         ctx.specs = specs
+        ctx.lookup = lookup
         ctx.set_materialize_grads(False)
         ctx.stack_op = _uses_stack_op(backend)
         if ctx.stack_op:  # one C++ op for the whole stack; values/stats: what its backward reads
+            ids = x
             with _below_autograd():
+                if lookup is not None:
+                    x = torch.ops.define_ops.embedding_lookup.default(table, ids, lookup.padding_idx, lookup.scale)
+                    x = x.to(lookup.dtype)  # the autocast dtype of the stack, if any
                 out, values, stats = torch.ops.define_ops.hgt_stack.default(
                     x, *_columns(tensors), *_spec_lists(specs), True
                 )
-            ctx.save_for_backward(x, values, stats, *tensors)
+            ctx.save_for_backward(x, values, stats, ids if lookup is not None else None, table, *tensors)
             return out
+        if lookup is not None:
+            raise ValueError("define_ops.hgt_stack: the lookup runs inside the stack on the stack-op path only")
         forward_op, _, takes_rows = _ops_for(backend)
         trailing = (row_count,) if takes_rows else ()
         inputs, saved, means, rstds = [], [], [], []
@@ -131,17 +144,25 @@ class _HGTStack(torch.autograd.Function):
         stored = ctx.saved_tensors
         grads: list[Tensor | None] = [None] * (steps * TENSORS_PER_STEP)
         if grad is None:  # the output was not used
-            return (None, None, None, None, *grads)
+            return (None, None, None, None, None, None, *grads)
         if ctx.stack_op:
-            x, values, stats, *tensors = stored
+            x, values, stats, ids, table, *tensors = stored
             columns = _columns(tensors)
+            grad_table = None
             with _below_autograd():
                 grad, flat = torch.ops.define_ops.hgt_stack_backward.default(
                     grad, x, values, stats, *columns, *_spec_lists(specs)
                 )
+                lookup = ctx.lookup
+                if lookup is not None and ctx.needs_input_grad[5]:
+                    grad_table = torch.ops.define_ops.embedding_lookup_backward.default(
+                        grad.to(table.dtype), ids, table.shape[0], lookup.padding_idx, lookup.scale
+                    )
             for k, per_step in enumerate(split_stack_grads(flat, *columns[:3])):
                 grads[k::TENSORS_PER_STEP] = per_step
-            return (None, None, None, grad, *grads)
+            if lookup is not None:
+                return (None, None, None, None, None, grad_table, *grads)
+            return (None, None, None, None, grad, None, *grads)
         inputs, saved, means, rstds = (stored[k * steps : (k + 1) * steps] for k in range(4))
         tensors = stored[4 * steps : 4 * steps + steps * TENSORS_PER_STEP]
         _, backward_op, takes_rows = _ops_for(ctx.backend)
@@ -159,21 +180,34 @@ class _HGTStack(torch.autograd.Function):
                 grads[first + 2] = grad_gamma if norm_weight is not None else None
                 grads[first + 3] = grad_beta if norm_weight is not None else None
                 grad = grad_x
-        return (None, None, None, grad, *grads)
+        return (None, None, None, None, grad, None, *grads)
+
+
+@dataclass(frozen=True)
+class _Lookup:
+    """The Map step folded into the stack's node: e = table[ids] · scale, cast to ``dtype``."""
+
+    padding_idx: int | None
+    scale: float
+    dtype: torch.dtype
 
 
 def hgt_stack(
-    x: Tensor,
+    x: Tensor | None,
     steps: Sequence[tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None, StepSpec]],
     *,
     backend: str,
     row_count: Tensor | None = None,
+    lookup: tuple[Tensor, Tensor, int | None, float] | None = None,
 ) -> Tensor:
     """Run ``steps`` one after the other (each as ``ops.hgt_step`` with the same arguments) with
     one autograd node for all of them (under ``torch.compile``: each step's own autograd).
 
     Args:
-        x: [T, a] the first step's input.
+        x: [T, a] the first step's input, or None with ``lookup``.
+        lookup: (table [V, n], ids [T], padding_idx, scale): x = ``ops.embedding_lookup`` of them,
+            run inside the same autograd node on the stack-op path (one node and no Python
+            autograd wrapper for the Map step: on the GPU host every node and wrapper is time).
         steps: per step (weight [g, a/g, b/g], bias [b] or None, norm_weight [b/g] or None,
             norm_bias [b/g] or None, seed [1] int64 or None, StepSpec).
         backend: "cpu", "cuda" or "triton" (already resolved).
@@ -184,11 +218,28 @@ def hgt_stack(
     if backend not in ("cpu", "cuda", "triton"):
         raise ValueError(f"define_ops.hgt_stack: backend must be a compiled backend, got {backend!r}")
     specs = tuple(spec for *_, spec in steps)
+    device_type = (x if lookup is None else lookup[0]).device.type
     tensors: list[Tensor | None] = []
     for weight, bias, norm_weight, norm_bias, seed, spec in steps:
-        tensors += _autocast((weight, bias, norm_weight, norm_bias), x.device.type)
+        tensors += _autocast((weight, bias, norm_weight, norm_bias), device_type)
         tensors.append(seed if spec.dropout_p > 0 else None)
-    (x,) = _autocast((x,), x.device.type)
+    folded = lookup is not None and _uses_stack_op(backend) and not torch.compiler.is_compiling()
+    if lookup is not None and not folded:  # the lookup as its own op (and autograd node)
+        table, ids, padding_idx, scale = lookup
+        x = ops.embedding_lookup(table, ids, padding_idx, scale, backend=backend)
+    if folded:
+        table, ids, padding_idx, scale = lookup
+        # e in the autocast dtype, as _autocast would cast an e made outside
+        autocast = torch.is_autocast_enabled(device_type)
+        fold = _Lookup(padding_idx, float(scale), torch.get_autocast_dtype(device_type) if autocast else table.dtype)
+        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (table, *tensors))):
+            with _below_autograd():  # inference: the ops alone, and each step's memory freed early
+                e = torch.ops.define_ops.embedding_lookup.default(table, ids, padding_idx, fold.scale)
+                return torch.ops.define_ops.hgt_stack.default(
+                    e.to(fold.dtype), *_columns(tensors), *_spec_lists(specs), False
+                )[0]
+        return _HGTStack.apply(backend, specs, row_count, fold, ids, table, *tensors)
+    (x,) = _autocast((x,), device_type)
     if torch.compiler.is_compiling():  # the step ops with their registered autograd, which compile traces
         forward_op, _, takes_rows = _ops_for(backend)
         trailing = (row_count,) if takes_rows else ()
@@ -199,4 +250,4 @@ def hgt_stack(
         torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors))
     ):  # inference: no autograd node, and each step's memory is freed as soon as the next has read it
         return torch.ops.define_ops.hgt_stack.default(x, *_columns(tensors), *_spec_lists(specs), False)[0]
-    return _HGTStack.apply(backend, specs, row_count, x, *tensors)
+    return _HGTStack.apply(backend, specs, row_count, None, x, None, *tensors)
