@@ -381,11 +381,9 @@ class DeFINE(nn.Module):
             )  # fmt: skip
         else:
             specs = self._step_specs(dropout=seeds is not None)
-            layers = zip(specs[:-1], self._layer_params(), strict=True)
-            steps = [
-                (weight, bias, gamma, beta, seeds[index] if seeds is not None else None, spec)
-                for index, (spec, (weight, bias, gamma, beta)) in enumerate(layers)
-            ]
+            layer_seeds = seeds.unbind(0) if seeds is not None else [None] * cfg.depth  # one call, not one per layer
+            layers = zip(specs[:-1], self._layer_params(), layer_seeds, strict=True)
+            steps = [(weight, bias, gamma, beta, seed, spec) for spec, (weight, bias, gamma, beta), seed in layers]
             steps.append((self.reduce.weight.t().unsqueeze(0), self.reduce.bias, None, None, None, specs[-1]))
             lookup = (self.weight, flat_ids, cfg.padding_idx, self.embedding_scale) if fold_lookup else None
             out = hgt_stack(e, steps, backend=backend, row_count=row_count, lookup=lookup)
