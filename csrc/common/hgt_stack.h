@@ -67,6 +67,14 @@ struct StepGrads {
   at::Tensor dy;           // [T, b] scratch or undefined
 };
 
+// A step over no rows: its parameter gradients are sums over nothing.
+inline void zero_parameter_grads(const StepGrads& g) {
+  g.grad_weight.zero_();
+  g.grad_bias.zero_();
+  g.grad_gamma.zero_();
+  g.grad_beta.zero_();
+}
+
 inline at::ScalarType stats_dtype_of(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }

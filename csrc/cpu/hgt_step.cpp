@@ -461,13 +461,7 @@ struct CpuStep {
                        const StepOutputs& saved_by_forward, const StepGrads& g) {
     StepParams p = params;
     p.seed = read_seed(t.seed, p);
-    if (p.tokens == 0) {  // sums over no rows
-      g.grad_weight.zero_();
-      g.grad_bias.zero_();
-      g.grad_gamma.zero_();
-      g.grad_beta.zero_();
-      return;
-    }
+    if (p.tokens == 0) return zero_parameter_grads(g);
     const at::Tensor x_c = t.x.contiguous();
     const at::Tensor g_c = grad_out.contiguous();
     const auto opts = t.x.options();

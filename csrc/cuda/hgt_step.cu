@@ -1117,13 +1117,7 @@ struct CudaStep {
   static void backward(const StepParams& p, const at::Tensor& grad_out, const StepTensors& t,
                        const StepOutputs& saved_by_forward, const StepGrads& g) {
     const cuda::DeviceGuard guard(t.x.device());
-    if (p.tokens == 0) {  // sums over no rows
-      g.grad_weight.zero_();
-      g.grad_bias.zero_();
-      g.grad_gamma.zero_();
-      g.grad_beta.zero_();
-      return;
-    }
+    if (p.tokens == 0) return zero_parameter_grads(g);
     const RowShape shape = make_row_shape(p);
     const auto opts = t.x.options();
     const at::Tensor x_c = t.x.contiguous();
