@@ -9,7 +9,7 @@ needs (each layer's input, saved pre-activation and LayerNorm statistics) on its
 On the C++ backends (cpu, cuda) the whole loop is one op per direction, ``define_ops::hgt_stack``
 and ``hgt_stack_backward`` (csrc/common/hgt_stack.h): one Python call and a handful of allocations
 per direction instead of one call and ~5 allocations per layer. The Triton backend loops here over
-its step ops. On the stack-op path the table lookup can run inside the node too (``lookup``).
+its step ops. The table lookup can run inside the node too (``lookup``).
 Either way the ops are called below the Autograd dispatch key (what torch's own
 custom-op autograd does): the call goes straight to the backend kernel instead of through the ops'
 Python autograd wrapper, which would only find that grad mode is off (~15 µs per call on a 2-core VM).
@@ -22,6 +22,7 @@ has no per-op Python to save).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -70,12 +71,38 @@ def _uses_stack_op(backend: str) -> bool:
 
 
 def _ops_for(backend: str) -> tuple[Callable[..., Any], Callable[..., Any], bool]:
-    """(forward op, backward op, whether they take a trailing row_count) of a compiled backend."""
+    """(forward op, backward op, whether they take a trailing row_count) of a compiled backend:
+    the registered ops, with their autograd, which torch.compile traces."""
     if backend == "triton":
         from .triton.hgt_step import hgt_step_backward_op, hgt_step_op
 
         return hgt_step_op, hgt_step_backward_op, True
     return torch.ops.define_ops.hgt_step.default, torch.ops.define_ops.hgt_step_backward.default, False
+
+
+@dataclass(frozen=True)
+class _EagerOps:
+    """What the eager node calls, each below autograd: for Triton the ops' implementations
+    themselves (a registered Triton op's Python wrapper — alias checks, a dynamo-disable frame —
+    cost ~40 µs a call on a 2-core VM, more than our own launcher code)."""
+
+    lookup: Callable[..., Tensor]  # (table, ids, padding_idx, scale) → e
+    lookup_backward: Callable[..., Tensor]  # (grad_e, ids, num_embeddings, padding_idx, scale) → table grad
+    step: Callable[..., tuple]
+    step_backward: Callable[..., tuple]
+    takes_rows: bool
+
+
+@functools.cache
+def _eager_ops(backend: str) -> _EagerOps:
+    if backend == "triton":
+        from .triton.embedding import _lookup_backward_impl, _lookup_impl
+        from .triton.hgt_step import _hgt_step_backward_impl, _hgt_step_impl
+
+        return _EagerOps(_lookup_impl, _lookup_backward_impl, _hgt_step_impl, _hgt_step_backward_impl, True)
+    ops_ = torch.ops.define_ops
+    return _EagerOps(ops_.embedding_lookup.default, ops_.embedding_lookup_backward.default, ops_.hgt_step.default,
+                     ops_.hgt_step_backward.default, False)  # fmt: skip
 
 
 def _spec_lists(specs: tuple[StepSpec, ...]) -> tuple[list, ...]:
@@ -109,82 +136,75 @@ class _HGTStack(torch.autograd.Function):
         # x [T, a0], or with `lookup` the ids [T] of the rows of table [V, n] that make it (the
         # lookup then runs inside this node too); tensors: per step (weight [g, a/g, b/g], bias [b]?,
         # norm_weight [b/g]?, norm_bias [b/g]?, seed [1]?) → [T, width of the last step]
-        ctx.backend = backend
-        ctx.specs = specs
-        ctx.lookup = lookup
+        ctx.backend, ctx.specs, ctx.lookup = backend, specs, lookup
         ctx.set_materialize_grads(False)
         ctx.stack_op = _uses_stack_op(backend)
-        if ctx.stack_op:  # one C++ op for the whole stack; values/stats: what its backward reads
-            ids = x
-            with _below_autograd():
-                if lookup is not None:
-                    x = torch.ops.define_ops.embedding_lookup.default(table, ids, lookup.padding_idx, lookup.scale)
-                    x = x.to(lookup.dtype)  # the autocast dtype of the stack, if any
+        eager = _eager_ops(backend)
+        ids = x if lookup is not None else None
+        with _below_autograd():
+            if lookup is not None:  # cast to the autocast dtype of the stack, if any
+                x = eager.lookup(table, ids, lookup.padding_idx, lookup.scale).to(lookup.dtype)
+            if ctx.stack_op:  # one C++ op for the whole stack; values/stats: what its backward reads
                 out, values, stats = torch.ops.define_ops.hgt_stack.default(
                     x, *_columns(tensors), *_spec_lists(specs), True
                 )
-            ctx.save_for_backward(x, values, stats, ids if lookup is not None else None, table, *tensors)
-            return out
-        if lookup is not None:
-            raise ValueError("define_ops.hgt_stack: the lookup runs inside the stack on the stack-op path only")
-        forward_op, _, takes_rows = _ops_for(backend)
-        trailing = (row_count,) if takes_rows else ()
-        inputs, saved, means, rstds = [], [], [], []
-        with _below_autograd():
+                ctx.save_for_backward(ids, table, x, values, stats, *tensors)
+                return out
+            trailing = (row_count,) if eager.takes_rows else ()
+            inputs, saved, means, rstds = [], [], [], []
             for index, spec in enumerate(specs):
-                out, pre_activation, mean, rstd = forward_op(x, *_step_tensors(tensors, index), *spec.args(), *trailing)
+                out, pre_activation, mean, rstd = eager.step(x, *_step_tensors(tensors, index), *spec.args(), *trailing)
                 inputs.append(x)
                 saved.append(pre_activation)
                 means.append(mean)
                 rstds.append(rstd)
                 x = out
-        ctx.save_for_backward(*inputs, *saved, *means, *rstds, *tensors, row_count)
+        ctx.save_for_backward(ids, table, *inputs, *saved, *means, *rstds, *tensors, row_count)
         return x
 
     @staticmethod
     def backward(ctx, grad: Tensor | None):
         specs = ctx.specs
         steps = len(specs)
-        stored = ctx.saved_tensors
+        ids, table, *stored = ctx.saved_tensors
         grads: list[Tensor | None] = [None] * (steps * TENSORS_PER_STEP)
         if grad is None:  # the output was not used
             return (None, None, None, None, None, None, *grads)
-        if ctx.stack_op:
-            x, values, stats, ids, table, *tensors = stored
-            columns = _columns(tensors)
-            grad_table = None
-            with _below_autograd():
+        eager = _eager_ops(ctx.backend)
+        with _below_autograd():
+            if ctx.stack_op:
+                x, values, stats, *tensors = stored
+                columns = _columns(tensors)
                 grad, flat = torch.ops.define_ops.hgt_stack_backward.default(
                     grad, x, values, stats, *columns, *_spec_lists(specs)
                 )
-                lookup = ctx.lookup
-                if lookup is not None and ctx.needs_input_grad[5]:
-                    grad_table = torch.ops.define_ops.embedding_lookup_backward.default(
-                        grad.to(table.dtype), ids, table.shape[0], lookup.padding_idx, lookup.scale
-                    )
-            for k, per_step in enumerate(split_stack_grads(flat, *columns[:3])):
-                grads[k::TENSORS_PER_STEP] = per_step
-            if lookup is not None:
-                return (None, None, None, None, None, grad_table, *grads)
-            return (None, None, None, None, grad, None, *grads)
-        inputs, saved, means, rstds = (stored[k * steps : (k + 1) * steps] for k in range(4))
-        tensors = stored[4 * steps : 4 * steps + steps * TENSORS_PER_STEP]
-        _, backward_op, takes_rows = _ops_for(ctx.backend)
-        trailing = (stored[-1],) if takes_rows else ()
-        with _below_autograd():
-            for index in reversed(range(steps)):
-                first = index * TENSORS_PER_STEP
-                weight, bias, norm_weight, norm_bias, seed = _step_tensors(tensors, index)
-                grad_x, grad_weight, grad_bias, grad_gamma, grad_beta = backward_op(
-                    grad, inputs[index], weight, bias, norm_weight, norm_bias, seed, saved[index], means[index],
-                    rstds[index], *specs[index].args(), *trailing,
-                )  # fmt: skip
-                grads[first] = grad_weight
-                grads[first + 1] = grad_bias if bias is not None else None
-                grads[first + 2] = grad_gamma if norm_weight is not None else None
-                grads[first + 3] = grad_beta if norm_weight is not None else None
-                grad = grad_x
-        return (None, None, None, None, grad, None, *grads)
+                for k, per_step in enumerate(split_stack_grads(flat, *columns[:3])):
+                    grads[k::TENSORS_PER_STEP] = per_step
+            else:
+                inputs, saved, means, rstds = (stored[k * steps : (k + 1) * steps] for k in range(4))
+                tensors = stored[4 * steps : 4 * steps + steps * TENSORS_PER_STEP]
+                trailing = (stored[-1],) if eager.takes_rows else ()
+                for index in reversed(range(steps)):
+                    first = index * TENSORS_PER_STEP
+                    weight, bias, norm_weight, norm_bias, seed = _step_tensors(tensors, index)
+                    grad_x, grad_weight, grad_bias, grad_gamma, grad_beta = eager.step_backward(
+                        grad, inputs[index], weight, bias, norm_weight, norm_bias, seed, saved[index], means[index],
+                        rstds[index], *specs[index].args(), *trailing,
+                    )  # fmt: skip
+                    grads[first] = grad_weight
+                    grads[first + 1] = grad_bias if bias is not None else None
+                    grads[first + 2] = grad_gamma if norm_weight is not None else None
+                    grads[first + 3] = grad_beta if norm_weight is not None else None
+                    grad = grad_x
+            lookup = ctx.lookup
+            if lookup is None:
+                return (None, None, None, None, grad, None, *grads)
+            grad_table = None
+            if ctx.needs_input_grad[5]:
+                grad_table = eager.lookup_backward(
+                    grad.to(table.dtype), ids, table.shape[0], lookup.padding_idx, lookup.scale
+                )
+        return (None, None, None, None, None, grad_table, *grads)
 
 
 @dataclass(frozen=True)
@@ -210,8 +230,8 @@ def hgt_stack(
     Args:
         x: [T, a] the first step's input, or None with ``lookup``.
         lookup: (table [V, n], ids [T], padding_idx, scale): x = ``ops.embedding_lookup`` of them,
-            run inside the same autograd node on the stack-op path (one node and no Python
-            autograd wrapper for the Map step: on the GPU host every node and wrapper is time).
+            run inside the same autograd node in eager mode (one node and no Python autograd
+            wrapper for the Map step: on the GPU host every node and wrapper is time).
         steps: per step (weight [g, a/g, b/g], bias [b] or None, norm_weight [b/g] or None,
             norm_bias [b/g] or None, seed [1] int64 or None, StepSpec).
         backend: "cpu", "cuda" or "triton" (already resolved).
@@ -227,7 +247,7 @@ def hgt_stack(
     for weight, bias, norm_weight, norm_bias, seed, spec in steps:
         tensors += _autocast((weight, bias, norm_weight, norm_bias), device_type)
         tensors.append(seed if spec.dropout_p > 0 else None)
-    folded = lookup is not None and _uses_stack_op(backend) and not torch.compiler.is_compiling()
+    folded = lookup is not None and not torch.compiler.is_compiling()
     if lookup is not None and not folded:  # the lookup as its own op (and autograd node)
         table, ids, padding_idx, scale = lookup
         x = ops.embedding_lookup(table, ids, padding_idx, scale, backend=backend)
@@ -236,7 +256,9 @@ def hgt_stack(
         # e in the autocast dtype, as _autocast would cast an e made outside
         autocast = torch.is_autocast_enabled(device_type)
         fold = _Lookup(padding_idx, float(scale), torch.get_autocast_dtype(device_type) if autocast else table.dtype)
-        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (table, *tensors))):
+        if _uses_stack_op(backend) and not (
+            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (table, *tensors))
+        ):
             with _below_autograd():  # inference: the ops alone, and each step's memory freed early
                 e = torch.ops.define_ops.embedding_lookup.default(table, ids, padding_idx, fold.scale)
                 return torch.ops.define_ops.hgt_stack.default(
