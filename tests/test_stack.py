@@ -296,27 +296,27 @@ def test_eager_step_loop_switch_agrees_with_the_stack_op(preset, monkeypatch):
 @needs_cpu_kernels
 @pytest.mark.parametrize("frozen_table", [False, True])
 def test_folded_lookup_under_autocast_matches_the_separate_lookup(frozen_table, monkeypatch):
-    """The table lookup inside the stack's node (the stack-op path) against the lookup as its own
-    op (DEFINE_OPS_STACK_OP=0), under bf16 autocast: e is cast to bf16 in the node and its gradient
-    back to the table's float32; a frozen table gets no gradient and costs no table backward."""
+    """The table lookup inside the eager node against the lookup as its own registered op (what
+    DeFINE runs under torch.compile), under bf16 autocast: e is cast to bf16 in the node and its
+    gradient back to the table's float32; a frozen table gets no gradient and costs no table backward."""
     config = DeFINEConfig.from_preset("awd_ptb", num_embeddings=200, input_dim=16, max_dim=64, embedding_dim=24,
                                       padding_idx=3)  # fmt: skip
     module = DeFINE.from_config(config, backend="cpu").train()
     module.weight.requires_grad_(not frozen_table)
     ids = torch.tensor([[3, 5, 7, 5], [199, 0, 3, 11]])
     results = []
-    for loop in ("1", "0"):
-        monkeypatch.setenv("DEFINE_OPS_STACK_OP", loop)
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda compiling=compiling: compiling)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out, grads = forward_backward(module, ids)
         results.append((out, grads))
-    (out, grads), (out_loop, grads_loop) = results
-    assert out.dtype == torch.bfloat16 and torch.equal(out, out_loop)
+    (out, grads), (out_separate, grads_separate) = results
+    assert out.dtype == torch.bfloat16 and torch.equal(out, out_separate)
     assert (grads["weight"] is None) is frozen_table
     for name, grad in grads.items():
         if grad is None:
             continue
         assert grad.dtype == torch.float32
-        torch.testing.assert_close(grad, grads_loop[name], rtol=1e-6, atol=1e-6, msg=name)
+        torch.testing.assert_close(grad, grads_separate[name], rtol=1e-6, atol=1e-6, msg=name)
     if not frozen_table:
         assert grads["weight"][3].abs().max() == 0  # padding row
