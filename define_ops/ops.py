@@ -6,10 +6,15 @@ The C++ ops (schemas in csrc/define_ops.cpp) are:
 - ``define_ops::hgt_step(x, weight, bias, norm_weight, norm_bias, seed, e_width, e_in_chunks,
   e_out_chunks, shuffle, activation, dropout_p, norm_eps) -> (out, saved, mean, rstd)`` — one
   whole HGT layer (grouped GEMM, bias, shuffle, per-group LayerNorm, activation, dropout), its
-  output written straight into the layout the next layer reads — and its backward.
+  output written straight into the layout the next layer reads — and its backward;
+- ``define_ops::hgt_stack(x, <per-step lists of hgt_step's arguments>, keep_for_backward) -> (out,
+  values, stats)`` and ``hgt_stack_backward(grad_out, x, values, stats, ...) -> (grad_x, grads)``:
+  every step of a stack in one call per direction (csrc/common/hgt_stack.h), what DeFINE's eager
+  node runs (stack.py); ``split_stack_grads`` cuts ``grads`` into per-parameter views.
 
-This module is the only place that knows how to call them; ``layer.py`` calls the functions
-below. Each public function takes ``backend=`` (see ``_backend.py``).
+This module is the only place that knows how to call the single-step ops; ``layer.py`` calls the
+functions below and ``stack.py`` the stack. Each public function takes ``backend=`` (see
+``_backend.py``).
 """
 
 from __future__ import annotations
