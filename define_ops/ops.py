@@ -212,7 +212,9 @@ if _build.HAS_EXTENSION:
         it = iter(present)
         return [[next(it) if flag else None for flag in flags] for flags in layout]
 
-    @torch.library.impl("define_ops::hgt_stack", "Autograd")
+    # Autograd-key kernels through torch.library.Library (stable across the torch versions we pin).
+    _AUTOGRAD_LIBRARY = torch.library.Library("define_ops", "IMPL")
+
     def _hgt_stack_autograd(x, weights, biases, norm_weights, norm_biases, seeds, *per_step_and_keep):
         *per_step, keep = per_step_and_keep
         columns = (weights, biases, norm_weights, norm_biases, seeds)
@@ -225,7 +227,6 @@ if _build.HAS_EXTENSION:
         empty = x.new_empty((0,))
         return out, empty, empty.to(_stats_dtype(x.dtype))
 
-    @torch.library.impl("define_ops::hgt_stack_backward", "Autograd")
     def _hgt_stack_backward_no_double_backward(*args):
         if torch.is_grad_enabled() and any(
             t.requires_grad for arg in args for t in (arg if isinstance(arg, list) else [arg]) if isinstance(t, Tensor)
@@ -235,6 +236,9 @@ if _build.HAS_EXTENSION:
             )
         with _below_autograd():
             return torch.ops.define_ops.hgt_stack_backward.default(*args)
+
+    _AUTOGRAD_LIBRARY.impl("hgt_stack", _hgt_stack_autograd, "Autograd")
+    _AUTOGRAD_LIBRARY.impl("hgt_stack_backward", _hgt_stack_backward_no_double_backward, "Autograd")
 
     _hgt_step_setup, _hgt_step_backward = hgt_step_autograd(torch.ops.define_ops.hgt_step_backward)
     torch.library.register_autograd("define_ops::hgt_step", _hgt_step_backward, setup_context=_hgt_step_setup)

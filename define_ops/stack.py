@@ -82,24 +82,43 @@ def _ops_for(backend: str) -> tuple[Callable[..., Any], Callable[..., Any], bool
 
 @dataclass(frozen=True)
 class _EagerOps:
-    """What the eager node calls, each below autograd: for Triton the ops' implementations
-    themselves (a registered Triton op's Python wrapper — alias checks, a dynamo-disable frame —
-    cost ~40 µs a call on a 2-core VM, more than our own launcher code)."""
+    """What the eager node calls, each below autograd, inside ``context()``. For Triton these are
+    the ops' implementations themselves: a registered Triton op's Python wrapper (alias checks, a
+    dynamo-disable frame) cost ~40 µs a call on a 2-core VM, more than our own launcher code. Like
+    that wrapper, the context turns wrap_triton's higher-order-op dispatch off (torch documents it
+    at ~1 ms a launch in eager mode); where torch has no such switch the registered ops are used."""
 
     lookup: Callable[..., Tensor]  # (table, ids, padding_idx, scale) → e
     lookup_backward: Callable[..., Tensor]  # (grad_e, ids, num_embeddings, padding_idx, scale) → table grad
     step: Callable[..., tuple]
     step_backward: Callable[..., tuple]
     takes_rows: bool
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+def _triton_direct_launch_context() -> Callable[[], contextlib.AbstractContextManager] | None:
+    try:
+        from torch._library.triton import set_wrap_triton_enabled
+    except ImportError:
+        return None
+    return functools.partial(set_wrap_triton_enabled, False)
 
 
 @functools.cache
 def _eager_ops(backend: str) -> _EagerOps:
     if backend == "triton":
-        from .triton.embedding import _lookup_backward_impl, _lookup_impl
-        from .triton.hgt_step import _hgt_step_backward_impl, _hgt_step_impl
+        from .triton.embedding import (
+            _lookup_backward_impl,
+            _lookup_impl,
+            embedding_lookup_backward_op,
+            embedding_lookup_op,
+        )
+        from .triton.hgt_step import _hgt_step_backward_impl, _hgt_step_impl, hgt_step_backward_op, hgt_step_op
 
-        return _EagerOps(_lookup_impl, _lookup_backward_impl, _hgt_step_impl, _hgt_step_backward_impl, True)
+        context = _triton_direct_launch_context()
+        if context is None:
+            return _EagerOps(embedding_lookup_op, embedding_lookup_backward_op, hgt_step_op, hgt_step_backward_op, True)
+        return _EagerOps(_lookup_impl, _lookup_backward_impl, _hgt_step_impl, _hgt_step_backward_impl, True, context)
     ops_ = torch.ops.define_ops
     return _EagerOps(ops_.embedding_lookup.default, ops_.embedding_lookup_backward.default, ops_.hgt_step.default,
                      ops_.hgt_step_backward.default, False)  # fmt: skip
@@ -141,7 +160,7 @@ class _HGTStack(torch.autograd.Function):
         ctx.stack_op = _uses_stack_op(backend)
         eager = _eager_ops(backend)
         ids = x if lookup is not None else None
-        with _below_autograd():
+        with _below_autograd(), eager.context():
             if lookup is not None:  # cast to the autocast dtype of the stack, if any
                 x = eager.lookup(table, ids, lookup.padding_idx, lookup.scale).to(lookup.dtype)
             if ctx.stack_op:  # one C++ op for the whole stack; values/stats: what its backward reads
@@ -171,7 +190,7 @@ class _HGTStack(torch.autograd.Function):
         if grad is None:  # the output was not used
             return (None, None, None, None, None, None, *grads)
         eager = _eager_ops(ctx.backend)
-        with _below_autograd():
+        with _below_autograd(), eager.context():
             if ctx.stack_op:
                 x, values, stats, *tensors = stored
                 columns = _columns(tensors)

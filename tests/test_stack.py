@@ -320,3 +320,29 @@ def test_folded_lookup_under_autocast_matches_the_separate_lookup(frozen_table, 
         torch.testing.assert_close(grad, grads_separate[name], rtol=1e-6, atol=1e-6, msg=name)
     if not frozen_table:
         assert grads["weight"][3].abs().max() == 0  # padding row
+
+
+@pytest.mark.skipif("triton" not in FAST, reason="Triton backend not available")
+def test_eager_triton_node_launches_without_wrap_triton_dispatch(monkeypatch):
+    """The eager node calls the Triton ops' implementations directly: every launch must then run
+    with wrap_triton's higher-order-op dispatch off, as inside a registered triton_op (on a GPU that
+    dispatch costs on the order of a millisecond a launch)."""
+    import importlib
+
+    from torch._library.triton import is_wrap_triton_enabled
+
+    seen = []
+    for name in ("define_ops.triton.hgt_step", "define_ops.triton.embedding"):
+        module = importlib.import_module(name)
+        original = module.launch
+
+        def recording(*args, _original=original, **kwargs):
+            seen.append(is_wrap_triton_enabled())
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, "launch", recording)
+    config = DeFINEConfig.from_preset("awd_ptb", num_embeddings=50, input_dim=16, max_dim=64, embedding_dim=24)
+    module = DeFINE.from_config(config, backend="triton").train()
+    module(torch.randint(0, 50, (6,))).sum().backward()
+    assert seen and not any(seen)
+    assert is_wrap_triton_enabled()  # restored afterwards
