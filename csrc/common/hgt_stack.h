@@ -15,7 +15,8 @@
 // op's outputs must not alias each other.)
 //
 // The step bodies are the ones the single-step ops run (Backend::forward / Backend::backward),
-// so the stack computes exactly what the per-step ops compute, in the same order.
+// so the stack computes what the per-step ops compute, in the same order (equal but for a GEMM's
+// last bit where a BLAS takes a pointer-alignment-dependent path for a piece of a buffer).
 #pragma once
 
 #include <ATen/core/List.h>
