@@ -147,7 +147,7 @@ if _build.HAS_EXTENSION:
         out = x
         for step_args in per_step:  # the shapes (and the checks) of the steps one by one
             out = _hgt_step_fake(out, *step_args)[0]
-        layout = StackLayout(x.shape[0], weights, biases, norm_weights, e_widths, e_out_chunks, activations)
+        layout = StackLayout(x.shape[0], weights, norm_weights, e_widths, e_out_chunks, activations)
         values = x.new_empty((layout.values_size if keep_for_backward else 0,))
         stats = x.new_empty((layout.stats_size if keep_for_backward else 0,), dtype=_stats_dtype(x.dtype))
         return out, values, stats
@@ -171,10 +171,11 @@ if _build.HAS_EXTENSION:
         dropout_ps: list[float],
         norm_eps: list[float],
     ) -> tuple[Tensor, Tensor]:
-        layout = StackLayout(x.shape[0], weights, biases, norm_weights, e_widths, e_out_chunks, activations)
+        layout = StackLayout(x.shape[0], weights, norm_weights, e_widths, e_out_chunks, activations)
         torch._check(values.shape == (layout.values_size,) and stats.shape == (layout.stats_size,),
                      lambda: "hgt_stack_backward: values and stats must be what hgt_stack returned")  # fmt: skip
-        return x.new_empty(x.shape), x.new_empty((layout.grads_size,))
+        sizes, _ = _grad_pieces(_grad_key(weights, biases, norm_weights))
+        return x.new_empty(x.shape), x.new_empty((sum(sizes),))
 
     # hgt_stack's own autograd, for callers of the op itself (DeFINE calls it below autograd from
     # one autograd.Function in stack.py instead). torch.library.register_autograd cannot give
@@ -245,12 +246,12 @@ if _build.HAS_EXTENSION:
 
 
 class StackLayout:
-    """Sizes of the buffers of ``define_ops::hgt_stack`` (values, stats) and ``hgt_stack_backward``
-    (grads), for the fake kernels: the Python twin of csrc/common/hgt_stack.h's StackLayout (same
-    pieces, packed; opcheck compares the two)."""
+    """Sizes of the buffers of ``define_ops::hgt_stack`` (values, stats), for the fake kernels: the
+    Python twin of csrc/common/hgt_stack.h's StackLayout (same pieces, packed; opcheck compares the
+    two). ``hgt_stack_backward``'s grads buffer is laid out by _grad_pieces."""
 
-    def __init__(self, tokens, weights, biases, norm_weights, e_widths, e_out_chunks, activations) -> None:
-        values, stats, grads = 0, 0, 0
+    def __init__(self, tokens, weights, norm_weights, e_widths, e_out_chunks, activations) -> None:
+        values, stats = 0, 0
         steps = len(weights)
         for i, weight in enumerate(weights):
             groups, _, out_group = weight.shape
@@ -261,8 +262,7 @@ class StackLayout:
                 values += tokens * (out_h + (e_widths[i] if e_out_chunks[i] > 0 else 0))
             values += tokens * out_h if saved else 0
             stats += 2 * tokens * groups if norm else 0
-            grads += weight.numel() + (out_h if biases[i] is not None else 0) + (2 * out_group if norm else 0)
-        self.values_size, self.stats_size, self.grads_size = values, stats, grads
+        self.values_size, self.stats_size = values, stats
 
 
 def _grad_pieces(key: tuple) -> tuple[list[int], list]:
@@ -290,6 +290,16 @@ def _grad_pieces(key: tuple) -> tuple[list[int], list]:
     return sizes, steps
 
 
+def _grad_key(
+    weights: Sequence[Tensor], biases: Sequence[Tensor | None], norm_weights: Sequence[Tensor | None]
+) -> tuple:
+    """_grad_pieces' key: per step (weight shape, weight strides, has bias, has norm)."""
+    return tuple(
+        (w.shape, w.stride(), b is not None, n is not None)
+        for w, b, n in zip(weights, biases, norm_weights, strict=True)
+    )
+
+
 def _is_dense(shape: Sequence[int], stride: Sequence[int]) -> bool:
     """Tensor::is_non_overlapping_and_dense: the strides, sorted, are a contiguous layout's."""
     expected = 1
@@ -309,10 +319,7 @@ def split_stack_grads(
     """``hgt_stack_backward``'s one gradient buffer as per-step views: (weight gradients, each with
     its weight's strides where the weight is dense; bias, γ and β gradients, None where absent).
     One split and one view per weight: this runs on every training step."""
-    key = tuple(
-        (w.shape, w.stride(), b is not None, n is not None)
-        for w, b, n in zip(weights, biases, norm_weights, strict=True)
-    )
+    key = _grad_key(weights, biases, norm_weights)
     try:  # shapes are symbolic while torch.compile traces: not hashable, not cached
         sizes, steps = _cached_grad_pieces(key)
     except TypeError:

@@ -3,8 +3,8 @@
 Why: through ``torch.library.register_autograd`` each layer step costs ~0.2 ms of Python on the
 host (measured on an H200 machine: benchmarks/results/h200-profile-bf16.log), 3-8x the GPU time
 of the step at the presets, so the training step was host-bound. This Function calls the forward
-and backward ops directly, one dispatch per layer and direction, and keeps what the backward
-needs (each layer's input, saved pre-activation and LayerNorm statistics) on its one context.
+and backward ops directly and keeps what the backward needs (each layer's input, saved
+pre-activation and LayerNorm statistics) on its one context.
 
 On the C++ backends (cpu, cuda) the whole loop is one op per direction, ``define_ops::hgt_stack``
 and ``hgt_stack_backward`` (csrc/common/hgt_stack.h): one Python call and a handful of allocations
@@ -149,15 +149,14 @@ def _columns(tensors: Sequence[Tensor | None]) -> list[list[Tensor | None]]:
 class _HGTStack(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, backend: str, specs: tuple[StepSpec, ...], row_count: Tensor | None, lookup: _Lookup | None,
-        x: Tensor, table: Tensor | None, *tensors: Tensor,
+        ctx, backend: str, stack_op: bool, specs: tuple[StepSpec, ...], row_count: Tensor | None,
+        lookup: _Lookup | None, x: Tensor, table: Tensor | None, *tensors: Tensor,
     ):  # fmt: skip
         # x [T, a0], or with `lookup` the ids [T] of the rows of table [V, n] that make it (the
         # lookup then runs inside this node too); tensors: per step (weight [g, a/g, b/g], bias [b]?,
         # norm_weight [b/g]?, norm_bias [b/g]?, seed [1]?) → [T, width of the last step]
-        ctx.backend, ctx.specs, ctx.lookup = backend, specs, lookup
+        ctx.backend, ctx.stack_op, ctx.specs, ctx.lookup = backend, stack_op, specs, lookup
         ctx.set_materialize_grads(False)
-        ctx.stack_op = _uses_stack_op(backend)
         eager = _eager_ops(backend)
         ids = x if lookup is not None else None
         with _below_autograd(), eager.context():
@@ -188,7 +187,7 @@ class _HGTStack(torch.autograd.Function):
         ids, table, *stored = ctx.saved_tensors
         grads: list[Tensor | None] = [None] * (steps * TENSORS_PER_STEP)
         if grad is None:  # the output was not used
-            return (None, None, None, None, None, None, *grads)
+            return (None, None, None, None, None, None, None, *grads)
         eager = _eager_ops(ctx.backend)
         with _below_autograd(), eager.context():
             if ctx.stack_op:
@@ -217,13 +216,13 @@ class _HGTStack(torch.autograd.Function):
                     grad = grad_x
             lookup = ctx.lookup
             if lookup is None:
-                return (None, None, None, None, grad, None, *grads)
+                return (None, None, None, None, None, grad, None, *grads)
             grad_table = None
-            if ctx.needs_input_grad[5]:
+            if ctx.needs_input_grad[7]:
                 grad_table = eager.lookup_backward(
                     grad.to(table.dtype), ids, table.shape[0], lookup.padding_idx, lookup.scale
                 )
-        return (None, None, None, None, None, grad_table, *grads)
+        return (None, None, None, None, None, None, grad_table, *grads)
 
 
 @dataclass(frozen=True)
@@ -266,33 +265,32 @@ def hgt_stack(
     for weight, bias, norm_weight, norm_bias, seed, spec in steps:
         tensors += _autocast((weight, bias, norm_weight, norm_bias), device_type)
         tensors.append(seed if spec.dropout_p > 0 else None)
-    folded = lookup is not None and not torch.compiler.is_compiling()
-    if lookup is not None and not folded:  # the lookup as its own op (and autograd node)
+    compiling = torch.compiler.is_compiling()
+    fold = None  # the lookup inside the node (eager), or x made here by the registered op (compile)
+    if lookup is not None:
         table, ids, padding_idx, scale = lookup
-        x = ops.embedding_lookup(table, ids, padding_idx, scale, backend=backend)
-    if folded:
-        table, ids, padding_idx, scale = lookup
-        # e in the autocast dtype, as _autocast would cast an e made outside
-        autocast = torch.is_autocast_enabled(device_type)
-        fold = _Lookup(padding_idx, float(scale), torch.get_autocast_dtype(device_type) if autocast else table.dtype)
-        if _uses_stack_op(backend) and not (
-            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (table, *tensors))
-        ):
-            with _below_autograd():  # inference: the ops alone, and each step's memory freed early
-                e = torch.ops.define_ops.embedding_lookup.default(table, ids, padding_idx, fold.scale)
-                return torch.ops.define_ops.hgt_stack.default(
-                    e.to(fold.dtype), *_columns(tensors), *_spec_lists(specs), False
-                )[0]
-        return _HGTStack.apply(backend, specs, row_count, fold, ids, table, *tensors)
-    (x,) = _autocast((x,), device_type)
-    if torch.compiler.is_compiling():  # the step ops with their registered autograd, which compile traces
+        if compiling:
+            x = ops.embedding_lookup(table, ids, padding_idx, scale, backend=backend)
+        else:  # e in the autocast dtype, as _autocast would cast an e made outside
+            autocast = torch.is_autocast_enabled(device_type)
+            dtype = torch.get_autocast_dtype(device_type) if autocast else table.dtype
+            fold = _Lookup(padding_idx, float(scale), dtype)
+    if fold is None:
+        (x,) = _autocast((x,), device_type)
+    if compiling:  # the step ops with their registered autograd, which compile traces
         forward_op, _, takes_rows = _ops_for(backend)
         trailing = (row_count,) if takes_rows else ()
         for index, spec in enumerate(specs):
             x = forward_op(x, *_step_tensors(tensors, index), *spec.args(), *trailing)[0]
         return x
-    if _uses_stack_op(backend) and not (
-        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors))
-    ):  # inference: no autograd node, and each step's memory is freed as soon as the next has read it
-        return torch.ops.define_ops.hgt_stack.default(x, *_columns(tensors), *_spec_lists(specs), False)[0]
-    return _HGTStack.apply(backend, specs, row_count, None, x, None, *tensors)
+    stack_op = _uses_stack_op(backend)
+    leaves = (table if fold is not None else x, *tensors)
+    if stack_op and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)):
+        # inference: no autograd node, and each step's memory is freed as soon as the next has read it
+        with _below_autograd():
+            if fold is not None:
+                x = _eager_ops(backend).lookup(table, ids, padding_idx, fold.scale).to(fold.dtype)
+            return torch.ops.define_ops.hgt_stack.default(x, *_columns(tensors), *_spec_lists(specs), False)[0]
+    if fold is not None:
+        return _HGTStack.apply(backend, stack_op, specs, row_count, fold, ids, table, *tensors)
+    return _HGTStack.apply(backend, stack_op, specs, row_count, None, x, None, *tensors)

@@ -258,12 +258,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_stack_forward(const at::Tenso
   at::Tensor input = x;
   for (int64_t i = 0; i < steps; ++i) {
     const PlannedStep& s = L.steps[i];
-    const bool carve = keep_for_backward;
+    // kept for the backward: a piece of values/stats; otherwise a fresh tensor (or none at all)
+    auto result = [&](const at::Tensor& buffer, int64_t at, at::IntArrayRef sizes, const at::TensorOptions& opts) {
+      return keep_for_backward && at >= 0 ? piece(buffer, at, sizes) : at::empty(sizes, opts);
+    };
     StepOutputs o;
-    o.out = carve && L.out_at[i] >= 0 ? piece(values, L.out_at[i], {T, s.out_width}) : at::empty({T, s.out_width}, options);
-    o.saved = !s.saved ? no_values : carve ? piece(values, L.saved_at[i], {T, s.out_h}) : at::empty({T, s.out_h}, options);
-    o.mean = !s.norm ? no_stats : carve ? piece(stats, L.mean_at[i], {T, s.groups}) : at::empty({T, s.groups}, stats_options);
-    o.rstd = !s.norm ? no_stats : carve ? piece(stats, L.rstd_at[i], {T, s.groups}) : at::empty({T, s.groups}, stats_options);
+    o.out = result(values, L.out_at[i], {T, s.out_width}, options);
+    o.saved = s.saved ? result(values, L.saved_at[i], {T, s.out_h}, options) : no_values;
+    o.mean = s.norm ? result(stats, L.mean_at[i], {T, s.groups}, stats_options) : no_stats;
+    o.rstd = s.norm ? result(stats, L.rstd_at[i], {T, s.groups}, stats_options) : no_stats;
     const StepTensors t = a.tensors(i, input);
     Backend::forward(a.params(i, t), t, o);
     input = o.out;
@@ -327,8 +330,8 @@ std::tuple<at::Tensor, at::Tensor> run_stack_backward(const at::Tensor& grad_out
     // Step i writes the gradient of its input into the scratch half step i + 1 did not use.
     g.grad_x = i > 0 ? piece(scratch, handed_at[i % 2], {T, s.in_width}) : at::empty({T, s.in_width}, options);
     // the weight's own layout where it is dense (the Reduce layer passes a transposed view)
-    g.grad_weight = w.is_non_overlapping_and_dense() ? piece(grads, L.weight_at[i], w.sizes(), w.strides())
-                                                     : piece(grads, L.weight_at[i], w.sizes());
+    g.grad_weight = piece(grads, L.weight_at[i], w.sizes(),
+                          w.is_non_overlapping_and_dense() ? at::OptionalIntArrayRef(w.strides()) : std::nullopt);
     g.grad_bias = s.bias ? piece(grads, L.bias_at[i], {s.out_h}) : none;
     g.grad_gamma = s.norm ? piece(grads, L.gamma_at[i], {s.out_group}) : none;
     g.grad_beta = s.norm ? piece(grads, L.beta_at[i], {s.out_group}) : none;
