@@ -64,7 +64,8 @@ def synchronize() -> None:
 
 @dataclass
 class Workload:
-    """One preset at one size on one provider: ``step()`` runs the timed work."""
+    """One preset at one size on one provider: ``step()`` runs the timed work; ``enqueue()`` is the
+    same work without the final synchronisation (its host time alone, see scripts/gpu_profile.py)."""
 
     preset: str
     provider: str
@@ -73,6 +74,7 @@ class Workload:
     config: DeFINEConfig
     dtype: torch.dtype
     step: Callable[[], None]
+    enqueue: Callable[[], None]
 
     def extra_info(self) -> dict:
         c = self.config
@@ -146,25 +148,28 @@ def make_workload(
 
     if training:
 
-        def step() -> None:
+        def enqueue() -> None:
             for p in params:
                 p.grad = None
             forward(ids).backward(grad_out)
-            synchronize()
 
     else:
 
-        def step() -> None:
+        def enqueue() -> None:
             with torch.no_grad():
                 forward(ids)
-            synchronize()
 
     if graphed:
-        step = graph_replay(module, forward, ids, grad_out if training else None)
+        enqueue = graph_replay(module, forward, ids, grad_out if training else None)
         provider = f"{provider}_graph"
     elif compiled:
         provider = f"{provider}_compiled"
-    return Workload(preset, provider, mode, tokens, config, dtype, step)
+
+    def step() -> None:
+        enqueue()
+        synchronize()
+
+    return Workload(preset, provider, mode, tokens, config, dtype, step, enqueue)
 
 
 def graph_replay(
@@ -174,7 +179,8 @@ def graph_replay(
     grad_out: torch.Tensor | None,  # [T, m], or None for a forward-only step
 ) -> Callable[[], None]:
     """``forward(ids)`` (and its backward with ``grad_out``) captured once as a CUDA graph; the
-    returned step replays it. Dropout seeds are drawn inside the graph, so replays differ."""
+    returned function replays it (without synchronising). Dropout seeds are drawn inside the graph,
+    so replays differ."""
 
     def body() -> None:
         if grad_out is None:
@@ -194,12 +200,11 @@ def graph_replay(
     with torch.cuda.graph(graph):
         body()
 
-    def step() -> None:
+    def replay() -> None:
         graph.replay()
-        synchronize()
 
-    step.graph = graph  # keeps the graph (and its memory pool) alive with the step
-    return step
+    replay.graph = graph  # keeps the graph (and its memory pool) alive with the function
+    return replay
 
 
 def _authors_way(module: DeFINE) -> Callable[[torch.Tensor], torch.Tensor]:

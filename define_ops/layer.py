@@ -298,8 +298,8 @@ class DeFINE(nn.Module):
             return  # under compile the ops check ids themselves
         if ids.is_cuda and torch.cuda.is_current_stream_capturing():
             return  # a host read is illegal in a CUDA graph capture; the ops flag bad ids (NaN rows)
-        low, high = torch.aminmax(ids)
-        if low.item() < 0 or high.item() >= self.num_embeddings:
+        low, high = torch.stack(torch.aminmax(ids.reshape(-1))).tolist()  # one host read, not two
+        if low < 0 or high >= self.num_embeddings:
             bad = ((ids < 0) | (ids >= self.num_embeddings)).reshape(-1).nonzero()[0, 0].item()
             value = ids.reshape(-1)[bad].item()
             raise IndexError(

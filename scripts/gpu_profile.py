@@ -7,13 +7,21 @@ runs it): the median wall-clock step, the kernel time per step summed from the t
 (busy GPU time: when it is far below the wall clock, the host is the bottleneck), the top kernels
 and the top host-side ops. For the compiled backends also the step replayed as a CUDA graph (no
 host work at all): the time the kernels alone need, launch gaps included.
+
+``enqueue_ms``: the host time of one step alone, measured while a sleep kernel keeps the GPU busy
+far longer than the step takes, so that no launch waits for the device: when it is close to the
+wall clock, the step is host-bound. A step whose enqueue time reaches the sleep's length waited for
+the device somewhere (a hidden host synchronisation): ``hidden_sync`` says so. ``--trace DIR``
+writes a Chrome trace per preset x provider (open in Perfetto) to see the gaps between launches.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -47,12 +55,41 @@ def profile_step(step, steps: int = 5) -> dict:
     }
 
 
+def sleep_cycles(ms: float) -> int:
+    """GPU clock cycles that torch.cuda._sleep spins for ``ms`` milliseconds on this device."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    return int(ms * 10_000_000 / start.elapsed_time(end))
+
+
+def enqueue_ms(enqueue, rounds: int = 10, sleep_ms: float = 50.0) -> tuple[float, bool]:
+    """Median host time of ``enqueue()`` behind a GPU sleep of ``sleep_ms`` (see the module
+    docstring), and whether any round waited for the device (took at least half the sleep). On
+    the CPU there is no device to wait for: the host time is the whole step."""
+    if not torch.cuda.is_available():
+        return median_ms(enqueue, rounds=rounds, warmup=0), False
+    cycles = sleep_cycles(sleep_ms)
+    times = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(cycles)
+        start = time.perf_counter()
+        enqueue()
+        times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2], max(times) >= sleep_ms / 2
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="awd_ptb,lstm_wt103,txl_wt103,nmt_wmt14")
     parser.add_argument("--providers", default="reference,cuda,embedding")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--trace", default=None, help="directory for one Chrome trace per preset x provider")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     results = []
@@ -61,6 +98,13 @@ def main() -> None:
             work = make_workload(preset, provider, "fwd_bwd", quick=False, dtype=dtype)
             row = {"preset": preset, "provider": provider, "wall_ms": median_ms(work.step, rounds=20, warmup=3)}
             row.update(profile_step(work.step))
+            row["enqueue_ms"], row["hidden_sync"] = enqueue_ms(work.enqueue)
+            if args.trace:
+                Path(args.trace).mkdir(parents=True, exist_ok=True)
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    for _ in range(3):
+                        work.step()
+                prof.export_chrome_trace(str(Path(args.trace) / f"trace-{preset}-{provider}.json"))
             if provider in ("cuda", "triton"):
                 try:
                     graphed = make_workload(preset, f"{provider}_graph", "fwd_bwd", quick=False, dtype=dtype)
@@ -69,8 +113,10 @@ def main() -> None:
                     row["graph_error"] = f"{type(error).__name__}: {str(error)[:300]}"
             results.append(row)
             print(
-                f"\n### {preset} {provider}: wall {row['wall_ms']:.3f} ms, kernels {row['kernel_ms_per_step']:.3f} ms "
-                f"({row['kernels_per_step']:.0f}/step), graph {row.get('graph_ms', row.get('graph_error'))}"
+                f"\n### {preset} {provider}: wall {row['wall_ms']:.3f} ms, host enqueue {row['enqueue_ms']:.3f} ms"
+                f"{' (WAITED FOR THE DEVICE: a hidden synchronisation)' if row['hidden_sync'] else ''}, kernels "
+                f"{row['kernel_ms_per_step']:.3f} ms ({row['kernels_per_step']:.0f}/step), "
+                f"graph {row.get('graph_ms', row.get('graph_error'))}"
             )
             for name, count, us in row["top_kernels"]:
                 print(f"  gpu  {us:9.1f} us  x{count:4.1f}  {name}")

@@ -10,21 +10,24 @@
 # writes its own JSON, so a stage cut by its timeout (Triton's autotuning compiles many configs)
 # never loses another stage's numbers:
 #   1. build the extension in place for this card (sm_90), print kernel resource usage;
-#   2. benchmarks in bf16 at the five presets: the whole layer (reference, cuda, cuda replayed as
-#      a CUDA graph, plain embedding), ceilings, floors, kernel launches per layer;
-#   3. tests/test_cuda.py (not the slow ones);
-#   4. scripts/gpu_profile.py: wall clock vs kernel time vs CUDA-graph replay, top kernels and
+#   2. scripts/gpu_profile.py: wall clock vs host time (each step enqueued behind a GPU sleep, which
+#      also exposes a hidden synchronisation) vs kernel time vs CUDA-graph replay, top kernels and
 #      host ops, per preset (reference, cuda); the same for cuda with the Python loop over the
-#      step ops instead of the C++ stack ops (DEFINE_OPS_STACK_OP=0), the host-time A/B;
-#   5. every grouped GEMM of every preset as the backend runs it, dense and padded
-#      (scripts/gemm_census.py); the profile with row blocks of at most 256 threads
-#      (DEFINE_OPS_CUDA_MAX_THREADS) against the default 512, and with the table gradient's sort
-#      at every batch size (DEFINE_OPS_CUDA_SMALL_BATCH_TOKENS=0); compute-sanitizer memcheck on
-#      scripts/cuda_smoke.py; Nsight Compute on the epilogue kernels of one txl_wt103 step
-#      (scripts/ncu_epilogue.py);
+#      step ops instead of the C++ stack ops (DEFINE_OPS_STACK_OP=0), the host-time A/B; Chrome
+#      traces of the cuda step at awd_ptb and nmt_wmt14; cProfile of the Triton step at awd_ptb;
+#      every grouped GEMM of every preset as the backend runs it, dense and padded
+#      (scripts/gemm_census.py);
+#   3. benchmarks in bf16 at the five presets: the whole layer (reference, cuda, cuda replayed as
+#      a CUDA graph, plain embedding), ceilings, floors, kernel launches per layer;
+#      tests/test_cuda.py (not the slow ones);
+#   4. the profile with row blocks of at most 256 threads (DEFINE_OPS_CUDA_MAX_THREADS) against
+#      the default 512, and with the table gradient's sort at every batch size
+#      (DEFINE_OPS_CUDA_SMALL_BATCH_TOKENS=0);
+#   5. compute-sanitizer memcheck on scripts/cuda_smoke.py; Nsight Compute on the epilogue kernels
+#      of one txl_wt103 step (scripts/ncu_epilogue.py);
 #   6. the Triton layer benchmark at awd_ptb and nmt_wmt14, one preset per stage and JSON
-#      (autotuning is slow); scripts/host_profile.py (cProfile) on the Triton and CUDA eager
-#      steps, where the host time goes; the Triton GPU tests, autotuning off;
+#      (autotuning is slow); scripts/host_profile.py (cProfile) on the Triton step at nmt_wmt14
+#      and the CUDA step at awd_ptb, where the host time goes; the Triton GPU tests, autotuning off;
 #   7. the layer benchmark in fp32; issue 8 in bf16: dedup on a real WikiText-2 window at the
 #      lstm_wt103 shapes (needs the corpus: run scripts/gpu_data.sh here first and carry
 #      .gpu-data) and cached inference; racecheck;
@@ -34,7 +37,7 @@
 #      (DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM), the Triton benchmark at the other three presets;
 #   9. compute-sanitizer synccheck, the cuda cases of tests/test_ops.py, the slow int64 test.
 # Files in $OUT: session.log, report.md, bench.png and results.tgz, which holds tests.xml,
-# sanitizer.log, profile.json, profile-step-loop.json, profile-bwd-blocks-*.json, profile-max-threads-256.json,
+# sanitizer.log, profile.json, profile-step-loop.json, traces/trace-<preset>-cuda.json, profile-bwd-blocks-*.json, profile-max-threads-256.json,
 # profile-small-batch-sorted.json, ncu-epilogue.txt, bench-bf16.json, bench-compiled.json,
 # bench-compiled-ours.json, bench-triton-<preset>.json, host-profile-*.txt, bench-issue8-bf16.json,
 # bench-fp32.json.
@@ -106,18 +109,27 @@ TIMING="--benchmark-max-time=0.2 --benchmark-min-rounds=10"
 # What changed since the last measurement is timed and tested first; what an earlier session
 # measured on this kind of card (torch.compile of the reference and of our layer, the block
 # sweeps) comes last.
+# The H200 session of 2026-11-26 (commit 9c44359) found the eager step host-bound (awd_ptb: 2.3 ms
+# wall for 0.47 ms of kernels) and the C++ stack op no faster there than the step-op loop, with no
+# breakdown of the host time: the profiles come first, with each step's host time measured behind
+# a GPU sleep (enqueue_ms, which also exposes a hidden synchronisation) and Chrome traces.
+stage profile 90 env PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py --providers reference,cuda --json "$RES/profile.json"
+# the eager step with the Python loop over the step ops instead of the C++ stack ops: host time A/B
+stage step-loop 40 env DEFINE_OPS_STACK_OP=0 PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py \
+  --presets awd_ptb,nmt_wmt14,lstm_wt103 --providers cuda --json "$RES/profile-step-loop.json"
+stage trace 40 env PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py --presets awd_ptb,nmt_wmt14 --providers cuda \
+  --trace "$RES/traces"
+stage host-profile-triton-awd_ptb 50 env PYTHONPATH="$PWD" "$PY" scripts/host_profile.py --preset awd_ptb \
+  --provider triton --out "$RES/host-profile-triton-awd_ptb.txt"
+
+stage gemm-census 60 env PYTHONPATH="$PWD" "$PY" scripts/gemm_census.py
+
 stage bench-bf16 150 "$PY" -m pytest benchmarks/test_bench_layer.py benchmarks/test_bench_floor.py -q -p no:cacheprovider \
   --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference,cuda,cuda_graph,embedding \
   --benchmark-json "$RES/bench-bf16.json" --benchmark-columns=median,min,rounds $TIMING
 stage tests 110 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m "not slow" -rfE --maxfail=40 \
   --junitxml="$RES/tests.xml"
 
-stage profile 90 env PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py --providers reference,cuda --json "$RES/profile.json"
-# the eager step with the Python loop over the step ops instead of the C++ stack ops: host time A/B
-stage step-loop 40 env DEFINE_OPS_STACK_OP=0 PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py \
-  --presets awd_ptb,nmt_wmt14,lstm_wt103 --providers cuda --json "$RES/profile-step-loop.json"
-
-stage gemm-census 60 env PYTHONPATH="$PWD" "$PY" scripts/gemm_census.py
 # threads per row block capped at 256 (the H100 session's kernels) against the default 512: the wide rows
 stage max-threads-256 40 env DEFINE_OPS_CUDA_MAX_THREADS=256 PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py \
   --presets txl_wt103,lstm_wt103 --providers cuda --json "$RES/profile-max-threads-256.json"
@@ -145,12 +157,11 @@ for preset in awd_ptb nmt_wmt14; do
     --benchmark-json "$RES/bench-triton-$preset.json" --benchmark-columns=median,min,rounds $TIMING
 done
 
-for preset in awd_ptb nmt_wmt14; do  # the Python behind the Triton backend's host time (cProfile)
-  stage "host-profile-triton-$preset" 40 env PYTHONPATH="$PWD" "$PY" scripts/host_profile.py --preset "$preset" \
-    --provider triton > "$RES/host-profile-triton-$preset.txt"
-done
+# the Python behind the Triton and CUDA backends' host time (cProfile)
+stage host-profile-triton-nmt_wmt14 40 env PYTHONPATH="$PWD" "$PY" scripts/host_profile.py --preset nmt_wmt14 \
+  --provider triton --out "$RES/host-profile-triton-nmt_wmt14.txt"
 stage host-profile-cuda 30 env PYTHONPATH="$PWD" "$PY" scripts/host_profile.py --preset awd_ptb --provider cuda \
-  > "$RES/host-profile-cuda-awd_ptb.txt"
+  --out "$RES/host-profile-cuda-awd_ptb.txt"
 
 stage tests-triton 90 env DEFINE_OPS_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_triton_gpu.py tests/test_ops.py -q \
   -p no:cacheprovider -k "gpu or triton-cuda" -rfE --maxfail=40

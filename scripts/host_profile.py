@@ -27,6 +27,7 @@ eager GPU step pays per call. ``DEFINE_OPS_STACK_OP=0`` there gives the step-op 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import pstats
@@ -74,7 +75,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the benchmarks' small vocabulary and token count")
     parser.add_argument("--stub-launches", action="store_true", help="Triton launches become no-ops (host time only)")
     parser.add_argument("--tiny", action="store_true", help="widths 16/64/16, 2 tokens, one thread: host time only")
+    parser.add_argument("--out", default=None, help="write the report to this file instead of stdout")
     args = parser.parse_args()
+    with open(args.out, "w") if args.out else contextlib.nullcontext(None) as out:
+        with contextlib.redirect_stdout(out) if out else contextlib.nullcontext():
+            run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     if args.stub_launches:
         stub_triton_launches()
     dtype = torch.bfloat16 if device().type == "cuda" else torch.float32

@@ -58,13 +58,15 @@ def test_gpu_profile_script_runs_and_writes_its_json(tmp_path):
     out = tmp_path / "profile.json"
     done = subprocess.run(
         [sys.executable, "scripts/gpu_profile.py", "--presets", "awd_ptb", "--providers", "embedding",
-         "--dtype", "float32", "--json", str(out)],
+         "--dtype", "float32", "--json", str(out), "--trace", str(tmp_path / "traces")],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "### awd_ptb embedding: wall" in done.stdout
     (row,) = json.loads(out.read_text())["results"]
     assert row["preset"] == "awd_ptb" and row["wall_ms"] > 0 and row["top_host_ops"]
+    assert row["enqueue_ms"] > 0 and row["hidden_sync"] is False
+    assert json.loads((tmp_path / "traces" / "trace-awd_ptb-embedding.json").read_text())["traceEvents"]
 
 
 def test_gemm_census_script_runs_on_the_cpu():
