@@ -8,6 +8,7 @@ The environment variable ``DEFINE_OPS_BACKEND`` overrides the backend given in c
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -74,7 +75,16 @@ _AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "referenc
 @torch.compiler.assume_constant_result  # evaluated once while tracing, never a graph break
 def resolve_backend(backend: str, device: torch.device | str) -> str:
     """The concrete backend that runs ``backend`` (possibly ``auto``) on ``device``."""
-    device = torch.device(device)
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    # Every input of the answer is in the key: what is built and registered does not change after
+    # import, the environment may (tests, DEFINE_OPS_BACKEND). Uncached, the dispatcher queries
+    # and module lookups cost ~27 µs a call on a 2-core VM, on every forward.
+    return _resolve(backend, device_type, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"))
+
+
+@functools.cache
+def _resolve(backend: str, device_type: str, env_backend: str | None, triton_interpret: str | None) -> str:
+    device = torch.device(device_type)
     chosen = requested_backend(backend)
     if chosen == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("reference",)):

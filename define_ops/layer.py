@@ -365,9 +365,11 @@ class DeFINE(nn.Module):
             e = self.map(flat_ids, sparse=self.sparse)
         return e if pad is None else e.masked_fill((flat_ids == pad).unsqueeze(-1), 0.0)
 
-    def _unit(self, flat_ids: Tensor, row_count: Tensor | None = None) -> Tensor:
+    def _unit(self, flat_ids: Tensor, row_count: Tensor | None = None, inverse: Tensor | None = None) -> Tensor:
         """Map → HGT → Reduce for ids [T] → [T, m]; padding ids give zero vectors. With
-        ``row_count`` (a device scalar) only the first rows are needed (see ``ops.hgt_step``)."""
+        ``row_count`` (a device scalar) only the first rows are needed (see ``ops.hgt_step``).
+        With ``inverse`` (int64 [T']: dedup's, ``flat_ids`` then the distinct ids) the rows are
+        gathered by it → [T', m], inside the stack's autograd node on the compiled backends."""
         backend = resolve_backend(self.backend, self.device)
         seeds = self._dropout_seeds()
         cfg = self.config
@@ -386,10 +388,13 @@ class DeFINE(nn.Module):
             steps = [(weight, bias, gamma, beta, seed, spec) for spec, (weight, bias, gamma, beta), seed in layers]
             steps.append((self.reduce.weight.t().unsqueeze(0), self.reduce.bias, None, None, None, specs[-1]))
             lookup = (self.weight, flat_ids, cfg.padding_idx, self.embedding_scale) if fold_lookup else None
-            out = hgt_stack(e, steps, backend=backend, row_count=row_count, lookup=lookup)
+            out = hgt_stack(e, steps, backend=backend, row_count=row_count, lookup=lookup, expand=inverse)
+            if inverse is not None:  # expanded inside the node; the padding mask needs the rows' ids
+                flat_ids = flat_ids[inverse] if cfg.padding_idx is not None else flat_ids
+                inverse = None
         if cfg.padding_idx is not None:  # like nn.Embedding: a padding token embeds to zeros
             out = out.masked_fill((flat_ids == cfg.padding_idx).unsqueeze(-1), 0.0)
-        return out
+        return out if inverse is None else self._expand(out, inverse, backend)
 
     def forward(self, ids: Tensor, *, dedup: bool | None = None) -> Tensor:
         """ids [*] (int64/int32) → [*, embedding_dim].
@@ -412,10 +417,10 @@ class DeFINE(nn.Module):
         backend = self.active_backend() if use_dedup else None
         if backend == "triton":
             distinct, inverse, count = distinct_ids(flat)
-            out = self._expand(self._unit(distinct, row_count=count), inverse, backend)
+            out = self._unit(distinct, row_count=count, inverse=inverse)
         elif use_dedup and not torch.compiler.is_compiling():
             distinct, inverse = torch.unique(flat, return_inverse=True)
-            out = self._expand(self._unit(distinct), inverse, backend)
+            out = self._unit(distinct, inverse=inverse)
         else:
             out = self._unit(flat)
         return out.reshape(*ids.shape, self.config.embedding_dim)

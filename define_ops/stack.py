@@ -146,15 +146,21 @@ def _columns(tensors: Sequence[Tensor | None]) -> list[list[Tensor | None]]:
     return [list(tensors[k::TENSORS_PER_STEP]) for k in range(TENSORS_PER_STEP)]
 
 
+# _HGTStack.forward's leading non-tensor arguments; x, table and the step tensors follow them.
+_NODE_OPTIONS = 6
+_TABLE_INPUT = _NODE_OPTIONS + 1  # table's position among the forward's inputs (needs_input_grad)
+
+
 class _HGTStack(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, backend: str, stack_op: bool, specs: tuple[StepSpec, ...], row_count: Tensor | None,
-        lookup: _Lookup | None, x: Tensor, table: Tensor | None, *tensors: Tensor,
+        lookup: _Lookup | None, expand: Tensor | None, x: Tensor, table: Tensor | None, *tensors: Tensor,
     ):  # fmt: skip
         # x [T, a0], or with `lookup` the ids [T] of the rows of table [V, n] that make it (the
         # lookup then runs inside this node too); tensors: per step (weight [g, a/g, b/g], bias [b]?,
-        # norm_weight [b/g]?, norm_bias [b/g]?, seed [1]?) → [T, width of the last step]
+        # norm_weight [b/g]?, norm_bias [b/g]?, seed [1]?) → [T, width of the last step], or with
+        # `expand` (int64 [T']) its rows gathered by it: [T', width] (dedup's expansion).
         ctx.backend, ctx.stack_op, ctx.specs, ctx.lookup = backend, stack_op, specs, lookup
         ctx.set_materialize_grads(False)
         eager = _eager_ops(backend)
@@ -166,8 +172,8 @@ class _HGTStack(torch.autograd.Function):
                 out, values, stats = torch.ops.define_ops.hgt_stack.default(
                     x, *_columns(tensors), *_spec_lists(specs), True
                 )
-                ctx.save_for_backward(ids, table, x, values, stats, *tensors)
-                return out
+                ctx.save_for_backward(ids, table, expand, x, values, stats, *tensors)
+                return _expand_rows(eager, out, expand)
             trailing = (row_count,) if eager.takes_rows else ()
             inputs, saved, means, rstds = [], [], [], []
             for index, spec in enumerate(specs):
@@ -177,19 +183,23 @@ class _HGTStack(torch.autograd.Function):
                 means.append(mean)
                 rstds.append(rstd)
                 x = out
-        ctx.save_for_backward(ids, table, *inputs, *saved, *means, *rstds, *tensors, row_count)
+            x = _expand_rows(eager, x, expand)
+        ctx.save_for_backward(ids, table, expand, *inputs, *saved, *means, *rstds, *tensors, row_count)
         return x
 
     @staticmethod
     def backward(ctx, grad: Tensor | None):
         specs = ctx.specs
         steps = len(specs)
-        ids, table, *stored = ctx.saved_tensors
+        ids, table, expand, *stored = ctx.saved_tensors
         grads: list[Tensor | None] = [None] * (steps * TENSORS_PER_STEP)
         if grad is None:  # the output was not used
-            return (None, None, None, None, None, None, None, *grads)
+            return (*[None] * (_NODE_OPTIONS + 2), *grads)
         eager = _eager_ops(ctx.backend)
         with _below_autograd(), eager.context():
+            if expand is not None:  # each distinct row's gradient: its tokens' gradients summed in order
+                rows = (ids if ids is not None else stored[0]).shape[0]
+                grad = eager.lookup_backward(grad, expand, rows, None, 1.0)
             if ctx.stack_op:
                 x, values, stats, *tensors = stored
                 columns = _columns(tensors)
@@ -216,13 +226,18 @@ class _HGTStack(torch.autograd.Function):
                     grad = grad_x
             lookup = ctx.lookup
             if lookup is None:
-                return (None, None, None, None, None, grad, None, *grads)
+                return (*[None] * _NODE_OPTIONS, grad, None, *grads)
             grad_table = None
-            if ctx.needs_input_grad[7]:
+            if ctx.needs_input_grad[_TABLE_INPUT]:
                 grad_table = eager.lookup_backward(
                     grad.to(table.dtype), ids, table.shape[0], lookup.padding_idx, lookup.scale
                 )
-        return (None, None, None, None, None, None, grad_table, *grads)
+        return (*[None] * (_NODE_OPTIONS + 1), grad_table, *grads)
+
+
+def _expand_rows(eager: _EagerOps, rows: Tensor, expand: Tensor | None) -> Tensor:
+    """rows [U, m] gathered by ``expand`` [T] → [T, m] (rows itself without ``expand``)."""
+    return rows if expand is None else eager.lookup(rows, expand, None, 1.0)
 
 
 @dataclass(frozen=True)
@@ -241,6 +256,7 @@ def hgt_stack(
     backend: str,
     row_count: Tensor | None = None,
     lookup: tuple[Tensor, Tensor, int | None, float] | None = None,
+    expand: Tensor | None = None,
 ) -> Tensor:
     """Run ``steps`` one after the other (each as ``ops.hgt_step`` with the same arguments) with
     one autograd node for all of them (under ``torch.compile``: each step's own autograd).
@@ -254,8 +270,11 @@ def hgt_stack(
             norm_bias [b/g] or None, seed [1] int64 or None, StepSpec).
         backend: "cpu", "cuda" or "triton" (already resolved).
         row_count: as in ``ops.hgt_step`` (Triton only).
+        expand: [T'] int64 row indices (dedup's inverse): the output rows gathered by them, also
+            inside the node (``ops.embedding_lookup`` of the rows, whose backward sums each
+            row's gradients in a fixed order).
     Returns:
-        [T, width of the last step's output].
+        [T, width of the last step's output], or [T', width] with ``expand``.
     """
     if backend not in ("cpu", "cuda", "triton"):
         raise ValueError(f"define_ops.hgt_stack: backend must be a compiled backend, got {backend!r}")
@@ -282,15 +301,17 @@ def hgt_stack(
         trailing = (row_count,) if takes_rows else ()
         for index, spec in enumerate(specs):
             x = forward_op(x, *_step_tensors(tensors, index), *spec.args(), *trailing)[0]
-        return x
+        return x if expand is None else ops.embedding_lookup(x, expand, None, 1.0, backend=backend)
     stack_op = _uses_stack_op(backend)
     leaves = (table if fold is not None else x, *tensors)
     if stack_op and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)):
         # inference: no autograd node, and each step's memory is freed as soon as the next has read it
+        eager = _eager_ops(backend)
         with _below_autograd():
             if fold is not None:
-                x = _eager_ops(backend).lookup(table, ids, padding_idx, fold.scale).to(fold.dtype)
-            return torch.ops.define_ops.hgt_stack.default(x, *_columns(tensors), *_spec_lists(specs), False)[0]
+                x = eager.lookup(table, ids, padding_idx, fold.scale).to(fold.dtype)
+            rows = torch.ops.define_ops.hgt_stack.default(x, *_columns(tensors), *_spec_lists(specs), False)[0]
+            return _expand_rows(eager, rows, expand)
     if fold is not None:
-        return _HGTStack.apply(backend, stack_op, specs, row_count, fold, ids, table, *tensors)
-    return _HGTStack.apply(backend, stack_op, specs, row_count, None, x, None, *tensors)
+        return _HGTStack.apply(backend, stack_op, specs, row_count, fold, expand, ids, table, *tensors)
+    return _HGTStack.apply(backend, stack_op, specs, row_count, None, expand, x, None, *tensors)

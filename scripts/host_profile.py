@@ -49,12 +49,15 @@ def stub_triton_launches() -> None:
         module.launch = lambda *args, **kwargs: None
 
 
-def tiny_workload(preset: str, provider: str, dtype: torch.dtype) -> SimpleNamespace:
-    """The preset's layer at widths 16/64/16 and 2 tokens (see the module docstring)."""
+def tiny_workload(preset: str, provider: str, dtype: torch.dtype, dedup: bool = False) -> SimpleNamespace:
+    """The preset's layer at widths 16/64/16 and 2 tokens (see the module docstring); with
+    ``dedup``, 4 tokens of 2 distinct ids through ``dedup=True``."""
     config = DeFINEConfig.from_preset(preset, num_embeddings=1000, input_dim=16, max_dim=64, embedding_dim=16)
-    module = DeFINE.from_config(config, backend=provider, device=device(), dtype=dtype, validate_ids=False).train()
-    ids = torch.randint(0, 1000, (2,), device=device())
-    grad = torch.randn(2, 16, device=device(), dtype=dtype)
+    module = DeFINE.from_config(
+        config, backend=provider, device=device(), dtype=dtype, validate_ids=False, dedup=dedup
+    ).train()
+    ids = torch.tensor([5, 9, 5, 9] if dedup else [5, 9], device=device())
+    grad = torch.randn(ids.numel(), 16, device=device(), dtype=dtype)
     params = list(module.parameters())
 
     def step() -> None:
@@ -75,6 +78,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the benchmarks' small vocabulary and token count")
     parser.add_argument("--stub-launches", action="store_true", help="Triton launches become no-ops (host time only)")
     parser.add_argument("--tiny", action="store_true", help="widths 16/64/16, 2 tokens, one thread: host time only")
+    parser.add_argument("--dedup", action="store_true", help="with --tiny: the dedup=True path")
     parser.add_argument("--out", default=None, help="write the report to this file instead of stdout")
     args = parser.parse_args()
     with open(args.out, "w") if args.out else contextlib.nullcontext(None) as out:
@@ -88,7 +92,7 @@ def run(args: argparse.Namespace) -> None:
     dtype = torch.bfloat16 if device().type == "cuda" else torch.float32
     if args.tiny:
         torch.set_num_threads(1)
-        work = tiny_workload(args.preset, args.provider, dtype)
+        work = tiny_workload(args.preset, args.provider, dtype, dedup=args.dedup)
     else:
         work = make_workload(args.preset, args.provider, "fwd_bwd", quick=args.quick, dtype=dtype)
     for _ in range(3):

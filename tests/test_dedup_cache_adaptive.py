@@ -313,3 +313,29 @@ def test_sparse_gradient_trains_with_sparse_adam():
     touched[1] = False  # padding
     changed = (layer.weight.detach() != before).any(dim=1)
     assert torch.equal(changed, touched)
+
+
+@pytest.mark.parametrize("variant", ["sparse", "adaptive", "no_grad"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_dedup_equals_plain_path_beyond_the_folded_lookup(backend, variant):
+    # the Map outside the stack's node (sparse table, adaptive input), and inference without autograd
+    overrides = {"sparse": dict(sparse=True), "adaptive": dict(map="adaptive", cutoffs=[10, 30], adaptive_factor=2),
+                 "no_grad": {}}[variant]  # fmt: skip
+    layer = small_layer(backend, **overrides).train()
+    ids = repeated_ids()
+    results = []
+    for dedup in (False, True):
+        layer.zero_grad(set_to_none=True)
+        if variant == "no_grad":
+            with torch.no_grad():
+                results.append((layer(ids, dedup=dedup), {}))
+            continue
+        out = layer(ids, dedup=dedup)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape))
+        results.append((out.detach(), {n: p.grad for n, p in layer.named_parameters()}))
+    (out_plain, g_plain), (out_dedup, g_dedup) = results
+    assert max_err(out_dedup, out_plain) < 1e-12
+    assert out_dedup[ids == 1].abs().max() == 0  # padding rows
+    for name, grad in g_plain.items():
+        grad, other = (g.to_dense() if g is not None and g.is_sparse else g for g in (grad, g_dedup[name]))
+        assert max_err(other, grad) < 1e-10, name

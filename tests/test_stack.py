@@ -346,3 +346,60 @@ def test_eager_triton_node_launches_without_wrap_triton_dispatch(monkeypatch):
     module(torch.randint(0, 50, (6,))).sum().backward()
     assert seen and not any(seen)
     assert is_wrap_triton_enabled()  # restored afterwards
+
+
+@pytest.mark.parametrize("stack_op", [True, False])
+@pytest.mark.parametrize("trainable", ["table", "hgt", "reduce"])
+@pytest.mark.parametrize("backend", FAST)
+def test_each_trainable_subset_gets_exactly_its_gradients(backend, trainable, stack_op, monkeypatch):
+    # The node used to ask needs_input_grad about the first weight instead of the table: a trainable
+    # table under a frozen transformation silently got no gradient.
+    monkeypatch.setenv("DEFINE_OPS_STACK_OP", "1" if stack_op else "0")
+    module = DeFINE(100, 16, input_dim=8, max_dim=32, depth=2, max_groups=2, backend=backend, dtype=torch.float64)
+    reference_module = DeFINE(100, 16, input_dim=8, max_dim=32, depth=2, max_groups=2, backend="reference",
+                              dtype=torch.float64)  # fmt: skip
+    reference_module.load_state_dict(module.state_dict())
+    ids = torch.tensor([[1, 2, 3, 2], [99, 0, 2, 5]])
+    grads = []
+    for m in (module, reference_module):
+        for name, p in m.named_parameters():
+            group = "table" if name == "weight" else "reduce" if name.startswith("reduce") else "hgt"
+            p.requires_grad_(group == trainable)
+        m.train()
+        torch.manual_seed(0)
+        m(ids).pow(2).sum().backward()
+        grads.append({name: p.grad for name, p in m.named_parameters()})
+    ours, expected = grads
+    for name, grad in expected.items():
+        assert (ours[name] is None) == (grad is None), name
+        if grad is not None:
+            assert grad.abs().sum() > 0, name
+            torch.testing.assert_close(ours[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("lookup", [False, True])
+def test_stack_gradcheck_with_the_expansion(lookup):
+    # dedup's gather of the rows folded into the node: its backward sums each row's gradients
+    steps = _small_steps()
+    tensors = [t for step in steps for t in step[:4] if t is not None]
+    expand = torch.tensor([2, 0, 2, 1, 2, 0])
+    table = torch.randn(7, 8, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([4, 0, 6])
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+
+    def run(first, *flat):
+        it = iter(flat)
+        rebuilt = [tuple(next(it) if t is not None else None for t in step[:4]) + step[4:] for step in steps]
+        if lookup:
+            return hgt_stack(None, rebuilt, backend="cpu", lookup=(first, ids, 6, 1.5), expand=expand)
+        return hgt_stack(first, rebuilt, backend="cpu", expand=expand)
+
+    first = table if lookup else x
+    assert torch.autograd.gradcheck(run, (first, *tensors), eps=1e-6, atol=1e-7)
+    expected = run(first, *tensors).detach()
+    rows = hgt_stack(None if lookup else x, steps, backend="cpu",
+                     lookup=(table, ids, 6, 1.5) if lookup else None)  # fmt: skip
+    assert torch.equal(expected, rows[expand])
+    with torch.no_grad():  # the inference path expands too
+        assert torch.equal(run(first, *tensors), expected)
