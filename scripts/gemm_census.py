@@ -14,7 +14,10 @@ in microseconds (CUDA events, median of 20 after warm-up):
   whenever a and b are multiples of 8), whose diagonal blocks are the weight gradient: a view
   with strides ((a/g)·b + b/g, b, 1), and ``+copy`` with those blocks copied out;
 - ``*-padded``: the same GEMMs on copies padded to 8 features per group (copy not included), the
-  alignment's own effect.
+  alignment's own effect;
+- ``fwd dense``, ``dgrad dense``: the layer as ONE [T, a] x [a, b] GEMM against the block-diagonal
+  weight (g times the FLOPs, aligned operands, no copies of the activations), and the forward
+  with the diagonal blocks refreshed from the weight first (once per optimizer step in training).
 
 Nothing is written (the table goes to stdout for the session log). ``--device cpu --tokens 64``
 runs the same code on the CPU (a smoke test of the script; its times mean nothing for the GPU).
@@ -65,7 +68,8 @@ def padded_copy(t: torch.Tensor, groups: int, multiple: int = 8) -> torch.Tensor
 
 
 def layer_times(plan, tokens: int, dtype: torch.dtype, dev: torch.device) -> list[float]:
-    """us of (fwd, dgrad, wgrad, wgrad dense, wgrad dense + copy, fwd padded, wgrad padded) of one layer."""
+    """us of (fwd, dgrad, wgrad, wgrad dense, wgrad dense + copy, fwd padded, wgrad padded, fwd dense,
+    fwd dense + the block-diagonal weight's refresh, dgrad dense) of one layer."""
     g, a, b = plan.groups, plan.in_features, plan.out_features
     a_g, b_g = a // g, b // g
     x = torch.randn(tokens, a, device=dev, dtype=dtype)  # [T, a]
@@ -81,6 +85,9 @@ def layer_times(plan, tokens: int, dtype: torch.dtype, dev: torch.device) -> lis
     w_pad[:, :a_g, :b_g] = weight
     y_pad = torch.empty(g, tokens, dy_pad.shape[2], device=dev, dtype=dtype)
     gw_pad = torch.empty_like(w_pad)
+    w_dense = torch.zeros(a, b, device=dev, dtype=dtype)  # [a, b] block-diagonal: W_j on the diagonal
+    w_blocks = w_dense.as_strided((g, a_g, b_g), (a_g * b + b_g, b, 1))
+    w_blocks.copy_(weight)
 
     def fwd() -> None:
         torch.bmm(group_view(x, g), weight, out=group_view(y, g))
@@ -104,7 +111,21 @@ def layer_times(plan, tokens: int, dtype: torch.dtype, dev: torch.device) -> lis
     def wgrad_padded() -> None:
         torch.bmm(x_pad.transpose(1, 2), dy_pad, out=gw_pad)
 
-    variants = (fwd, dgrad, wgrad, wgrad_dense, wgrad_dense_copy, fwd_padded, wgrad_padded)
+    # The whole layer as ONE dense GEMM against the block-diagonal weight: g times the FLOPs, but
+    # every operand 16-byte aligned whenever a and b are multiples of 8 (the refresh: the blocks
+    # copied in after each optimizer step, the zeros kept).
+    def fwd_dense() -> None:
+        torch.mm(x, w_dense, out=y)
+
+    def fwd_dense_refresh() -> None:
+        w_blocks.copy_(weight)
+        torch.mm(x, w_dense, out=y)
+
+    def dgrad_dense() -> None:
+        grad_x.addmm_(dy, w_dense.t())
+
+    variants = (fwd, dgrad, wgrad, wgrad_dense, wgrad_dense_copy, fwd_padded, wgrad_padded, fwd_dense,
+                fwd_dense_refresh, dgrad_dense)  # fmt: skip
     return [time_us(fn, dev) for fn in variants]
 
 
@@ -113,13 +134,15 @@ def census(preset: str, dtype: torch.dtype, dev: torch.device, tokens: int | Non
     tokens = tokens or PRESET_TOKENS[preset]
     card = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     print(f"### {preset}: T = {tokens}, {dtype}, {card}")
-    print("| layer | g | a/g | b/g | fwd | dgrad | wgrad | wgrad dense (view / +copy) | fwd-padded | wgrad-padded |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| layer | g | a/g | b/g | fwd | dgrad | wgrad | wgrad dense (view / +copy) | fwd-padded | wgrad-padded "
+          "| fwd dense (/ +refresh) | dgrad dense |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for index, plan in enumerate(config.layer_plans()[:-1]):  # the Reduce layer is one dense addmm
         t = layer_times(plan, tokens, dtype, dev)
         g = plan.groups
         print(f"| {index + 1} | {g} | {plan.in_features // g} | {plan.out_features // g} | {t[0]:.1f} | {t[1]:.1f} | "
-              f"{t[2]:.1f} | {t[3]:.1f} / {t[4]:.1f} | {t[5]:.1f} | {t[6]:.1f} |")  # fmt: skip
+              f"{t[2]:.1f} | {t[3]:.1f} / {t[4]:.1f} | {t[5]:.1f} | {t[6]:.1f} | {t[7]:.1f} / {t[8]:.1f} | "
+              f"{t[9]:.1f} |")  # fmt: skip
     print()
 
 
