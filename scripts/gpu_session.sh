@@ -16,7 +16,8 @@
 #      step ops instead of the C++ stack ops (DEFINE_OPS_STACK_OP=0), the host-time A/B; Chrome
 #      traces of the cuda step at awd_ptb and nmt_wmt14; cProfile of the Triton step at awd_ptb;
 #      every grouped GEMM of every preset as the backend runs it, dense and padded
-#      (scripts/gemm_census.py);
+#      (scripts/gemm_census.py); the profile with DEFINE_OPS_CUDA_DENSE_GROUPS=1 (the unaligned
+#      grouped layers as one block-diagonal GEMM) at the presets that have such layers;
 #   3. benchmarks in bf16 at the five presets: the whole layer (reference, cuda, cuda replayed as
 #      a CUDA graph, plain embedding), ceilings, floors, kernel launches per layer;
 #      tests/test_cuda.py (not the slow ones); torch.compile(mode="reduce-overhead") of our layer;
@@ -36,7 +37,7 @@
 #      (DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM), the Triton benchmark at the other three presets;
 #   9. compute-sanitizer synccheck, the cuda cases of tests/test_ops.py, the slow int64 test.
 # Files in $OUT: session.log, report.md, bench.png and results.tgz, which holds tests.xml,
-# sanitizer.log, profile.json, profile-step-loop.json, traces/trace-<preset>-cuda.json, profile-bwd-blocks-*.json, profile-max-threads-256.json,
+# sanitizer.log, profile.json, profile-step-loop.json, profile-dense-groups.json, traces/trace-<preset>-cuda.json, profile-bwd-blocks-*.json, profile-max-threads-256.json,
 # profile-small-batch-sorted.json, ncu-epilogue.txt, bench-bf16.json, bench-compiled.json,
 # bench-compiled-ours.json, bench-triton-<preset>.json, host-profile-*.txt, bench-issue8-bf16.json,
 # bench-fp32.json.
@@ -122,6 +123,10 @@ stage host-profile-triton-awd_ptb 50 env PYTHONPATH="$PWD" "$PY" scripts/host_pr
   --provider triton --out "$RES/host-profile-triton-awd_ptb.txt"
 
 stage gemm-census 60 env PYTHONPATH="$PWD" "$PY" scripts/gemm_census.py
+# the grouped layers with unaligned group widths as one GEMM against the block-diagonal weight
+# (off by default until measured): A/B against the profile stage's cuda rows
+stage dense-groups 60 env DEFINE_OPS_CUDA_DENSE_GROUPS=1 PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py \
+  --presets nmt_wmt14,txl_wt103,lstm_wt103_n7 --providers cuda --json "$RES/profile-dense-groups.json"
 
 stage bench-bf16 150 "$PY" -m pytest benchmarks/test_bench_layer.py benchmarks/test_bench_floor.py -q -p no:cacheprovider \
   --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference,cuda,cuda_graph,embedding \

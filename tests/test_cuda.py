@@ -226,6 +226,37 @@ def test_embedding_out_of_range_ids_give_nan_rows_not_a_crash():
 
 
 # ----------------------------------------------------------------------------- the module
+@pytest.mark.parametrize("mode", ["1", "2"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("preset", ["nmt_wmt14", "lstm_wt103_n7"])  # unaligned group widths
+def test_dense_group_gemms_match_reference(monkeypatch, preset, dtype, mode):
+    """DEFINE_OPS_CUDA_DENSE_GROUPS: grouped layers as one GEMM against the block-diagonal weight."""
+    monkeypatch.setenv("DEFINE_OPS_CUDA_DENSE_GROUPS", mode)
+    config = DeFINEConfig.from_preset(preset, num_embeddings=300, dropout=0.0)
+    high = DeFINE.from_config(config, backend="reference", device=DEVICE, dtype=torch.float64)
+    ref = DeFINE.from_config(config, backend="reference", device=DEVICE, dtype=dtype)
+    fast = DeFINE.from_config(config, backend="cuda", device=DEVICE, dtype=dtype)
+    ref.load_state_dict(high.state_dict())
+    fast.load_state_dict(high.state_dict())
+    ids = torch.randint(0, 300, (5, 61), device=DEVICE)
+    grad = torch.randn(5, 61, config.embedding_dim, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    results = []
+    for module in (high, ref, fast):
+        module.train().zero_grad(set_to_none=True)
+        out = module(ids)
+        out.backward(grad.to(DEVICE, out.dtype))
+        results.append((out.detach(), {n: p.grad for n, p in module.named_parameters()}))
+    (out_hi, g_hi), (out_ref, g_ref), (out, g) = results
+    if dtype == torch.float64:
+        assert relative(out, out_hi) <= 1e-10
+        for name in g_hi:
+            assert relative(g[name], g_hi[name]) <= 1e-10, name
+        return
+    assert_within_reference_error(out, out_ref, out_hi, floor=2e-2, what="out")
+    for name in g_hi:
+        assert_within_reference_error(g[name], g_ref[name], g_hi[name], floor=2e-2, what=name)
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_presets_float64_match_reference(preset):
     config = DeFINEConfig.from_preset(preset, num_embeddings=300)

@@ -308,3 +308,66 @@ def test_fast_divmod_is_exact():
         multiples = torch.arange(1, (1 << 31) // d + 1, max(1, (1 << 31) // d // 500), dtype=torch.int64) * d
         near = torch.cat([multiples - 1, multiples, multiples + 1]).clamp(0, (1 << 31) - 1)
         assert ops.fast_divmod_mismatches(torch.tensor([d]), near) == 0, d
+
+
+# Grouped layers as one GEMM against the block-diagonal weight (DEFINE_OPS_CUDA_DENSE_GROUPS): in
+# float64 "unaligned" means an odd group width (16 bytes hold 2 elements), in bf16 one not a multiple of 8.
+DENSE_LAYOUTS = {
+    "mix-middle": LAYOUTS["mix-middle"],
+    "eight-groups": LAYOUTS["eight-groups"],  # b/g = 3
+    "odd-groups": (8, 18, 2, 22, 0, 0),
+    "odd-groups-skip": (8, 18, 2, 22, 2, 1),  # x = mix(e, h, 2) with 4 + 5 features a group
+    "unaligned-bf16-groups": (8, 24, 2, 40, 0, 0),  # a/g = 12, b/g = 20: whole rows multiples of 8
+}
+
+
+def gemm_calls(run) -> set[str]:
+    """The ATen GEMMs a call of ``run()`` makes (the emulated ops run on the CPU, so the profiler sees them)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    return {e.name for e in prof.events() if e.name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")}
+
+
+@pytest.mark.parametrize("options", [OPTIONS[0], OPTIONS[2], OPTIONS[4]], ids=lambda o: "-".join(str(v) for v in o))
+@pytest.mark.parametrize("mode", ["1", "2"])
+@pytest.mark.parametrize("layout", list(DENSE_LAYOUTS))
+def test_dense_group_gemms_match_cpu(monkeypatch, layout, mode, options):
+    monkeypatch.setenv("DEFINE_OPS_CUDA_DENSE_GROUPS", mode)
+    tensors, params = make_step_inputs(DENSE_LAYOUTS[layout], options, 37, torch.float64)
+    ours = []
+    calls = gemm_calls(lambda: ours.extend(forward_backward(emulated_ops(), tensors, params)))
+    assert_float64_matches(ours, forward_backward(torch.ops.define_ops, tensors, params))
+    _, a, g, b, _, _ = DENSE_LAYOUTS[layout]
+    dense = mode == "2" or ((a // g) % 2 + (b // g) % 2 > 0 and a % 2 == 0 and b % 2 == 0)
+    assert ("aten::bmm" in calls) != dense and ("aten::mm" in calls) == dense, calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_group_gemms_low_precision_within_cpu_error(monkeypatch, dtype):
+    monkeypatch.setenv("DEFINE_OPS_CUDA_DENSE_GROUPS", "1")
+    tensors, params = make_step_inputs(DENSE_LAYOUTS["unaligned-bf16-groups"], OPTIONS[2], 53, torch.float64)
+    low = {k: v.to(dtype) if v is not None else None for k, v in tensors.items()}
+    calls = gemm_calls(lambda: forward_backward(emulated_ops(), low, params))
+    assert ("aten::bmm" in calls) == (dtype == torch.float32), calls  # fp32: 4 elements per 16 bytes
+    assert_low_precision_within_cpu_error(tensors, params, dtype)
+
+
+def test_dense_group_gemms_in_the_stack_ops(monkeypatch):
+    monkeypatch.setenv("DEFINE_OPS_CUDA_DENSE_GROUPS", "2")
+    x, tensors, lists = stack_case("awd_ptb", 23, torch.float64)
+    ops = emulated_ops()
+    ours = ops.hgt_stack(x, *tensors, *lists, True)
+    cpu = torch.ops.define_ops.hgt_stack(x, *tensors, *lists, True)
+    grad = torch.randn(cpu[0].shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ours_grads = ops.hgt_stack_backward(grad, x, ours[1], ours[2], *tensors, *lists)
+    cpu_grads = torch.ops.define_ops.hgt_stack_backward(grad, x, cpu[1], cpu[2], *tensors, *lists)
+    for name, a, b in zip(("out", "values", "stats", "grad_x", "grads"), (*ours, *ours_grads), (*cpu, *cpu_grads),
+                          strict=True):  # fmt: skip
+        assert max_err(a, b) <= 1e-10 * max(1.0, b.abs().max().item() if b.numel() else 1.0), name
+
+
+def test_dense_groups_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("DEFINE_OPS_CUDA_DENSE_GROUPS", "3")
+    tensors, params = make_step_inputs("mix-middle", OPTIONS[0], 5, torch.float64)
+    with pytest.raises(ValueError, match="DEFINE_OPS_CUDA_DENSE_GROUPS must be an integer in 0..2, got '3'"):
+        forward_backward(emulated_ops(), tensors, params)

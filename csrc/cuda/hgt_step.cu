@@ -9,6 +9,11 @@
 // layer's mix(e, h) layout, plus the copy of e. The Reduce layer (StepParams::plain) is one
 // at::addmm_out with the bias folded in.
 //
+// With DEFINE_OPS_CUDA_DENSE_GROUPS (off by default; see use_dense_groups) a grouped layer whose
+// group widths are not 16-byte multiples runs its GEMMs as one dense GEMM against the [a, b]
+// block-diagonal weight instead: built per call (2 launches more forward, 3 more backward with the
+// copy of the weight gradient's diagonal blocks).
+//
 // Backward, 3 launches per layer: one epilogue-backward kernel (the dropout mask regenerated from
 // the seed, activation and LayerNorm backward, the shuffle undone as addressing, dY written in GEMM
 // order, the bias/γ/β gradients, grad_x prefilled with e's pass-through gradient), then the dgrad
@@ -27,6 +32,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -1041,8 +1047,47 @@ at::Tensor group_view(const at::Tensor& t2d, int64_t groups) {
   return t2d.as_strided({groups, tokens, per_group}, {per_group, width, 1});
 }
 
-// x_j [T, a/g] @ W_j [a/g, b/g] → y_j for every group: one strided-batched GEMM, no copies.
-void grouped_gemm(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, int64_t groups) {
+// Dense block-diagonal GEMMs for grouped layers (DEFINE_OPS_CUDA_DENSE_GROUPS, read at every call):
+// where a group's width is not a multiple of 16 bytes, the strided views of the grouped GEMMs start
+// off 16-byte boundaries and cuBLAS falls back to CUTLASS `align2` kernels (an H100 ran the
+// txl_wt103 layer-2 forward at 184 TFLOP/s, 602 on an aligned copy; nmt_wmt14's two unaligned
+// layers spend ~140 us of their ~540 us step in them on an H200). The alternative is the whole
+// layer as ONE GEMM against the [a, b] block-diagonal weight: g times the FLOPs, every operand
+// aligned when a and b are multiples of 8. 0 (default, until a GPU session measures it against
+// scripts/gemm_census.py's numbers): never; 1: the grouped layers with an unaligned group width;
+// 2: every grouped layer (tests).
+int dense_groups_mode() { return static_cast<int>(cuda::env_integer("DEFINE_OPS_CUDA_DENSE_GROUPS", 0, 0, 2)); }
+
+bool use_dense_groups(const StepParams& p, const at::Tensor& x) {
+  if (p.groups == 1) return false;
+  const int mode = dense_groups_mode();
+  if (mode != 1) return mode == 2;
+  const int64_t per_16_bytes = 16 / static_cast<int64_t>(x.element_size());
+  const bool groups_aligned = p.in_group % per_16_bytes == 0 && p.out_group % per_16_bytes == 0;
+  return !groups_aligned && p.in_width % per_16_bytes == 0 && p.out_h % per_16_bytes == 0;
+}
+
+// The g diagonal [a/g, b/g] blocks of a [a, b] matrix, as a [g, a/g, b/g] view.
+at::Tensor diagonal_blocks(const at::Tensor& dense, int64_t groups) {
+  const int64_t a = dense.size(0), b = dense.size(1), a_g = a / groups, b_g = b / groups;
+  return dense.as_strided({groups, a_g, b_g}, {a_g * b + b_g, b, 1});
+}
+
+// weight [g, a/g, b/g] → the [a, b] block-diagonal matrix with W_j as its j-th block.
+at::Tensor block_diagonal(const at::Tensor& weight) {
+  const int64_t groups = weight.size(0);
+  at::Tensor dense = at::zeros({groups * weight.size(1), groups * weight.size(2)}, weight.options());
+  diagonal_blocks(dense, groups).copy_(weight);
+  return dense;
+}
+
+// x_j [T, a/g] @ W_j [a/g, b/g] → y_j for every group: one strided-batched GEMM, no copies (or, with
+// `dense`, x @ the block-diagonal weight).
+void grouped_gemm(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, int64_t groups, bool dense) {
+  if (dense) {
+    at::mm_out(y, x, block_diagonal(weight));
+    return;
+  }
   at::Tensor y3 = group_view(y, groups);
   at::bmm_out(y3, group_view(x, groups), weight);
 }
@@ -1069,14 +1114,14 @@ struct CudaStep {
           at::mm_out(out, x_c, t.weight.select(0, 0));
         }
       } else {
-        grouped_gemm(x_c, t.weight, out, p.groups);
+        grouped_gemm(x_c, t.weight, out, p.groups, use_dense_groups(p, t.x));
         if (p.bias) out.add_(*t.bias);
       }
       return;
     }
 
     at::Tensor y = p.needs_saved() ? o.saved : at::empty({p.tokens, p.out_h}, t.x.options());  // GEMM order
-    grouped_gemm(x_c, t.weight, y, p.groups);
+    grouped_gemm(x_c, t.weight, y, p.groups, use_dense_groups(p, t.x));
     const at::Tensor bias_c = p.bias ? t.bias->contiguous() : at::Tensor();
     const at::Tensor gamma_c = p.norm ? t.norm_weight->contiguous() : at::Tensor();
     const at::Tensor beta_c = p.norm ? t.norm_bias->contiguous() : at::Tensor();
@@ -1178,6 +1223,18 @@ struct CudaStep {
       });
     }
 
+    at::Tensor grad_weight = g.grad_weight;
+    if (use_dense_groups(p, t.x)) {  // the same two GEMMs against the block-diagonal weight
+      at::Tensor grad_x = g.grad_x;
+      const at::Tensor weight_t = block_diagonal(t.weight).t();
+      if (p.carry_e) {
+        grad_x.addmm_(dy, weight_t);
+      } else {
+        at::mm_out(grad_x, dy, weight_t);
+      }
+      grad_weight.copy_(diagonal_blocks(at::mm(x_c.t(), dy), p.groups));
+      return;
+    }
     // dgrad: grad_x_j (+)= dY_j @ W_jᵀ, one strided-batched GEMM; with the skip it accumulates onto
     // the e gradient the epilogue kernel put in place (beta = 1).
     const at::Tensor dy3 = group_view(dy, p.groups);
@@ -1188,7 +1245,6 @@ struct CudaStep {
       at::bmm_out(grad_x3, dy3, t.weight.transpose(1, 2));
     }
     // wgrad: dW_j = x_jᵀ @ dY_j, one strided-batched GEMM.
-    at::Tensor grad_weight = g.grad_weight;
     at::bmm_out(grad_weight, group_view(x_c, p.groups).transpose(1, 2), dy3);
   }
 };
