@@ -153,8 +153,13 @@ def test_stack_ops_match_the_step_ops_and_the_cpu(preset, tokens):
     """The CUDA stack ops (csrc/common/hgt_stack.h over the CUDA step bodies): against the CUDA step
     ops one by one, and, float64, against the CPU stack ops to 1e-10."""
     x, tensors, lists = stack_case(preset, tokens, torch.float64)
+    assert_stack_matches_steps(emulated_ops(), x, tensors, lists)
+    assert_stack_ops_match_cpu(x, tensors, lists)
+
+
+def assert_stack_ops_match_cpu(x, tensors, lists):
+    """The emulated CUDA stack ops against the CPU ones, float64: every output and gradient to 1e-10."""
     ops = emulated_ops()
-    assert_stack_matches_steps(ops, x, tensors, lists)
     ours = ops.hgt_stack(x, *tensors, *lists, True)
     cpu = torch.ops.define_ops.hgt_stack(x, *tensors, *lists, True)
     grad = torch.randn(cpu[0].shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -354,16 +359,7 @@ def test_dense_group_gemms_low_precision_within_cpu_error(monkeypatch, dtype):
 
 def test_dense_group_gemms_in_the_stack_ops(monkeypatch):
     monkeypatch.setenv("DEFINE_OPS_CUDA_DENSE_GROUPS", "2")
-    x, tensors, lists = stack_case("awd_ptb", 23, torch.float64)
-    ops = emulated_ops()
-    ours = ops.hgt_stack(x, *tensors, *lists, True)
-    cpu = torch.ops.define_ops.hgt_stack(x, *tensors, *lists, True)
-    grad = torch.randn(cpu[0].shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    ours_grads = ops.hgt_stack_backward(grad, x, ours[1], ours[2], *tensors, *lists)
-    cpu_grads = torch.ops.define_ops.hgt_stack_backward(grad, x, cpu[1], cpu[2], *tensors, *lists)
-    for name, a, b in zip(("out", "values", "stats", "grad_x", "grads"), (*ours, *ours_grads), (*cpu, *cpu_grads),
-                          strict=True):  # fmt: skip
-        assert max_err(a, b) <= 1e-10 * max(1.0, b.abs().max().item() if b.numel() else 1.0), name
+    assert_stack_ops_match_cpu(*stack_case("awd_ptb", 23, torch.float64))
 
 
 def test_dense_groups_setting_is_checked(monkeypatch):
