@@ -104,7 +104,7 @@ def test_hgt_step_float64_matches_cpu(layout, options, tokens):
                          ids=["grouped", "reduce", "reduce-odd-width"])  # fmt: skip
 def test_plain_step_with_bias_matches_cpu(layout, tokens, dtype):
     """A step with no norm, activation, dropout or skip (the Reduce layer is one): its bias gradient
-    is the column-sum kernel (cooperative, V-wide where the width allows, else one column a thread)."""
+    is ATen's sum over the tokens."""
     options = (False, False, None, 0.0, True)
     tensors, params = make_step_inputs(layout, options, tokens, torch.float64)
     if dtype == torch.float64:

@@ -32,6 +32,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -561,65 +562,6 @@ __device__ __forceinline__ void sum_columns_over_blocks(const acc_t* partials, i
     for (int offset = kColumnsPerWarp; offset < 32; offset <<= 1) total += __shfl_xor_sync(0xffffffffu, total, offset);
     if (walk == 0 && c < columns) store(c, static_cast<acc_t>(total));
   }
-}
-
-// The Reduce layer's bias gradient: column sums of grad_out [T, m], deterministic, in one
-// cooperative launch. Block b adds rows b, b + grid, ... of V columns per thread in registers,
-// writes its row of partials, and after the grid barrier the columns are summed over the blocks.
-// (ATen's sum over dim 0 took 11-18 us per step at the presets on an H100.)
-template <typename scalar_t>
-struct ColumnSumsArgs {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* grad;  // [T, m]
-  acc_t* partials;       // [gridDim.x, m]
-  scalar_t* out;         // [m]
-  int64_t tokens;
-  int64_t width;
-};
-
-template <typename scalar_t, int V>
-__global__ void __launch_bounds__(kMaxThreads) column_sums_kernel(const ColumnSumsArgs<scalar_t> A) {
-  using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t c0 = static_cast<int64_t>(threadIdx.x) * V; c0 < A.width; c0 += static_cast<int64_t>(blockDim.x) * V) {
-    acc_t sum[V];
-#pragma unroll
-    for (int k = 0; k < V; ++k) sum[k] = acc_t(0);
-#pragma unroll 4  // independent loads in flight; the adds stay in row order
-    for (int64_t t = blockIdx.x; t < A.tokens; t += gridDim.x) {
-      const Vec<scalar_t, V> values = *reinterpret_cast<const Vec<scalar_t, V>*>(A.grad + t * A.width + c0);
-#pragma unroll
-      for (int k = 0; k < V; ++k) sum[k] += static_cast<acc_t>(values.v[k]);
-    }
-#pragma unroll
-    for (int k = 0; k < V; ++k) A.partials[static_cast<int64_t>(blockIdx.x) * A.width + c0 + k] = sum[k];
-  }
-  cuda::grid_sync();
-  sum_columns_over_blocks(A.partials, A.width, [&](int64_t c, acc_t total) { A.out[c] = static_cast<scalar_t>(total); });
-}
-
-template <typename scalar_t>
-void column_sums(const at::Tensor& grad, const at::Tensor& out) {  // grad [T, m] contiguous, T > 0 → out [m]
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr int V16 = 16 / sizeof(scalar_t);
-  ColumnSumsArgs<scalar_t> args{};
-  args.tokens = grad.size(0);
-  args.width = grad.size(1);
-  args.grad = grad.const_data_ptr<scalar_t>();
-  args.out = out.data_ptr<scalar_t>();
-  const bool wide = args.width % V16 == 0 && cuda::is_aligned(args.grad, 16);
-  auto* kernel = wide ? &column_sums_kernel<scalar_t, V16> : &column_sums_kernel<scalar_t, 1>;
-  const int64_t vecs = wide ? args.width / V16 : args.width;
-  const int threads = static_cast<int>(std::clamp<int64_t>((vecs + 31) / 32 * 32, 64, kMaxThreads));
-  const int per_sm = std::min(cuda::blocks_per_sm(kernel, threads, 0), 4);
-  TORCH_CHECK(per_sm > 0 && cuda::supports_cooperative_launch(),
-              "define_ops::hgt_step_backward (CUDA): the bias column sums cannot be launched cooperatively");
-  // At least 64 rows per block: the sum over the blocks after the barrier walks one partial row per
-  // block, so fewer, longer blocks (loads in flight) beat many short ones (8,400 rows: 132 blocks).
-  const int64_t grid =
-      std::max<int64_t>(1, std::min<int64_t>((args.tokens + 63) / 64, int64_t{per_sm} * cuda::num_sms()));
-  at::Tensor partials = at::empty({grid, args.width}, grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  args.partials = partials.data_ptr<acc_t>();
-  cuda::launch_cooperative(kernel, grid, threads, 0, args);
 }
 
 // ============================================================================ backward epilogue
@@ -1171,9 +1113,13 @@ struct CudaStep {
     at::Tensor dy;
     if (p.plain()) {
       dy = g_c;
+      // The Reduce layer's bias gradient: ATen's sum over the tokens (deterministic: a fixed order
+      // for a shape and device). Our own cooperative column-sum kernel took 31-34 us per step on an
+      // H200 at the presets, ATen's 11-17 us (benchmarks/results/h200-9c44359-profile-bf16.json
+      // against h200-profile-bf16.json).
       if (p.bias) {
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.x.scalar_type(), "hgt_step_bias_sums_cuda",
-                                        [&] { column_sums<scalar_t>(g_c, g.grad_bias); });
+        at::Tensor grad_bias = g.grad_bias;
+        at::sum_out(grad_bias, g_c, 0);
       }
     } else {
       dy = g.dy.defined() ? g.dy : at::empty({p.tokens, p.out_h}, opts);
