@@ -236,6 +236,38 @@ def median_ms(step: Callable[[], None], rounds: int = 10, warmup: int = 2) -> fl
     return sorted(times)[len(times) // 2] * 1e3
 
 
+@functools.cache
+def _sleep_cycles_per_ms() -> float:
+    """GPU clock cycles that torch.cuda._sleep spins per millisecond on this device."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    return 10_000_000 / start.elapsed_time(end)
+
+
+def enqueue_ms(enqueue: Callable[[], object], rounds: int = 10, sleep_ms: float = 50.0) -> tuple[float, bool]:
+    """The host time of one ``enqueue()`` (median of ``rounds``, after one warm-up call), and whether
+    it waited for the device. On a GPU each call is made behind a sleep kernel that keeps the
+    device busy for ``sleep_ms``, far longer than the call's launches take: no launch waits for
+    the device, so the time is the host's alone, and a call that took half the sleep or more
+    waited somewhere (a hidden host synchronisation). On the CPU the host time is the whole call."""
+    if not torch.cuda.is_available():
+        return median_ms(enqueue, rounds=rounds, warmup=1), False
+    cycles = int(sleep_ms * _sleep_cycles_per_ms())
+    enqueue()
+    times = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(cycles)
+        start = time.perf_counter()
+        enqueue()
+        times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2], max(times) >= sleep_ms / 2
+
+
 # ----------------------------------------------------------------------------- real-text batches
 def data_dir() -> Path:
     """Where the shared corpora live: $DEFINE_OPS_DATA, else ../shared/data beside the repo."""

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from define_ops.bench import device_name, make_workload, median_ms
+from define_ops.bench import device_name, enqueue_ms, make_workload, median_ms
 
 
 def profile_step(step, steps: int = 5) -> dict:
@@ -53,34 +52,6 @@ def profile_step(step, steps: int = 5) -> dict:
         "top_kernels": [(name, n / steps, t / steps) for name, (n, t) in top],
         "top_host_ops": [(name, n / steps, t / steps) for name, (n, t) in top_host],
     }
-
-
-def sleep_cycles(ms: float) -> int:
-    """GPU clock cycles that torch.cuda._sleep spins for ``ms`` milliseconds on this device."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    torch.cuda._sleep(10_000_000)
-    end.record()
-    end.synchronize()
-    return int(ms * 10_000_000 / start.elapsed_time(end))
-
-
-def enqueue_ms(enqueue, rounds: int = 10, sleep_ms: float = 50.0) -> tuple[float, bool]:
-    """Median host time of ``enqueue()`` behind a GPU sleep of ``sleep_ms`` (see the module
-    docstring), and whether any round waited for the device (took at least half the sleep). On
-    the CPU there is no device to wait for: the host time is the whole step."""
-    if not torch.cuda.is_available():
-        return median_ms(enqueue, rounds=rounds, warmup=0), False
-    cycles = sleep_cycles(sleep_ms)
-    times = []
-    for _ in range(rounds):
-        torch.cuda.synchronize()
-        torch.cuda._sleep(cycles)
-        start = time.perf_counter()
-        enqueue()
-        times.append((time.perf_counter() - start) * 1e3)
-    torch.cuda.synchronize()
-    return sorted(times)[len(times) // 2], max(times) >= sleep_ms / 2
 
 
 def main() -> None:

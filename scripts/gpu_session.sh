@@ -10,7 +10,8 @@
 # writes its own JSON, so a stage cut by its timeout (Triton's autotuning compiles many configs)
 # never loses another stage's numbers:
 #   1. build the extension in place for this card (sm_90), print kernel resource usage;
-#   2. scripts/gpu_profile.py: wall clock vs host time (each step enqueued behind a GPU sleep, which
+#   2. scripts/host_costs.py: the host time of each piece of the eager step, one call at a time;
+#      scripts/gpu_profile.py: wall clock vs host time (each step enqueued behind a GPU sleep, which
 #      also exposes a hidden synchronisation) vs kernel time vs CUDA-graph replay, top kernels and
 #      host ops, per preset (reference, cuda); the same for cuda with the Python loop over the
 #      step ops instead of the C++ stack ops (DEFINE_OPS_STACK_OP=0), the host-time A/B; Chrome
@@ -37,7 +38,7 @@
 #      (DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM), the Triton benchmark at the other three presets;
 #   9. compute-sanitizer synccheck, the cuda cases of tests/test_ops.py, the slow int64 test.
 # Files in $OUT: session.log, report.md, bench.png and results.tgz, which holds tests.xml,
-# sanitizer.log, profile.json, profile-step-loop.json, profile-dense-groups.json, traces/trace-<preset>-cuda.json, profile-bwd-blocks-*.json, profile-max-threads-256.json,
+# sanitizer.log, host-costs.json, profile.json, profile-step-loop.json, profile-dense-groups.json, traces/trace-<preset>-cuda.json, profile-bwd-blocks-*.json, profile-max-threads-256.json,
 # profile-small-batch-sorted.json, ncu-epilogue.txt, bench-bf16.json, bench-compiled.json,
 # bench-compiled-ours.json, bench-triton-<preset>.json, host-profile-*.txt, bench-issue8-bf16.json,
 # bench-fp32.json.
@@ -113,6 +114,10 @@ TIMING="--benchmark-max-time=0.2 --benchmark-min-rounds=10"
 # wall for 0.47 ms of kernels) and the C++ stack op no faster there than the step-op loop, with no
 # breakdown of the host time: the profiles come first, with each step's host time measured behind
 # a GPU sleep (enqueue_ms, which also exposes a hidden synchronisation) and Chrome traces.
+# the host time of each piece of the eager step, one call at a time (a bare launch, one cuBLAS bmm,
+# one step op, the two stack ops, forward, training step): which of them the host time is
+stage host-costs 40 env PYTHONPATH="$PWD" "$PY" scripts/host_costs.py --presets awd_ptb,nmt_wmt14,lstm_wt103 \
+  --json "$RES/host-costs.json"
 stage profile 90 env PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py --providers reference,cuda --json "$RES/profile.json"
 # the eager step with the Python loop over the step ops instead of the C++ stack ops: host time A/B
 stage step-loop 40 env DEFINE_OPS_STACK_OP=0 PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py \

@@ -69,6 +69,18 @@ def test_gpu_profile_script_runs_and_writes_its_json(tmp_path):
     assert json.loads((tmp_path / "traces" / "trace-awd_ptb-embedding.json").read_text())["traceEvents"]
 
 
+def test_host_costs_script_runs_and_writes_its_json(tmp_path):
+    out = tmp_path / "host_costs.json"
+    done = subprocess.run(
+        [sys.executable, "scripts/host_costs.py", "--presets", "awd_ptb", "--quick", "--json", str(out)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]["awd_ptb"]
+    assert [row["call"] for row in rows][:5] == ["launch", "bmm", "hgt_step", "hgt_stack", "hgt_stack_backward"]
+    assert all(row["host_ms"] > 0 and row["waited"] is False for row in rows)
+
+
 def test_gemm_census_script_runs_on_the_cpu():
     done = subprocess.run(
         [sys.executable, "scripts/gemm_census.py", "--device", "cpu", "--tokens", "16", "--dtype", "float32",
