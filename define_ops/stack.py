@@ -229,6 +229,12 @@ class _HGTStack(torch.autograd.Function):
                 return (*[None] * _NODE_OPTIONS, grad, None, *grads)
             grad_table = None
             if ctx.needs_input_grad[_TABLE_INPUT]:
+                row_count = None if ctx.stack_op else stored[-1]
+                if row_count is not None:
+                    # dedup's padding rows (past the distinct count) all repeat one id: as ids they
+                    # would make one run of thousands of zero rows that a single program sums in
+                    # turn; an out-of-range id gets no gradient and no work
+                    ids = torch.where(torch.arange(ids.shape[0], device=ids.device) < row_count, ids, -1)
                 grad_table = eager.lookup_backward(
                     grad.to(table.dtype), ids, table.shape[0], lookup.padding_idx, lookup.scale
                 )
@@ -289,6 +295,9 @@ def hgt_stack(
     if lookup is not None:
         table, ids, padding_idx, scale = lookup
         if compiling:
+            if row_count is not None:  # dedup's padding rows as out-of-range ids, as in _HGTStack.backward:
+                # no long run for the table gradient; their NaN rows are never read (every step stops at the count)
+                ids = torch.where(torch.arange(ids.shape[0], device=ids.device) < row_count, ids, -1)
             x = ops.embedding_lookup(table, ids, padding_idx, scale, backend=backend)
         else:  # e in the autocast dtype, as _autocast would cast an e made outside
             autocast = torch.is_autocast_enabled(device_type)
