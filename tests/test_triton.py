@@ -230,3 +230,22 @@ def test_opcheck_triton_embedding():
     ids = torch.tensor([1, 2, 9, 2, 0])
     torch.library.opcheck(embedding.embedding_lookup_op, (weight, ids, 2, 1.5))
     torch.library.opcheck(embedding.embedding_lookup_backward_op, (torch.randn(5, 8), ids, 10, 2, 1.5))
+
+
+@pytest.mark.parametrize("run", [1, 7, 8, 9, 16, 17, 40])
+@pytest.mark.parametrize("at_end", [False, True])
+def test_embedding_sorted_gradient_runs_across_blocks(run, at_end, monkeypatch):
+    # The sorted backward sums a run of equal ids 8 positions at a time (the interpreter's block):
+    # runs shorter than, equal to and longer than a block, ending inside or at the end of the batch.
+    monkeypatch.setattr(importlib.import_module("define_ops.triton.embedding"), "SMALL_BATCH_TOKENS", 0)
+    gen = torch.Generator().manual_seed(run)
+    weight = torch.randn(30, 12, generator=gen, dtype=torch.float64)
+    others = torch.tensor([0, 5, 5, 2, 0, 9]) if not at_end else torch.tensor([0, 2, 0])
+    ids = torch.cat([others, torch.full((run,), 29 if at_end else 4)])[torch.randperm(len(others) + run, generator=gen)]
+    grads = []
+    for backend in ("reference", "triton"):
+        w = weight.clone().requires_grad_(True)
+        e = define_ops.embedding_lookup(w, ids, None, 1.0, backend=backend)
+        e.backward(torch.randn(e.shape, generator=torch.Generator().manual_seed(7), dtype=e.dtype))
+        grads.append(w.grad)
+    assert max_err(grads[1], grads[0]) <= 1e-12
