@@ -142,17 +142,19 @@ def distinct_ids(flat_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return distinct, inverse, segment[-1:] + 1
 
 
-# Bumped whenever any module anywhere gets a submodule assigned (nn.Module.__setattr__,
-# ModuleList/ModuleDict updates, add_module): the cache's cheap version check re-walks its module
-# tree only then. Raw edits of a module's `_modules` dict bypass it (call invalidate_cache()).
-_module_epoch = [0]
+# Bumped whenever any module anywhere gets a submodule or a parameter assigned (nn.Module.__setattr__,
+# register_parameter, ModuleList/ModuleDict updates, add_module): the cache's version check
+# collects its parameters again only then, and a table built before never serves after. Raw
+# edits of a module's `_modules` or `_parameters` dict bypass it (call invalidate_cache()).
+_registration_epoch = [0]
 
 
-def _count_module_registration(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
-    _module_epoch[0] += 1
+def _count_registration(module: nn.Module, name: str, value: object) -> None:
+    _registration_epoch[0] += 1
 
 
-torch.nn.modules.module.register_module_module_registration_hook(_count_module_registration)
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
 
 
 class DeFINE(nn.Module):
@@ -218,8 +220,8 @@ class DeFINE(nn.Module):
         self.sparse = sparse
         self._cache_table: Tensor | None = None  # a plain attribute: never part of state_dict
         self._cache_key: list[tuple[int, int, int]] | None = None
-        self._modules_flat: list[nn.Module] = []  # for the version check, see _parameter_versions
-        self._modules_epoch = -1
+        self._cache_params: list[Tensor] = []  # for the version check, see _parameter_versions
+        self._cache_params_epoch = -1
         plans = config.layer_plans()
         self.plans = plans
         if config.map == "table":
@@ -458,22 +460,18 @@ class DeFINE(nn.Module):
             self.export_table(chunk_size), freeze=freeze, padding_idx=self.config.padding_idx
         )
 
-    def _parameter_versions(self) -> list[tuple[int, int, int]]:
+    def _parameter_versions(self) -> tuple[int, list[tuple[int, int]]]:
         # In-place updates (optimizer steps, load_state_dict, no_grad edits, .to()) bump
-        # _version; replaced parameters or data (`p.data = t`) change identity or storage. This
-        # runs on every cached call: the parameters are read live from each module's dict, and the
-        # module list is walked again only after some module anywhere was (re)assigned (a global
-        # registration counter): ~8 µs for awd_ptb's 31 parameters on a 2-core VM, 10 µs with a
-        # walk per call, 17 µs with self.modules() per call.
-        if self._modules_epoch != _module_epoch[0]:
-            self._modules_flat = list(self.modules())
-            self._modules_epoch = _module_epoch[0]
-        return [
-            (id(p), p.data_ptr(), p._version)
-            for module in self._modules_flat
-            for p in module._parameters.values()
-            if p is not None
-        ]
+        # _version; new data (`p.data = t`) changes the storage; new parameters or submodules
+        # anywhere bump the registration epoch, which is part of the key (so a table built before
+        # never serves after) and the only time the parameters are collected again. This runs on
+        # every cached call: ~4 µs for awd_ptb's 31 parameters on a 2-core VM (8 µs reading every
+        # module's parameter dict per call).
+        epoch = _registration_epoch[0]
+        if self._cache_params_epoch != epoch:
+            self._cache_params = list(self.parameters())
+            self._cache_params_epoch = epoch
+        return epoch, [(p.data_ptr(), p._version) for p in self._cache_params]
 
     def _cache_usable(self) -> bool:
         if self.cache != "auto" or self.training or torch.compiler.is_compiling():
