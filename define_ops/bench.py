@@ -236,6 +236,13 @@ def median_ms(step: Callable[[], None], rounds: int = 10, warmup: int = 2) -> fl
     return sorted(times)[len(times) // 2] * 1e3
 
 
+def group_view(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """[T, width] as [g, T, width / g] with strides (width / g, width, 1): the grouped GEMMs'
+    operands as the CUDA backend views them (csrc/cuda/hgt_step.cu's group_view)."""
+    tokens, width = t.shape
+    return t.as_strided((groups, tokens, width // groups), (width // groups, width, 1))
+
+
 @functools.cache
 def _sleep_cycles_per_ms() -> float:
     """GPU clock cycles that torch.cuda._sleep spins per millisecond on this device."""

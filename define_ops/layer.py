@@ -383,20 +383,25 @@ class DeFINE(nn.Module):
                 e, self._layer_params(), self.reduce.weight, self.reduce.bias, cfg, training=self.training,
                 seeds=seeds,
             )  # fmt: skip
+            out = out if inverse is None else self._expand(out, inverse, backend)
         else:
-            specs = self._step_specs(dropout=seeds is not None)
-            layer_seeds = seeds.unbind(0) if seeds is not None else [None] * cfg.depth  # one call, not one per layer
-            layers = zip(specs[:-1], self._layer_params(), layer_seeds, strict=True)
-            steps = [(weight, bias, gamma, beta, seed, spec) for spec, (weight, bias, gamma, beta), seed in layers]
-            steps.append((self.reduce.weight.t().unsqueeze(0), self.reduce.bias, None, None, None, specs[-1]))
             lookup = (self.weight, flat_ids, cfg.padding_idx, self.embedding_scale) if fold_lookup else None
-            out = hgt_stack(e, steps, backend=backend, row_count=row_count, lookup=lookup, expand=inverse)
-            if inverse is not None:  # expanded inside the node; the padding mask needs the rows' ids
-                flat_ids = flat_ids[inverse] if cfg.padding_idx is not None else flat_ids
-                inverse = None
+            out = hgt_stack(e, self._stack_steps(seeds), backend=backend, row_count=row_count, lookup=lookup,
+                            expand=inverse)  # fmt: skip
         if cfg.padding_idx is not None:  # like nn.Embedding: a padding token embeds to zeros
-            out = out.masked_fill((flat_ids == cfg.padding_idx).unsqueeze(-1), 0.0)
-        return out if inverse is None else self._expand(out, inverse, backend)
+            row_ids = flat_ids if inverse is None else flat_ids[inverse]
+            out = out.masked_fill((row_ids == cfg.padding_idx).unsqueeze(-1), 0.0)
+        return out
+
+    def _stack_steps(self, seeds: Tensor | None) -> list[tuple]:
+        """``hgt_stack``'s steps: per HGT layer (weight, bias, γ, β, seed, StepSpec), then the Reduce
+        layer as a one-group step (its nn.Linear weight transposed); ``seeds`` [depth] or None."""
+        specs = self._step_specs(dropout=seeds is not None)
+        layer_seeds = seeds.unbind(0) if seeds is not None else [None] * self.config.depth  # one call, not one a layer
+        layers = zip(specs[:-1], self._layer_params(), layer_seeds, strict=True)
+        steps = [(weight, bias, gamma, beta, seed, spec) for spec, (weight, bias, gamma, beta), seed in layers]
+        steps.append((self.reduce.weight.t().unsqueeze(0), self.reduce.bias, None, None, None, specs[-1]))
+        return steps
 
     def forward(self, ids: Tensor, *, dedup: bool | None = None) -> Tensor:
         """ids [*] (int64/int32) → [*, embedding_dim].

@@ -229,12 +229,6 @@ class _HGTStack(torch.autograd.Function):
                 return (*[None] * _NODE_OPTIONS, grad, None, *grads)
             grad_table = None
             if ctx.needs_input_grad[_TABLE_INPUT]:
-                row_count = None if ctx.stack_op else stored[-1]
-                if row_count is not None:
-                    # dedup's padding rows (past the distinct count) all repeat one id: as ids they
-                    # would make one run of thousands of zero rows that a single program sums in
-                    # turn; an out-of-range id gets no gradient and no work
-                    ids = torch.where(torch.arange(ids.shape[0], device=ids.device) < row_count, ids, -1)
                 grad_table = eager.lookup_backward(
                     grad.to(table.dtype), ids, table.shape[0], lookup.padding_idx, lookup.scale
                 )
@@ -253,6 +247,16 @@ class _Lookup:
     padding_idx: int | None
     scale: float
     dtype: torch.dtype
+
+
+def _specs_and_tensors(steps: Sequence[tuple], device_type: str) -> tuple[tuple[StepSpec, ...], list[Tensor | None]]:
+    """``hgt_stack``'s steps as (their StepSpecs, their tensors flat: per step weight, bias, γ, β in
+    the autocast dtype if any, and the seed where the step drops out, else None)."""
+    tensors: list[Tensor | None] = []
+    for weight, bias, norm_weight, norm_bias, seed, spec in steps:
+        tensors += _autocast((weight, bias, norm_weight, norm_bias), device_type)
+        tensors.append(seed if spec.dropout_p > 0 else None)
+    return tuple(spec for *_, spec in steps), tensors
 
 
 def hgt_stack(
@@ -284,20 +288,19 @@ def hgt_stack(
     """
     if backend not in ("cpu", "cuda", "triton"):
         raise ValueError(f"define_ops.hgt_stack: backend must be a compiled backend, got {backend!r}")
-    specs = tuple(spec for *_, spec in steps)
     device_type = (x if lookup is None else lookup[0]).device.type
-    tensors: list[Tensor | None] = []
-    for weight, bias, norm_weight, norm_bias, seed, spec in steps:
-        tensors += _autocast((weight, bias, norm_weight, norm_bias), device_type)
-        tensors.append(seed if spec.dropout_p > 0 else None)
+    specs, tensors = _specs_and_tensors(steps, device_type)
     compiling = torch.compiler.is_compiling()
     fold = None  # the lookup inside the node (eager), or x made here by the registered op (compile)
     if lookup is not None:
         table, ids, padding_idx, scale = lookup
+        if row_count is not None:
+            # dedup's padding rows (past the distinct count) all repeat one id: as ids they would
+            # make one run of thousands of zero rows that a single program of the table gradient
+            # sums in turn. As out-of-range ids they get no gradient and no work; their NaN rows
+            # of e are never read (every step stops at the count).
+            ids = torch.where(torch.arange(ids.shape[0], device=ids.device) < row_count, ids, -1)
         if compiling:
-            if row_count is not None:  # dedup's padding rows as out-of-range ids, as in _HGTStack.backward:
-                # no long run for the table gradient; their NaN rows are never read (every step stops at the count)
-                ids = torch.where(torch.arange(ids.shape[0], device=ids.device) < row_count, ids, -1)
             x = ops.embedding_lookup(table, ids, padding_idx, scale, backend=backend)
         else:  # e in the autocast dtype, as _autocast would cast an e made outside
             autocast = torch.is_autocast_enabled(device_type)

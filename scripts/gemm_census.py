@@ -31,7 +31,7 @@ import statistics
 import torch
 
 from define_ops import DeFINEConfig
-from define_ops.bench import PRESET_TOKENS, median_ms
+from define_ops.bench import PRESET_TOKENS, group_view, median_ms
 
 
 def time_us(fn, device: torch.device, repeats: int = 20) -> float:
@@ -50,12 +50,6 @@ def time_us(fn, device: torch.device, repeats: int = 20) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3)
     return statistics.median(times)
-
-
-def group_view(t: torch.Tensor, groups: int) -> torch.Tensor:
-    """[T, width] as [g, T, width / g] with strides (width / g, width, 1), as the backend views it."""
-    tokens, width = t.shape
-    return t.as_strided((groups, tokens, width // groups), (width // groups, width, 1))
 
 
 def padded_copy(t: torch.Tensor, groups: int, multiple: int = 8) -> torch.Tensor:

@@ -27,14 +27,8 @@ import json
 import torch
 
 from define_ops import DeFINE, DeFINEConfig
-from define_ops.bench import PRESET_TOKENS, QUICK_TOKENS, QUICK_VOCAB, device, device_name, enqueue_ms
-from define_ops.stack import _below_autograd, _columns, _spec_lists
-
-
-def group_view(t: torch.Tensor, groups: int) -> torch.Tensor:
-    """[T, width] as [g, T, width / g] with strides (width / g, width, 1), as the backend views it."""
-    tokens, width = t.shape
-    return t.as_strided((groups, tokens, width // groups), (width // groups, width, 1))
+from define_ops.bench import PRESET_TOKENS, QUICK_TOKENS, QUICK_VOCAB, device, device_name, enqueue_ms, group_view
+from define_ops.stack import TENSORS_PER_STEP, _below_autograd, _columns, _spec_lists, _specs_and_tensors
 
 
 def host_costs(preset: str, backend: str, quick: bool) -> list[dict]:
@@ -48,22 +42,16 @@ def host_costs(preset: str, backend: str, quick: bool) -> list[dict]:
     grad_out = torch.randn(tokens, config.embedding_dim, device=dev, dtype=dtype)
     params = list(module.parameters())
 
-    # the stack ops' arguments, as DeFINE builds them (dropout on: one seed per layer)
-    specs = module._step_specs(dropout=True)
-    layers = module._layer_params() + [(module.reduce.weight.t().unsqueeze(0), module.reduce.bias, None, None)]
-    seeds = torch.randint(0, 2**62, (len(specs),), device=dev)
-    detached = [[t.detach() if t is not None else None for t in layer] for layer in layers]
-    step_tensors = [(*layer, seeds[i] if spec.dropout_p > 0 else None) for i, (layer, spec) in
-                    enumerate(zip(detached, specs, strict=True))]  # fmt: skip
-    columns = _columns([t for step in step_tensors for t in step])
-    lists = _spec_lists(specs)
+    # the stack ops' arguments, as DeFINE builds them (training: one dropout seed per layer)
+    specs, tensors = _specs_and_tensors(module._stack_steps(module._dropout_seeds()), dev.type)
+    columns, lists = _columns(tensors), _spec_lists(specs)
     with torch.no_grad():
         x = module.embed_ids(ids, backend)  # [T, n]
     with _below_autograd(), torch.no_grad():
         out, values, stats = torch.ops.define_ops.hgt_stack.default(x, *columns, *lists, True)
     grad_stack = torch.randn_like(out)
 
-    weight, bias, gamma, beta, seed = step_tensors[0]
+    weight, bias, gamma, beta, seed = tensors[:TENSORS_PER_STEP]
     groups = weight.shape[0]
     y = torch.empty(tokens, groups * weight.shape[2], device=dev, dtype=dtype)  # [T, b]
     tiny = torch.zeros(1, device=dev)
@@ -72,7 +60,8 @@ def host_costs(preset: str, backend: str, quick: bool) -> list[dict]:
         tiny.zero_()
 
     def bmm() -> None:
-        torch.bmm(group_view(x, groups), weight, out=group_view(y, groups))
+        with torch.no_grad():
+            torch.bmm(group_view(x, groups), weight, out=group_view(y, groups))
 
     def hgt_step() -> None:
         with _below_autograd():

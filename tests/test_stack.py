@@ -57,6 +57,12 @@ def _small_steps(dtype=torch.float64, requires_grad=True):
     ]
 
 
+def _with_tensors(steps, flat):
+    """``steps`` with their (weight, bias, γ, β) taken in order from ``flat`` where present (gradcheck's inputs)."""
+    it = iter(flat)
+    return [tuple(next(it) if t is not None else None for t in step[:4]) + step[4:] for step in steps]
+
+
 @needs_cpu_kernels
 def test_stack_gradcheck():
     steps = _small_steps()
@@ -64,9 +70,7 @@ def test_stack_gradcheck():
     tensors = [t for step in steps for t in step[:4] if t is not None]
 
     def run(x, *flat):
-        it = iter(flat)
-        rebuilt = [tuple(next(it) if t is not None else None for t in step[:4]) + step[4:] for step in steps]
-        return hgt_stack(x, rebuilt, backend="cpu")
+        return hgt_stack(x, _with_tensors(steps, flat), backend="cpu")
 
     assert torch.autograd.gradcheck(run, (x, *tensors), eps=1e-6, atol=1e-7)
 
@@ -389,8 +393,7 @@ def test_stack_gradcheck_with_the_expansion(lookup):
     x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
 
     def run(first, *flat):
-        it = iter(flat)
-        rebuilt = [tuple(next(it) if t is not None else None for t in step[:4]) + step[4:] for step in steps]
+        rebuilt = _with_tensors(steps, flat)
         if lookup:
             return hgt_stack(None, rebuilt, backend="cpu", lookup=(first, ids, 6, 1.5), expand=expand)
         return hgt_stack(first, rebuilt, backend="cpu", expand=expand)
