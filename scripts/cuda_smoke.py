@@ -3,12 +3,14 @@
     compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/cuda_smoke.py
 
 Forward + backward of hgt_step over layouts (skip in/out, groups 1..8, plain Reduce) and options
-(shuffle, norm, activations, dropout) in fp32 and bf16, the wide-layer global-workspace path, the
+(shuffle, norm, activations, dropout) in fp32 and bf16, the same with the warp-per-row epilogue
+kernels (DEFINE_OPS_CUDA_WARP_ROWS=1) where the layouts qualify, the wide-layer global-workspace path, the
 embedding lookup and its backward with padding and repeated ids, and a small DeFINE unit.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import define_ops  # noqa: E402
-from tests.test_ops import LAYOUTS, OPTIONS, make_step_inputs  # noqa: E402
+from tests.test_ops import LAYOUTS, OPTIONS, WARP_LAYOUTS, make_step_inputs  # noqa: E402
 
 
 def step(tensors: dict, params: dict) -> None:
@@ -33,6 +35,12 @@ def main() -> None:
             for options in (OPTIONS[0], OPTIONS[2], OPTIONS[4]):
                 for tokens in (1, 37):
                     step(*make_step_inputs(layout, options, tokens, dtype, "cuda"))
+        os.environ["DEFINE_OPS_CUDA_WARP_ROWS"] = "1"  # read at every call
+        for shape in WARP_LAYOUTS.values():
+            for options in (OPTIONS[1], OPTIONS[4]):
+                for tokens in (1, 37, 300):
+                    step(*make_step_inputs(shape, options, tokens, dtype, "cuda"))
+        del os.environ["DEFINE_OPS_CUDA_WARP_ROWS"]
     wide = dict(
         x=torch.randn(5, 64, device="cuda"), weight=torch.randn(1, 64, 16384, device="cuda") * 0.1,
         bias=torch.zeros(16384, device="cuda"), norm_weight=torch.ones(16384, device="cuda"),

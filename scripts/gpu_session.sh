@@ -13,7 +13,8 @@
 #   2. scripts/host_costs.py: the host time of each piece of the eager step, one call at a time;
 #      scripts/gpu_profile.py: wall clock vs host time (each step enqueued behind a GPU sleep, which
 #      also exposes a hidden synchronisation) vs kernel time vs CUDA-graph replay, top kernels and
-#      host ops, per preset (reference, cuda); the same for cuda with the Python loop over the
+#      host ops, per preset (reference, cuda); the same for cuda with the warp-per-row epilogue
+#      kernels (DEFINE_OPS_CUDA_WARP_ROWS=1), their A/B; the same for cuda with the Python loop over the
 #      step ops instead of the C++ stack ops (DEFINE_OPS_STACK_OP=0), the host-time A/B; Chrome
 #      traces of the cuda step at awd_ptb and nmt_wmt14; cProfile of the Triton step at awd_ptb;
 #      every grouped GEMM of every preset as the backend runs it, dense and padded
@@ -38,7 +39,7 @@
 #      (DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM), the Triton benchmark at the other three presets;
 #   9. compute-sanitizer synccheck, the cuda cases of tests/test_ops.py, the slow int64 test.
 # Files in $OUT: session.log, report.md, bench.png and results.tgz, which holds tests.xml,
-# sanitizer.log, host-costs.json, profile.json, profile-step-loop.json, profile-dense-groups.json, traces/trace-<preset>-cuda.json, profile-bwd-blocks-*.json, profile-max-threads-256.json,
+# sanitizer.log, host-costs.json, profile.json, profile-warp-rows.json, profile-step-loop.json, profile-dense-groups.json, traces/trace-<preset>-cuda.json, profile-bwd-blocks-*.json, profile-max-threads-256.json,
 # profile-small-batch-sorted.json, ncu-epilogue.txt, bench-bf16.json, bench-compiled.json,
 # bench-compiled-ours.json, bench-triton-<preset>.json, host-profile-*.txt, bench-issue8-bf16.json,
 # bench-fp32.json.
@@ -119,6 +120,10 @@ TIMING="--benchmark-max-time=0.2 --benchmark-min-rounds=10"
 stage host-costs 40 env PYTHONPATH="$PWD" "$PY" scripts/host_costs.py --presets awd_ptb,nmt_wmt14,lstm_wt103 \
   --json "$RES/host-costs.json"
 stage profile 90 env PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py --providers reference,cuda --json "$RES/profile.json"
+# the warp-per-row epilogue kernels (off by default until measured): A/B of their kernel times
+# (hgt_step_*_warp_kernel) against the profile stage's hgt_step_*_kernel rows, same presets
+stage warp-rows 60 env DEFINE_OPS_CUDA_WARP_ROWS=1 PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py --providers cuda \
+  --json "$RES/profile-warp-rows.json"
 # the eager step with the Python loop over the step ops instead of the C++ stack ops: host time A/B
 stage step-loop 40 env DEFINE_OPS_STACK_OP=0 PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py \
   --presets awd_ptb,nmt_wmt14,lstm_wt103 --providers cuda --json "$RES/profile-step-loop.json"

@@ -17,7 +17,7 @@ import define_ops
 from define_ops import PRESETS, DeFINE, DeFINEConfig, perf
 
 from .conftest import assert_within_reference_error, max_err
-from .test_ops import LAYOUTS, OPTIONS, _op_args, make_step_inputs, run_step
+from .test_ops import LAYOUTS, OPTIONS, WARP_FALLBACK_LAYOUTS, WARP_LAYOUTS, _op_args, make_step_inputs, run_step
 from .test_stack import assert_stack_matches_steps, stack_case
 
 HAS_CUDA_BACKEND = torch.cuda.is_available() and "cuda" in define_ops.available_backends("cuda")
@@ -59,6 +59,10 @@ def check_step_float64(layout, options, tokens):
 @pytest.mark.parametrize("options", OPTIONS[1:5], ids=lambda o: "-".join(str(v) for v in o))
 @pytest.mark.parametrize("layout", ["first-layer", "mix-middle", "eight-groups", "dense-last"])
 def test_step_low_precision_within_reference_error(layout, options, dtype):
+    check_step_low_precision(layout, options, dtype)
+
+
+def check_step_low_precision(layout, options, dtype):
     tensors, params = make_step_inputs(layout, options, 301, torch.float64, DEVICE)
     low = {k: v.to(dtype) if v is not None else None for k, v in tensors.items()}
     out_hi, grads_hi = run_step("reference", tensors, params)
@@ -259,6 +263,10 @@ def test_dense_group_gemms_match_reference(monkeypatch, preset, dtype, mode):
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_presets_float64_match_reference(preset):
+    check_preset_float64(preset)
+
+
+def check_preset_float64(preset):
     config = DeFINEConfig.from_preset(preset, num_embeddings=300)
     ref = DeFINE.from_config(config, backend="reference", device=DEVICE, dtype=torch.float64)
     fast = DeFINE.from_config(config, backend="cuda", device=DEVICE, dtype=torch.float64)
@@ -450,3 +458,38 @@ def check_reduce_overhead(backend: str) -> None:
 
 def test_reduce_overhead_compile_trains_like_eager():
     check_reduce_overhead("cuda")
+
+
+# ----------------------------------------------------------------------------- warp-per-row epilogues
+# DEFINE_OPS_CUDA_WARP_ROWS=1 (off by default until timed): the same checks on the warp-row kernels,
+# which run where a layer qualifies (tests/test_cuda_emulation.py checks where that is).
+@pytest.mark.parametrize("tokens", [1, 37, 4099])
+@pytest.mark.parametrize("options", [OPTIONS[1], OPTIONS[4], OPTIONS[6]], ids=lambda o: "-".join(str(v) for v in o))
+@pytest.mark.parametrize("layout", list(WARP_LAYOUTS) + list(WARP_FALLBACK_LAYOUTS))
+def test_warp_rows_step_float64_matches_reference(monkeypatch, layout, options, tokens):
+    monkeypatch.setenv("DEFINE_OPS_CUDA_WARP_ROWS", "1")
+    check_step_float64(WARP_LAYOUTS.get(layout) or WARP_FALLBACK_LAYOUTS[layout], options, tokens)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("options", [OPTIONS[1], OPTIONS[4]], ids=lambda o: "-".join(str(v) for v in o))
+@pytest.mark.parametrize("layout", ["first-layer", "wide", "eight-groups-wide"])
+def test_warp_rows_low_precision_within_reference_error(monkeypatch, layout, options, dtype):
+    monkeypatch.setenv("DEFINE_OPS_CUDA_WARP_ROWS", "1")
+    check_step_low_precision(WARP_LAYOUTS[layout], options, dtype)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_warp_rows_presets_float64_match_reference(monkeypatch, preset):
+    monkeypatch.setenv("DEFINE_OPS_CUDA_WARP_ROWS", "1")
+    check_preset_float64(preset)
+
+
+def test_warp_rows_backward_is_bitwise_deterministic(monkeypatch):
+    monkeypatch.setenv("DEFINE_OPS_CUDA_WARP_ROWS", "1")
+    tensors, params = make_step_inputs(WARP_LAYOUTS["eight-groups-wide"], OPTIONS[4], 20000, torch.bfloat16, DEVICE)
+    first = run_step("cuda", tensors, params)
+    again = run_step("cuda", tensors, params)
+    assert torch.equal(first[0], again[0])
+    for name in first[1]:
+        assert torch.equal(first[1][name], again[1][name]), name

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from .conftest import HAS_CPU_KERNELS, assert_within_reference_error, max_err
-from .test_ops import LAYOUTS, OPTIONS, _op_args, make_step_inputs
+from .test_ops import LAYOUTS, OPTIONS, WARP_FALLBACK_LAYOUTS, WARP_LAYOUTS, _op_args, make_step_inputs
 from .test_stack import assert_stack_matches_steps, stack_case
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
@@ -366,4 +366,81 @@ def test_dense_groups_setting_is_checked(monkeypatch):
     monkeypatch.setenv("DEFINE_OPS_CUDA_DENSE_GROUPS", "3")
     tensors, params = make_step_inputs("mix-middle", OPTIONS[0], 5, torch.float64)
     with pytest.raises(ValueError, match="DEFINE_OPS_CUDA_DENSE_GROUPS must be an integer in 0..2, got '3'"):
+        forward_backward(emulated_ops(), tensors, params)
+
+
+# The warp-per-row epilogue kernels (DEFINE_OPS_CUDA_WARP_ROWS=1), WARP_LAYOUTS and
+# WARP_FALLBACK_LAYOUTS (tests/test_ops.py): where they run, and where the block-per-row kernels stay.
+WARP_KERNELS = ("hgt_step_forward_warp_kernel", "hgt_step_backward_warp_kernel")
+
+
+def warp_launches() -> tuple[int, int]:
+    return tuple(emulated_ops().launch_count(name) for name in WARP_KERNELS)
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 37])
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(str(v) for v in o))
+@pytest.mark.parametrize("layout", list(WARP_LAYOUTS) + list(WARP_FALLBACK_LAYOUTS))
+def test_warp_rows_float64_match_cpu(monkeypatch, layout, options, tokens):
+    """Every output and gradient to 1e-10 of the CPU op, and the warp-row kernels ran exactly where
+    the layer qualifies (with tokens; the 0-token step launches nothing)."""
+    monkeypatch.setenv("DEFINE_OPS_CUDA_WARP_ROWS", "1")
+    shape = WARP_LAYOUTS.get(layout) or WARP_FALLBACK_LAYOUTS[layout]
+    tensors, params = make_step_inputs(shape, options, tokens, torch.float64)
+    before = warp_launches()
+    ours = forward_backward(emulated_ops(), tensors, params)
+    launched = tuple(after - was for after, was in zip(warp_launches(), before, strict=True))
+    cpu = forward_backward(torch.ops.define_ops, tensors, params)
+    assert_same_layout(ours, cpu)
+    assert_float64_matches(ours, cpu)
+    shuffle, norm, _, _, _ = options
+    shuffled = shuffle and shape[2] > 1  # one group: the shuffle is the identity
+    expected = int(layout in WARP_LAYOUTS and not shuffled and tokens > 0)
+    if layout == "sixteen-groups":  # group width 4: only the norm's group limit keeps it out
+        expected = int(not shuffled and not norm and tokens > 0)
+    # The backward's column sums (d bias, d γ and d β per feature, float64) for its 4 warps must fit
+    # the emulated device's 48 KB of shared memory (an H100 has 227 KB), else the block-row kernel runs.
+    b, bias = shape[3], options[4]
+    sums_fit = 4 * 8 * ((b if bias else 0) + (2 * b if norm else 0)) <= 48 * 1024
+    assert launched == (expected, expected * sums_fit), (launched, expected, sums_fit)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("options", OPTIONS[:2] + OPTIONS[4:5], ids=lambda o: "-".join(str(v) for v in o))
+@pytest.mark.parametrize("layout", ["first-layer", "eight-groups-wide", "wide"])
+def test_warp_rows_low_precision_within_cpu_error(monkeypatch, layout, options, dtype):
+    monkeypatch.setenv("DEFINE_OPS_CUDA_WARP_ROWS", "1")
+    before = warp_launches()
+    tensors, params = make_step_inputs(WARP_LAYOUTS[layout], options, 53, torch.float64)
+    assert_low_precision_within_cpu_error(tensors, params, dtype)
+    assert all(after > was for after, was in zip(warp_launches(), before, strict=True))
+
+
+def test_warp_rows_match_the_block_rows_and_are_deterministic(monkeypatch):
+    """The two kernel families compute the same step (to rounding: their sums run in other orders),
+    and the warp-row backward repeats itself bit for bit (no atomics; fixed orders)."""
+    tensors, params = make_step_inputs(WARP_LAYOUTS["eight-groups-wide"], OPTIONS[1], 45, torch.float32)
+    block_rows = forward_backward(emulated_ops(), tensors, params)
+    monkeypatch.setenv("DEFINE_OPS_CUDA_WARP_ROWS", "1")
+    first = forward_backward(emulated_ops(), tensors, params)
+    again = forward_backward(emulated_ops(), tensors, params)
+    for name, a, b, c in zip(NAMES, first, again, block_rows, strict=True):
+        assert torch.equal(a, b), name
+        assert max_err(a, c) <= 1e-5 * max(1.0, c.abs().max().item() if c.numel() else 1.0), name
+
+
+@pytest.mark.parametrize("preset", ["awd_ptb", "nmt_wmt14"])
+def test_warp_rows_in_the_stack_ops(monkeypatch, preset):
+    monkeypatch.setenv("DEFINE_OPS_CUDA_WARP_ROWS", "1")
+    before = warp_launches()
+    x, tensors, lists = stack_case(preset, 29, torch.float64)
+    assert_stack_matches_steps(emulated_ops(), x, tensors, lists)
+    assert_stack_ops_match_cpu(x, tensors, lists)
+    assert all(after > was for after, was in zip(warp_launches(), before, strict=True))
+
+
+def test_warp_rows_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("DEFINE_OPS_CUDA_WARP_ROWS", "2")
+    tensors, params = make_step_inputs("first-layer", OPTIONS[1], 5, torch.float64)
+    with pytest.raises(ValueError, match="DEFINE_OPS_CUDA_WARP_ROWS must be an integer in 0..1, got '2'"):
         forward_backward(emulated_ops(), tensors, params)

@@ -27,6 +27,22 @@ LAYOUTS = {
     "concat-grouped": (16, 64, 4, 32, 1, 1),  # e sits in group 0 only
     "eight-groups": (8, 64, 8, 24, 8, 4),
 }
+# Layouts for the CUDA backend's warp-per-row epilogue kernels (DEFINE_OPS_CUDA_WARP_ROWS=1): rows of up
+# to 1024 features, no shuffle, at most 8 norm groups, 4-aligned quads inside one group; and layouts
+# where the block-per-row kernels stay.
+WARP_LAYOUTS = {
+    **{name: LAYOUTS[name] for name in ("first-layer", "mix-middle", "dense-last", "concat-grouped")},
+    "wide": (16, 64, 1, 1024, 1, 1),  # every lane holds 8 quads of the row
+    "eight-groups-wide": (32, 256, 8, 512, 8, 4),  # group width 64: each lane's quads span groups
+    "narrow-groups": (16, 48, 8, 32, 4, 4),  # group width 4: one quad per group, 8 warp sums per pass
+    "narrow-e-chunks": (8, 32, 4, 32, 4, 1),  # e in chunks of 2: copied and its gradient prefilled 1 at a time
+}
+WARP_FALLBACK_LAYOUTS = {
+    "no-skip": LAYOUTS["no-skip"],  # group width 6: a quad straddles two groups
+    "eight-groups": LAYOUTS["eight-groups"],  # group width 3
+    "too-wide": (16, 64, 1, 1028, 1, 1),  # more than 1024 features
+    "sixteen-groups": (16, 80, 16, 64, 1, 1),  # more than 8 norm groups (group width 4)
+}
 # (shuffle, norm, activation, dropout, bias): every value of every option appears.
 OPTIONS = [
     (False, False, None, 0.0, False),

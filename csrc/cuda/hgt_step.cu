@@ -966,6 +966,405 @@ void launch_backward(BackwardArgs<scalar_t> args, const at::TensorOptions& optio
   }
 }
 
+// ============================================================================ warp-per-row epilogues
+// The block-per-row kernels above are latency-bound at the presets' widths: a row's chain of
+// dependent steps (load, barrier, two norm reductions through shared memory, store) is a few µs,
+// and only a few rows per SM are in flight (one per block), so on an H200 the forward epilogue ran
+// ~6x and the backward ~7x above the bytes they move at lstm_wt103 (h200-9c44359-profile-bf16.json).
+// Here one warp owns a row: the row lives in its lanes' registers (lane l holds quads l, l + 32,
+// ...), the per-group norm sums are warp shuffles, and no step of a row waits for another warp, so
+// an SM keeps as many rows in flight as it has resident warps. For rows of at most 1024 features
+// without the shuffle, at most kWarpRowMaxGroups norm groups and the quad layout (quads_in_group),
+// behind DEFINE_OPS_CUDA_WARP_ROWS=1 until a GPU session has timed it against the kernels above.
+constexpr int kWarpRowQuads = 8;  // quads per lane: rows of up to 32 · 4 · 8 = 1024 features
+constexpr int kWarpRowMaxFeatures = 32 * 4 * kWarpRowQuads;
+constexpr int kWarpRowMaxGroups = 8;
+constexpr int kWarpRowForwardThreads = 256;
+constexpr int kWarpRowBackwardThreads = 128;  // its warps' column sums take shared memory each
+constexpr int kWarpRowMinRowsPerWarp = 2;     // backward: fewer blocks, fewer partial sums to add
+
+// DEFINE_OPS_CUDA_WARP_ROWS (read at every call, so tests and A/B runs can switch it): 0 (default)
+// the block-per-row kernels only; 1 the warp-per-row kernels wherever a layer qualifies.
+bool warp_rows_enabled() { return cuda::env_integer("DEFINE_OPS_CUDA_WARP_ROWS", 0, 0, 1) == 1; }
+
+bool warp_rows_shape(const RowShape& R) {
+  return !R.shuffle && R.b % 4 == 0 && R.b <= kWarpRowMaxFeatures && (!R.norm || R.g <= kWarpRowMaxGroups);
+}
+
+// Per-group sums over a warp's row: lane value part[j] belongs to group grp[j] (-1: past the row's
+// end). Afterwards total[j] holds the sum of group grp[j], the same on every lane; the order of the
+// additions is fixed (lane-local in j order, then the shuffle tree), so results are reproducible.
+template <typename acc_t>
+__device__ __forceinline__ void warp_group_sums(int groups, const int (&grp)[kWarpRowQuads],
+                                                const acc_t (&part)[kWarpRowQuads], acc_t (&total)[kWarpRowQuads]) {
+  for (int i = 0; i < groups; ++i) {  // `groups` is the same on every lane: all of them shuffle
+    acc_t sum = 0;
+#pragma unroll
+    for (int j = 0; j < kWarpRowQuads; ++j) sum += grp[j] == i ? part[j] : acc_t(0);
+    sum = cuda::warp_sum(sum);
+#pragma unroll
+    for (int j = 0; j < kWarpRowQuads; ++j) total[j] = grp[j] == i ? sum : total[j];
+  }
+}
+
+// Group of each of this lane's quads (0 without the norm), -1 past the row's end.
+__device__ __forceinline__ void warp_row_groups(const RowShape& R, int lane, int (&grp)[kWarpRowQuads]) {
+  const int quads = R.b / 4;
+#pragma unroll
+  for (int j = 0; j < kWarpRowQuads; ++j) {
+    const int qd = lane + 32 * j;
+    grp[j] = qd >= quads ? -1 : (R.norm ? R.by_s.div(4 * qd) : 0);
+  }
+}
+
+// One warp per row (grid-stride over rows). Per row: v = y + bias (and `saved`), the group
+// statistics by shuffles, then norm → activation → dropout → store per quad, then e's copy.
+// At least 3 blocks per SM, i.e. <= 85 registers (ptxas took 90 for bf16 otherwise: 2 blocks, 16 warps).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kWarpRowForwardThreads, 3) hgt_step_forward_warp_kernel(const ForwardArgs<scalar_t> A) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const RowShape& R = A.R;
+  const int lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+  const int64_t warps_in_grid = static_cast<int64_t>(gridDim.x) * nwarps;
+  const uint64_t seed = R.dropout ? load_seed(A.seed_ptr, A.seed) : 0;
+  int grp[kWarpRowQuads];
+  warp_row_groups(R, lane, grp);
+
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * nwarps + (threadIdx.x >> 5); t < A.tokens; t += warps_in_grid) {
+    scalar_t* y_row = A.y + t * R.b;
+    acc_t v[kWarpRowQuads][4];
+#pragma unroll
+    for (int j = 0; j < kWarpRowQuads; ++j) {
+      const int p0 = 4 * (lane + 32 * j);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) v[j][k] = acc_t(0);
+      if (grp[j] < 0) continue;
+      load4(y_row + p0, v[j]);
+      if (A.bias != nullptr) {
+        acc_t bias[4];
+        load4(A.bias + p0, bias);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) v[j][k] += bias[k];
+      }
+      if (A.keep_saved) {  // the rest of the row uses the rounded values, as the backward will
+        Vec<scalar_t, 4> rounded;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          rounded.v[k] = static_cast<scalar_t>(v[j][k]);
+          v[j][k] = static_cast<acc_t>(rounded.v[k]);
+        }
+        *reinterpret_cast<Vec<scalar_t, 4>*>(y_row + p0) = rounded;
+      }
+    }
+
+    acc_t mu[kWarpRowQuads], rs[kWarpRowQuads];
+    if (R.norm) {  // two passes, as the other kernels: the mean, then the squared deviations
+      acc_t part[kWarpRowQuads];
+#pragma unroll
+      for (int j = 0; j < kWarpRowQuads; ++j) {
+        part[j] = (v[j][0] + v[j][1]) + (v[j][2] + v[j][3]);
+        mu[j] = acc_t(0);
+        rs[j] = acc_t(0);
+      }
+      warp_group_sums(R.g, grp, part, mu);
+#pragma unroll
+      for (int j = 0; j < kWarpRowQuads; ++j) {
+        mu[j] /= acc_t(R.s);
+        acc_t sq = 0;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const acc_t dev = v[j][k] - mu[j];
+          sq += grp[j] >= 0 ? dev * dev : acc_t(0);
+        }
+        part[j] = sq;
+      }
+      warp_group_sums(R.g, grp, part, rs);
+#pragma unroll
+      for (int j = 0; j < kWarpRowQuads; ++j) {
+        rs[j] = acc_t(1) / epilogue::sqrt_acc(rs[j] / acc_t(R.s) + A.eps);
+        const int qd = lane + 32 * j;
+        if (grp[j] >= 0 && 4 * qd == grp[j] * R.s) {  // the lane holding a group's first quad
+          A.mean[t * R.g + grp[j]] = mu[j];
+          A.rstd[t * R.g + grp[j]] = rs[j];
+        }
+      }
+    }
+
+    scalar_t* out_row = A.out + t * R.out_width;
+#pragma unroll
+    for (int j = 0; j < kWarpRowQuads; ++j) {
+      if (grp[j] < 0) continue;
+      const int qd = lane + 32 * j, p0 = 4 * qd;
+      acc_t (&h)[4] = v[j];
+      if (R.norm) {
+        const int u = p0 - grp[j] * R.s;
+        acc_t gamma[4], beta[4];
+        load4(A.gamma + u, gamma);
+        load4(A.beta + u, beta);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) h[k] = (h[k] - mu[j]) * rs[j] * gamma[k] + beta[k];
+      }
+      activation_forward4(R.activation, h);
+      if (R.dropout) {
+        const PhiloxWords words = philox4x32_10(seed, static_cast<uint32_t>(qd), static_cast<uint32_t>(t));
+#pragma unroll
+        for (int k = 0; k < 4; ++k) h[k] = words.w[k] >= A.threshold ? h[k] * A.keep_scale : acc_t(0);
+      }
+      store4(out_row + h_position(R, RowCursor(p0, R.by_hc_out)), h);
+    }
+
+    if (R.carry_e) {
+      const scalar_t* x_row = A.x + t * R.a;
+      if (A.vec_e) {
+        for (int q = 4 * lane; q < R.n; q += 4 * 32) {
+          *reinterpret_cast<Vec<scalar_t, 4>*>(out_row + e_position(q, R.by_ec_out, R.hc_out)) =
+              *reinterpret_cast<const Vec<scalar_t, 4>*>(x_row + e_position(q, R.by_ec_in, R.hc_in));
+        }
+      } else {
+        for (int q = lane; q < R.n; q += 32) {
+          out_row[e_position(q, R.by_ec_out, R.hc_out)] = x_row[e_position(q, R.by_ec_in, R.hc_in)];
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+bool warp_rows_forward_qualifies(const ForwardArgs<scalar_t>& A) {
+  return warp_rows_enabled() && warp_rows_shape(A.R) && A.quads_in_group && cuda::is_aligned(A.y, 4 * sizeof(scalar_t)) &&
+         (A.bias == nullptr || cuda::is_aligned(A.bias, 4 * sizeof(scalar_t)));
+}
+
+template <typename scalar_t>
+void launch_forward_warp_rows(const ForwardArgs<scalar_t>& args) {
+  constexpr int threads = kWarpRowForwardThreads, warps = threads / 32;
+  auto* kernel = &hgt_step_forward_warp_kernel<scalar_t>;
+  const int per_sm = cuda::blocks_per_sm(kernel, threads, 0);
+  TORCH_CHECK(per_sm > 0, "define_ops::hgt_step (CUDA): the warp-row epilogue kernel does not fit on this device");
+  const int64_t grid = std::min<int64_t>((args.tokens + warps - 1) / warps, static_cast<int64_t>(per_sm) * cuda::num_sms());
+  cuda::count_launch("hgt_step_forward_warp_kernel");
+  cuda::launch_kernel(kernel, grid, threads, 0, args);
+}
+
+// One warp per row (grid-stride over rows), with d the incoming gradient of the h part:
+//   1. d = dropout(grad_out's h part); x̂ and the activation input recomputed from `saved`;
+//      d ·= f'(a); this warp's d γ += d·x̂ and d β += d, per (group, feature);
+//   2. LayerNorm backward per group, its two sums by shuffles: d = rstd·(d·γ − mean(d·γ) − x̂·mean(d·γ·x̂));
+//   3. dY = d (GEMM order: no shuffle here), this warp's d bias += dY; grad_x prefilled with e's gradient.
+// Every lane adds to its own columns of its warp's sums in shared memory (no atomics, no barrier);
+// at the end the block adds its warps' sums in warp order (and d γ / d β over the groups in group
+// order) into `partials`, the grid synchronizes, and every column is summed over the blocks in
+// block order, as in the block-per-row kernel.
+// At least 4 blocks per SM, i.e. <= 128 registers (ptxas took 146 for bf16 otherwise: 12 warps per SM).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kWarpRowBackwardThreads, 4) hgt_step_backward_warp_kernel(const BackwardArgs<scalar_t> A) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const RowShape& R = A.R;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+  const int64_t warps_in_grid = static_cast<int64_t>(gridDim.x) * nwarps;
+  const uint64_t seed = R.dropout ? load_seed(A.seed_ptr, A.seed) : 0;
+  const bool bias = A.grad_bias != nullptr;
+  acc_t* block_sums = cuda::shared_memory<acc_t>();            // [nwarps, sum_slots]
+  acc_t* sum_bias = block_sums + warp * A.sum_slots;           // [b]
+  acc_t* sum_gamma = sum_bias + A.gamma_offset;                // [g, s] (norm)
+  acc_t* sum_beta = sum_gamma + R.b;                           // [g, s] (norm)
+  int grp[kWarpRowQuads];
+  warp_row_groups(R, lane, grp);
+#pragma unroll
+  for (int j = 0; j < kWarpRowQuads; ++j) {  // this lane's columns, which no other thread touches
+    if (grp[j] < 0) continue;
+    const int p0 = 4 * (lane + 32 * j);
+    const acc_t zeros[4] = {0, 0, 0, 0};
+    if (bias) store_run(sum_bias + p0, zeros);
+    if (R.norm) {
+      store_run(sum_gamma + p0, zeros);
+      store_run(sum_beta + p0, zeros);
+    }
+  }
+
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * nwarps + warp; t < A.tokens; t += warps_in_grid) {
+    const scalar_t* go_row = A.grad_out + t * R.out_width;
+    const scalar_t* saved_row = A.saved != nullptr ? A.saved + t * R.b : nullptr;
+    acc_t dv[kWarpRowQuads][4], xv[kWarpRowQuads][4], rs[kWarpRowQuads];
+#pragma unroll
+    for (int j = 0; j < kWarpRowQuads; ++j) {
+      rs[j] = acc_t(0);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) dv[j][k] = xv[j][k] = acc_t(0);
+      if (grp[j] < 0) continue;
+      const int qd = lane + 32 * j, p0 = 4 * qd;
+      load4(go_row + h_position(R, RowCursor(p0, R.by_hc_out)), dv[j]);
+      if (R.dropout) {
+        const PhiloxWords words = philox4x32_10(seed, static_cast<uint32_t>(qd), static_cast<uint32_t>(t));
+#pragma unroll
+        for (int k = 0; k < 4; ++k) dv[j][k] = words.w[k] >= A.threshold ? dv[j][k] * A.keep_scale : acc_t(0);
+      }
+      if (saved_row == nullptr) continue;
+      acc_t av[4];
+      load4(saved_row + p0, av);
+      if (R.norm) {
+        const int u = p0 - grp[j] * R.s;
+        const acc_t mu = A.mean[t * R.g + grp[j]];
+        rs[j] = A.rstd[t * R.g + grp[j]];
+        acc_t gamma[4], beta[4];
+        load4(A.gamma + u, gamma);
+        load4(A.beta + u, beta);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          xv[j][k] = (av[k] - mu) * rs[j];
+          av[k] = xv[j][k] * gamma[k] + beta[k];
+        }
+      }
+      activation_backward4(R.activation, av, dv[j]);
+      if (R.norm) {
+        acc_t sum_g[4], sum_b[4];
+        load_run(sum_gamma + p0, sum_g);
+        load_run(sum_beta + p0, sum_b);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          sum_g[k] += dv[j][k] * xv[j][k];
+          sum_b[k] += dv[j][k];
+        }
+        store_run(sum_gamma + p0, sum_g);
+        store_run(sum_beta + p0, sum_b);
+      }
+    }
+
+    if (R.norm) {
+      acc_t part1[kWarpRowQuads], part2[kWarpRowQuads], mean_dxh[kWarpRowQuads], mean_dxh_xh[kWarpRowQuads];
+#pragma unroll
+      for (int j = 0; j < kWarpRowQuads; ++j) {
+        part1[j] = part2[j] = mean_dxh[j] = mean_dxh_xh[j] = acc_t(0);
+        if (grp[j] < 0) continue;
+        acc_t gamma[4];
+        load4(A.gamma + 4 * (lane + 32 * j) - grp[j] * R.s, gamma);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          dv[j][k] *= gamma[k];  // d·γ from here on
+          part1[j] += dv[j][k];
+          part2[j] += dv[j][k] * xv[j][k];
+        }
+      }
+      warp_group_sums(R.g, grp, part1, mean_dxh);
+      warp_group_sums(R.g, grp, part2, mean_dxh_xh);
+#pragma unroll
+      for (int j = 0; j < kWarpRowQuads; ++j) {
+        const acc_t m1 = mean_dxh[j] / acc_t(R.s), m2 = mean_dxh_xh[j] / acc_t(R.s);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) dv[j][k] = rs[j] * (dv[j][k] - m1 - xv[j][k] * m2);
+      }
+    }
+
+    scalar_t* dy_row = A.dy + t * R.b;
+#pragma unroll
+    for (int j = 0; j < kWarpRowQuads; ++j) {
+      if (grp[j] < 0) continue;
+      const int p0 = 4 * (lane + 32 * j);
+      store4(dy_row + p0, dv[j]);
+      if (bias) {
+        acc_t sums[4];
+        load_run(sum_bias + p0, sums);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) sums[k] += dv[j][k];
+        store_run(sum_bias + p0, sums);
+      }
+    }
+
+    if (A.grad_x != nullptr) {  // e's copy in the output hands its gradient straight back
+      scalar_t* gx_row = A.grad_x + t * R.a;
+      if (A.vec_gx) {
+        for (int c = 4 * lane; c < R.a; c += 4 * 32) {
+          const RowCursor cc(c, R.by_chunk_in);
+          Vec<scalar_t, 4> quad{};
+          if (cc.offset < R.ec_in) {
+            quad = *reinterpret_cast<const Vec<scalar_t, 4>*>(
+                go_row + e_position(cc.group * R.ec_in + cc.offset, R.by_ec_out, R.hc_out));
+          }
+          *reinterpret_cast<Vec<scalar_t, 4>*>(gx_row + c) = quad;
+        }
+      } else {
+        for (int c = lane; c < R.a; c += 32) {
+          const RowCursor cc(c, R.by_chunk_in);
+          gx_row[c] = cc.offset < R.ec_in
+                          ? go_row[e_position(cc.group * R.ec_in + cc.offset, R.by_ec_out, R.hc_out)]
+                          : scalar_t(0);
+        }
+      }
+    }
+  }
+
+  if (A.num_partials > 0) {  // launched cooperatively: every block reaches the grid barrier
+    __syncthreads();         // every warp's sums are complete
+    acc_t* mine = A.partials + static_cast<int64_t>(blockIdx.x) * A.num_partials;
+    for (int c = tid; c < A.num_partials; c += blockDim.x) {
+      const bool is_bias = c < A.gamma_offset;
+      const bool gamma = !is_bias && c < A.gamma_offset + R.s;
+      const int u = is_bias ? c : c - A.gamma_offset - (gamma ? 0 : R.s);
+      const int column = is_bias ? c : A.gamma_offset + (gamma ? 0 : R.b) + u;  // group 0's slot
+      const int groups = is_bias ? 1 : R.g;
+      acc_t total = 0;
+      for (int w = 0; w < nwarps; ++w) {
+        const acc_t* sums = block_sums + w * A.sum_slots + column;
+        for (int i = 0; i < groups; ++i) total += sums[i * R.s];
+      }
+      mine[c] = total;
+    }
+    cuda::grid_sync();
+    sum_columns_over_blocks(A.partials, A.num_partials, [&](int64_t c, acc_t total) {
+      const scalar_t value = static_cast<scalar_t>(total);
+      if (c < A.gamma_offset) {
+        A.grad_bias[c] = value;
+      } else if (c < A.gamma_offset + R.s) {
+        A.grad_gamma[c - A.gamma_offset] = value;
+      } else {
+        A.grad_beta[c - A.gamma_offset - R.s] = value;
+      }
+    });
+  }
+}
+
+// This warp-row layer's column sums per warp: d bias [b] | d γ [g, s] | d β [g, s].
+inline int warp_rows_sum_slots(const RowShape& R, bool bias) { return (bias ? R.b : 0) + (R.norm ? 2 * R.b : 0); }
+
+template <typename scalar_t>
+size_t warp_rows_backward_smem(const BackwardArgs<scalar_t>& A) {
+  using acc_t = at::opmath_type<scalar_t>;
+  return static_cast<size_t>(kWarpRowBackwardThreads / 32) *
+         warp_rows_sum_slots(A.R, A.grad_bias != nullptr) * sizeof(acc_t);
+}
+
+template <typename scalar_t>
+bool warp_rows_backward_qualifies(const BackwardArgs<scalar_t>& A) {
+  return warp_rows_enabled() && warp_rows_shape(A.R) && A.quads_in_group &&
+         cuda::is_aligned(A.dy, 4 * sizeof(scalar_t)) && warp_rows_backward_smem(A) <= cuda::max_dynamic_smem();
+}
+
+template <typename scalar_t>
+void launch_backward_warp_rows(BackwardArgs<scalar_t> args, const at::TensorOptions& options) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int threads = kWarpRowBackwardThreads, warps = threads / 32;
+  args.sum_slots = warp_rows_sum_slots(args.R, args.grad_bias != nullptr);
+  const size_t smem = warp_rows_backward_smem(args);
+  auto* kernel = &hgt_step_backward_warp_kernel<scalar_t>;
+  const int per_sm = cuda::blocks_per_sm(kernel, threads, smem);
+  TORCH_CHECK(per_sm > 0, "define_ops::hgt_step_backward (CUDA): the warp-row epilogue kernel does not fit on this device");
+  // Cooperative launch: the grid must be co-resident, which this occupancy-derived size is.
+  const int64_t rows_per_block = static_cast<int64_t>(warps) * kWarpRowMinRowsPerWarp;
+  const int64_t grid = std::min<int64_t>((args.tokens + rows_per_block - 1) / rows_per_block,
+                                         static_cast<int64_t>(per_sm) * cuda::num_sms());
+  at::Tensor partials;
+  cuda::count_launch("hgt_step_backward_warp_kernel");
+  if (args.num_partials > 0) {
+    TORCH_CHECK(cuda::supports_cooperative_launch(),
+                "define_ops::hgt_step_backward (CUDA): the device does not support cooperative launches");
+    partials = at::empty({grid, args.num_partials}, options.dtype(c10::CppTypeToScalarType<acc_t>::value));
+    args.partials = partials.data_ptr<acc_t>();
+    cuda::launch_cooperative(kernel, grid, threads, smem, args);
+  } else {
+    cuda::launch_kernel(kernel, grid, threads, smem, args);
+  }
+}
+
 // ============================================================================ op bodies
 // The device seed pointer (read inside the kernels: no host synchronisation) or, for a CPU seed
 // tensor, its value.
@@ -1097,7 +1496,11 @@ struct CudaStep {
       args.quads_in_group = args.vec_out && shape.s % 4 == 0 &&
                             (!p.norm || (cuda::is_aligned(args.gamma, 4 * sizeof(scalar_t)) &&
                                          cuda::is_aligned(args.beta, 4 * sizeof(scalar_t))));
-      launch_forward<scalar_t>(args, t.x.options());
+      if (warp_rows_forward_qualifies(args)) {
+        launch_forward_warp_rows(args);
+      } else {
+        launch_forward<scalar_t>(args, t.x.options());
+      }
     });
   }
 
@@ -1165,7 +1568,11 @@ struct CudaStep {
         args.fold_gamma_beta = args.quads_in_group && p.norm;
         args.sum_slots = static_cast<int>((p.bias ? p.out_h : 0) +
                                           (p.norm ? 2 * (args.fold_gamma_beta ? p.out_h : p.out_group) : 0));
-        launch_backward<scalar_t>(args, opts);
+        if (warp_rows_backward_qualifies(args)) {
+          launch_backward_warp_rows(args, opts);
+        } else {
+          launch_backward<scalar_t>(args, opts);
+        }
       });
     }
 

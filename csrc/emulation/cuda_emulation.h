@@ -20,7 +20,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
+#include <mutex>
+#include <string>
 #include <thread>
 #include <tuple>
 #include <utility>
@@ -146,6 +149,21 @@ inline bool supports_cooperative_launch() { return true; }
 template <typename Kernel>
 int blocks_per_sm(Kernel*, int, size_t) {
   return 2;
+}
+
+// Launches per kernel name (csrc/cuda calls count_launch where a test must see which kernel ran).
+inline std::mutex launch_counts_mutex;
+inline std::map<std::string, int64_t> launch_counts;
+
+inline void count_launch(const char* kernel) {
+  const std::lock_guard<std::mutex> lock(launch_counts_mutex);
+  ++launch_counts[kernel];
+}
+
+inline int64_t launch_count(const std::string& kernel) {
+  const std::lock_guard<std::mutex> lock(launch_counts_mutex);
+  const auto found = launch_counts.find(kernel);
+  return found == launch_counts.end() ? 0 : found->second;
 }
 
 template <typename... Params, typename... Args>

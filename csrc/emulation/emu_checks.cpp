@@ -32,6 +32,8 @@ int64_t fast_divmod_mismatches(const at::Tensor& divisors, const at::Tensor& num
 
 TORCH_LIBRARY_FRAGMENT(define_ops_emu, m) {
   m.def("fast_divmod_mismatches(Tensor divisors, Tensor numerators) -> int", &fast_divmod_mismatches);
+  m.def("launch_count(str kernel) -> int",
+        [](c10::string_view kernel) { return cuda::launch_count(std::string(kernel.data(), kernel.size())); });
 }
 
 }  // namespace define_ops
