@@ -285,6 +285,48 @@ struct ForwardArgs {
   bool vec_e;               // e's chunks are 4-aligned in x and in out: e is copied 4 features at a time
 };
 
+// Quad qd of row t (4 features of one norm group, the first at feature u of the group), from
+// y + bias in h to the output: norm with the group's statistics, activation, dropout (Philox
+// counters (quad, row), the same on every backend), store at its place in the output.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void finish_forward_quad(const ForwardArgs<scalar_t>& A, uint64_t seed, int64_t t, int qd,
+                                                    int u, acc_t mu, acc_t rs, acc_t (&h)[4], scalar_t* out_row) {
+  const RowShape& R = A.R;
+  if (R.norm) {
+    acc_t gamma[4], beta[4];
+    load4(A.gamma + u, gamma);
+    load4(A.beta + u, beta);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) h[k] = (h[k] - mu) * rs * gamma[k] + beta[k];
+  }
+  activation_forward4(R.activation, h);
+  if (R.dropout) {
+    const PhiloxWords words = philox4x32_10(seed, static_cast<uint32_t>(qd), static_cast<uint32_t>(t));
+#pragma unroll
+    for (int k = 0; k < 4; ++k) h[k] = words.w[k] >= A.threshold ? h[k] * A.keep_scale : acc_t(0);
+  }
+  store4(out_row + h_position(R, RowCursor(4 * qd, R.by_hc_out)), h);
+}
+
+// e of row t: from its places in x to its places in the output; threads `first`, `first + stride`,
+// ... share it.
+template <typename scalar_t>
+__device__ __forceinline__ void copy_e_row(const ForwardArgs<scalar_t>& A, int64_t t, scalar_t* out_row, int first,
+                                           int stride) {
+  const RowShape& R = A.R;
+  const scalar_t* x_row = A.x + t * R.a;
+  if (A.vec_e) {  // four e features at a time: contiguous and 4-aligned on both sides
+    for (int q = 4 * first; q < R.n; q += 4 * stride) {
+      *reinterpret_cast<Vec<scalar_t, 4>*>(out_row + e_position(q, R.by_ec_out, R.hc_out)) =
+          *reinterpret_cast<const Vec<scalar_t, 4>*>(x_row + e_position(q, R.by_ec_in, R.hc_in));
+    }
+  } else {
+    for (int q = first; q < R.n; q += stride) {
+      out_row[e_position(q, R.by_ec_out, R.hc_out)] = x_row[e_position(q, R.by_ec_in, R.hc_in)];
+    }
+  }
+}
+
 // One block per row at a time (grid-stride over rows). Per row:
 //   1. v = y + bias in GEMM order, staged in shared memory at its shuffled position;
 //   2. LayerNorm statistics per group: `wpg` warps per group, two passes (mean, then variance);
@@ -439,22 +481,10 @@ __global__ void __launch_bounds__(kMaxThreads, 3) hgt_step_forward_kernel(const 
         const int p0 = 4 * qd;
         acc_t h[4];
         load4(z + p0, h);
-        if (R.norm) {
-          const int group = R.by_s.div(p0), u = p0 - group * R.s;
-          const acc_t mu = one_group ? row_mu : mean_s[group], rs = one_group ? row_rs : rstd_s[group];
-          acc_t gamma[4], beta[4];
-          load4(A.gamma + u, gamma);
-          load4(A.beta + u, beta);
-#pragma unroll
-          for (int k = 0; k < 4; ++k) h[k] = (h[k] - mu) * rs * gamma[k] + beta[k];
-        }
-        activation_forward4(R.activation, h);
-        if (R.dropout) {
-          const PhiloxWords words = philox4x32_10(seed, static_cast<uint32_t>(qd), static_cast<uint32_t>(t));
-#pragma unroll
-          for (int k = 0; k < 4; ++k) h[k] = words.w[k] >= A.threshold ? h[k] * A.keep_scale : acc_t(0);
-        }
-        store4(out_row + h_position(R, RowCursor(p0, R.by_hc_out)), h);
+        const int group = R.norm ? R.by_s.div(p0) : 0;
+        const acc_t mu = !R.norm ? acc_t(0) : one_group ? row_mu : mean_s[group];
+        const acc_t rs = !R.norm ? acc_t(0) : one_group ? row_rs : rstd_s[group];
+        finish_forward_quad(A, seed, t, qd, p0 - group * R.s, mu, rs, h, out_row);
       }
     }
     for (int qd = A.quads_in_group ? quads : tid; qd < quads; qd += nthreads) {  // the general case
@@ -495,19 +525,7 @@ __global__ void __launch_bounds__(kMaxThreads, 3) hgt_step_forward_kernel(const 
     }
 
     // ---- 4. e: from its places in x to its places in the output
-    if (R.carry_e) {
-      const scalar_t* x_row = A.x + t * R.a;
-      if (A.vec_e) {  // four e features at a time: contiguous and 4-aligned on both sides
-        for (int q = 4 * tid; q < R.n; q += 4 * nthreads) {
-          *reinterpret_cast<Vec<scalar_t, 4>*>(out_row + e_position(q, R.by_ec_out, R.hc_out)) =
-              *reinterpret_cast<const Vec<scalar_t, 4>*>(x_row + e_position(q, R.by_ec_in, R.hc_in));
-        }
-      } else {
-        for (int q = tid; q < R.n; q += nthreads) {
-          out_row[e_position(q, R.by_ec_out, R.hc_out)] = x_row[e_position(q, R.by_ec_in, R.hc_in)];
-        }
-      }
-    }
+    if (R.carry_e) copy_e_row(A, t, out_row, tid, nthreads);
     __syncthreads();  // the stage is rewritten by the next row
   }
 }
@@ -606,6 +624,50 @@ struct BackwardArgs {
   bool vec_gx;                // x's e and h chunks and grad_x 4-aligned, grad_out as for vec_go: grad_x is
                               // prefilled 4 features at a time
 };
+
+// grad_x's row t: e's gradient at e's places (e's copy in the output hands its gradient straight
+// back), zeros elsewhere (the dgrad GEMM adds onto it); threads `first`, `first + stride`, ... share it.
+template <typename scalar_t>
+__device__ __forceinline__ void prefill_grad_x_row(const BackwardArgs<scalar_t>& A, int64_t t, const scalar_t* go_row,
+                                                   int first, int stride) {
+  const RowShape& R = A.R;
+  scalar_t* gx_row = A.grad_x + t * R.a;
+  if (A.vec_gx) {  // a quad of x lies in one e or one h part; its e gradient is 4 contiguous values
+    for (int c = 4 * first; c < R.a; c += 4 * stride) {
+      const RowCursor cc(c, R.by_chunk_in);
+      Vec<scalar_t, 4> quad{};
+      if (cc.offset < R.ec_in) {
+        quad = *reinterpret_cast<const Vec<scalar_t, 4>*>(
+            go_row + e_position(cc.group * R.ec_in + cc.offset, R.by_ec_out, R.hc_out));
+      }
+      *reinterpret_cast<Vec<scalar_t, 4>*>(gx_row + c) = quad;
+    }
+  } else {
+    for (int c = first; c < R.a; c += stride) {
+      const RowCursor cc(c, R.by_chunk_in);
+      gx_row[c] = cc.offset < R.ec_in ? go_row[e_position(cc.group * R.ec_in + cc.offset, R.by_ec_out, R.hc_out)]
+                                      : scalar_t(0);
+    }
+  }
+}
+
+// After every block of a cooperative backward launch has written its row of `partials`: the grid
+// barrier, then each column summed over the blocks into d bias | d γ | d β.
+template <typename scalar_t>
+__device__ __forceinline__ void grads_from_block_partials(const BackwardArgs<scalar_t>& A) {
+  using acc_t = at::opmath_type<scalar_t>;
+  cuda::grid_sync();
+  sum_columns_over_blocks(A.partials, A.num_partials, [&](int64_t c, acc_t total) {
+    const scalar_t value = static_cast<scalar_t>(total);
+    if (c < A.gamma_offset) {
+      A.grad_bias[c] = value;
+    } else if (c < A.gamma_offset + A.R.s) {
+      A.grad_gamma[c - A.gamma_offset] = value;
+    } else {
+      A.grad_beta[c - A.gamma_offset - A.R.s] = value;
+    }
+  });
+}
 
 // One block per row at a time (grid-stride over rows). Per row, with d the gradient in the
 // output's feature order (shuffled) and x̂ the normalized values:
@@ -882,27 +944,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) hgt_step_backward_kernel(const
     }
 
     // ---- 5. grad_x prefill: e's copy in the output hands its gradient straight back
-    if (A.grad_x != nullptr) {
-      scalar_t* gx_row = A.grad_x + t * R.a;
-      if (A.vec_gx) {  // a quad of x lies in one e or one h part; its e gradient is 4 contiguous values
-        for (int c = 4 * tid; c < R.a; c += 4 * nthreads) {
-          const RowCursor cc(c, R.by_chunk_in);
-          Vec<scalar_t, 4> quad{};
-          if (cc.offset < R.ec_in) {
-            quad = *reinterpret_cast<const Vec<scalar_t, 4>*>(
-                go_row + e_position(cc.group * R.ec_in + cc.offset, R.by_ec_out, R.hc_out));
-          }
-          *reinterpret_cast<Vec<scalar_t, 4>*>(gx_row + c) = quad;
-        }
-      } else {
-        for (int c = tid; c < R.a; c += nthreads) {
-          const RowCursor cc(c, R.by_chunk_in);
-          gx_row[c] = cc.offset < R.ec_in
-                          ? go_row[e_position(cc.group * R.ec_in + cc.offset, R.by_ec_out, R.hc_out)]
-                          : scalar_t(0);
-        }
-      }
-    }
+    if (A.grad_x != nullptr) prefill_grad_x_row(A, t, go_row, tid, nthreads);
     __syncthreads();  // d and x̂ are rewritten by the next row
   }
 
@@ -920,17 +962,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) hgt_step_backward_kernel(const
         mine[c] = total;
       }
     }
-    cuda::grid_sync();
-    sum_columns_over_blocks(A.partials, A.num_partials, [&](int64_t c, acc_t total) {
-      const scalar_t value = static_cast<scalar_t>(total);
-      if (c < A.gamma_offset) {
-        A.grad_bias[c] = value;
-      } else if (c < A.gamma_offset + R.s) {
-        A.grad_gamma[c - A.gamma_offset] = value;
-      } else {
-        A.grad_beta[c - A.gamma_offset - R.s] = value;
-      }
-    });
+    grads_from_block_partials(A);
   }
 }
 
@@ -967,11 +999,11 @@ void launch_backward(BackwardArgs<scalar_t> args, const at::TensorOptions& optio
 }
 
 // ============================================================================ warp-per-row epilogues
-// The block-per-row kernels above are latency-bound at the presets' widths: a row's chain of
-// dependent steps (load, barrier, two norm reductions through shared memory, store) is a few µs,
-// and only a few rows per SM are in flight (one per block), so on an H200 the forward epilogue ran
-// ~6x and the backward ~7x above the bytes they move at lstm_wt103 (h200-9c44359-profile-bf16.json).
-// Here one warp owns a row: the row lives in its lanes' registers (lane l holds quads l, l + 32,
+// The block-per-row kernels above take ~6x (forward) and ~7x (backward) the time their bytes need
+// at lstm_wt103 on an H200 (h200-9c44359-profile-bf16.json). Part of that is instructions (an H100
+// Nsight run had the SMs 66-69 % busy, since cut), part is structure: one row per block is in
+// flight, and a row is a chain of dependent steps (load, stage, norm reductions across warps through
+// shared memory, store) with block barriers between them. Here one warp owns a row: the row lives in its lanes' registers (lane l holds quads l, l + 32,
 // ...), the per-group norm sums are warp shuffles, and no step of a row waits for another warp, so
 // an SM keeps as many rows in flight as it has resident warps. For rows of at most 1024 features
 // without the shuffle, at most kWarpRowMaxGroups norm groups and the quad layout (quads_in_group),
@@ -1058,14 +1090,12 @@ __global__ void __launch_bounds__(kWarpRowForwardThreads, 3) hgt_step_forward_wa
     }
 
     acc_t mu[kWarpRowQuads], rs[kWarpRowQuads];
+#pragma unroll
+    for (int j = 0; j < kWarpRowQuads; ++j) mu[j] = rs[j] = acc_t(0);
     if (R.norm) {  // two passes, as the other kernels: the mean, then the squared deviations
       acc_t part[kWarpRowQuads];
 #pragma unroll
-      for (int j = 0; j < kWarpRowQuads; ++j) {
-        part[j] = (v[j][0] + v[j][1]) + (v[j][2] + v[j][3]);
-        mu[j] = acc_t(0);
-        rs[j] = acc_t(0);
-      }
+      for (int j = 0; j < kWarpRowQuads; ++j) part[j] = (v[j][0] + v[j][1]) + (v[j][2] + v[j][3]);
       warp_group_sums(R.g, grp, part, mu);
 #pragma unroll
       for (int j = 0; j < kWarpRowQuads; ++j) {
@@ -1095,37 +1125,10 @@ __global__ void __launch_bounds__(kWarpRowForwardThreads, 3) hgt_step_forward_wa
     for (int j = 0; j < kWarpRowQuads; ++j) {
       if (grp[j] < 0) continue;
       const int qd = lane + 32 * j, p0 = 4 * qd;
-      acc_t (&h)[4] = v[j];
-      if (R.norm) {
-        const int u = p0 - grp[j] * R.s;
-        acc_t gamma[4], beta[4];
-        load4(A.gamma + u, gamma);
-        load4(A.beta + u, beta);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) h[k] = (h[k] - mu[j]) * rs[j] * gamma[k] + beta[k];
-      }
-      activation_forward4(R.activation, h);
-      if (R.dropout) {
-        const PhiloxWords words = philox4x32_10(seed, static_cast<uint32_t>(qd), static_cast<uint32_t>(t));
-#pragma unroll
-        for (int k = 0; k < 4; ++k) h[k] = words.w[k] >= A.threshold ? h[k] * A.keep_scale : acc_t(0);
-      }
-      store4(out_row + h_position(R, RowCursor(p0, R.by_hc_out)), h);
+      finish_forward_quad(A, seed, t, qd, p0 - grp[j] * R.s, mu[j], rs[j], v[j], out_row);
     }
 
-    if (R.carry_e) {
-      const scalar_t* x_row = A.x + t * R.a;
-      if (A.vec_e) {
-        for (int q = 4 * lane; q < R.n; q += 4 * 32) {
-          *reinterpret_cast<Vec<scalar_t, 4>*>(out_row + e_position(q, R.by_ec_out, R.hc_out)) =
-              *reinterpret_cast<const Vec<scalar_t, 4>*>(x_row + e_position(q, R.by_ec_in, R.hc_in));
-        }
-      } else {
-        for (int q = lane; q < R.n; q += 32) {
-          out_row[e_position(q, R.by_ec_out, R.hc_out)] = x_row[e_position(q, R.by_ec_in, R.hc_in)];
-        }
-      }
-    }
+    if (R.carry_e) copy_e_row(A, t, out_row, lane, 32);
   }
 }
 
@@ -1270,27 +1273,7 @@ __global__ void __launch_bounds__(kWarpRowBackwardThreads, 4) hgt_step_backward_
       }
     }
 
-    if (A.grad_x != nullptr) {  // e's copy in the output hands its gradient straight back
-      scalar_t* gx_row = A.grad_x + t * R.a;
-      if (A.vec_gx) {
-        for (int c = 4 * lane; c < R.a; c += 4 * 32) {
-          const RowCursor cc(c, R.by_chunk_in);
-          Vec<scalar_t, 4> quad{};
-          if (cc.offset < R.ec_in) {
-            quad = *reinterpret_cast<const Vec<scalar_t, 4>*>(
-                go_row + e_position(cc.group * R.ec_in + cc.offset, R.by_ec_out, R.hc_out));
-          }
-          *reinterpret_cast<Vec<scalar_t, 4>*>(gx_row + c) = quad;
-        }
-      } else {
-        for (int c = lane; c < R.a; c += 32) {
-          const RowCursor cc(c, R.by_chunk_in);
-          gx_row[c] = cc.offset < R.ec_in
-                          ? go_row[e_position(cc.group * R.ec_in + cc.offset, R.by_ec_out, R.hc_out)]
-                          : scalar_t(0);
-        }
-      }
-    }
+    if (A.grad_x != nullptr) prefill_grad_x_row(A, t, go_row, lane, 32);
   }
 
   if (A.num_partials > 0) {  // launched cooperatively: every block reaches the grid barrier
@@ -1309,17 +1292,7 @@ __global__ void __launch_bounds__(kWarpRowBackwardThreads, 4) hgt_step_backward_
       }
       mine[c] = total;
     }
-    cuda::grid_sync();
-    sum_columns_over_blocks(A.partials, A.num_partials, [&](int64_t c, acc_t total) {
-      const scalar_t value = static_cast<scalar_t>(total);
-      if (c < A.gamma_offset) {
-        A.grad_bias[c] = value;
-      } else if (c < A.gamma_offset + R.s) {
-        A.grad_gamma[c - A.gamma_offset] = value;
-      } else {
-        A.grad_beta[c - A.gamma_offset - R.s] = value;
-      }
-    });
+    grads_from_block_partials(A);
   }
 }
 
