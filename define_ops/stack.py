@@ -147,7 +147,7 @@ def _columns(tensors: Sequence[Tensor | None]) -> list[list[Tensor | None]]:
 
 
 # _HGTStack.forward's leading non-tensor arguments; x, table and the step tensors follow them.
-_NODE_OPTIONS = 6
+_NODE_OPTIONS = 7
 _TABLE_INPUT = _NODE_OPTIONS + 1  # table's position among the forward's inputs (needs_input_grad)
 
 
@@ -155,17 +155,26 @@ class _HGTStack(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, backend: str, stack_op: bool, specs: tuple[StepSpec, ...], row_count: Tensor | None,
-        lookup: _Lookup | None, expand: Tensor | None, x: Tensor, table: Tensor | None, *tensors: Tensor,
+        lookup: _Lookup | None, expand: Tensor | None, compute_dtype: torch.dtype | None, x: Tensor,
+        table: Tensor | None, *tensors: Tensor,
     ):  # fmt: skip
         # x [T, a0], or with `lookup` the ids [T] of the rows of table [V, n] that make it (the
         # lookup then runs inside this node too); tensors: per step (weight [g, a/g, b/g], bias [b]?,
         # norm_weight [b/g]?, norm_bias [b/g]?, seed [1]?) → [T, width of the last step], or with
-        # `expand` (int64 [T']) its rows gathered by it: [T', width] (dedup's expansion).
+        # `expand` (int64 [T']) its rows gathered by it: [T', width] (dedup's expansion). With
+        # `compute_dtype` (autocast's) the parameters are cast to it here, in one copy, and their
+        # gradients back to the parameters' dtype in one copy too (stack op).
         ctx.backend, ctx.stack_op, ctx.specs, ctx.lookup = backend, stack_op, specs, lookup
         ctx.set_materialize_grads(False)
         eager = _eager_ops(backend)
         ids = x if lookup is not None else None
+        ctx.grad_dtype = None
         with _below_autograd(), eager.context():
+            if compute_dtype is not None:
+                floating = [t for t in tensors if t is not None and t.is_floating_point()]
+                if floating and floating[0].dtype != compute_dtype:
+                    ctx.grad_dtype = floating[0].dtype
+                tensors = _cast_together(tensors, compute_dtype)
             if lookup is not None:  # cast to the autocast dtype of the stack, if any
                 x = eager.lookup(table, ids, lookup.padding_idx, lookup.scale).to(lookup.dtype)
             if ctx.stack_op:  # one C++ op for the whole stack; values/stats: what its backward reads
@@ -206,6 +215,8 @@ class _HGTStack(torch.autograd.Function):
                 grad, flat = torch.ops.define_ops.hgt_stack_backward.default(
                     grad, x, values, stats, *columns, *_spec_lists(specs)
                 )
+                if ctx.grad_dtype is not None:  # back to the parameters' dtype, all in one copy
+                    flat = flat.to(ctx.grad_dtype)
                 for k, per_step in enumerate(split_stack_grads(flat, *columns[:3])):
                     grads[k::TENSORS_PER_STEP] = per_step
             else:
@@ -249,14 +260,37 @@ class _Lookup:
     dtype: torch.dtype
 
 
-def _specs_and_tensors(steps: Sequence[tuple], device_type: str) -> tuple[tuple[StepSpec, ...], list[Tensor | None]]:
-    """``hgt_stack``'s steps as (their StepSpecs, their tensors flat: per step weight, bias, γ, β in
-    the autocast dtype if any, and the seed where the step drops out, else None)."""
+def _specs_and_tensors(
+    steps: Sequence[tuple], device_type: str, cast: bool = True
+) -> tuple[tuple[StepSpec, ...], list[Tensor | None]]:
+    """``hgt_stack``'s steps as (their StepSpecs, their tensors flat: per step weight, bias, γ, β —
+    in the autocast dtype if any, unless ``cast`` is False — and the seed where the step drops out,
+    else None)."""
     tensors: list[Tensor | None] = []
     for weight, bias, norm_weight, norm_bias, seed, spec in steps:
-        tensors += _autocast((weight, bias, norm_weight, norm_bias), device_type)
+        parameters = (weight, bias, norm_weight, norm_bias)
+        tensors += _autocast(parameters, device_type) if cast else parameters
         tensors.append(seed if spec.dropout_p > 0 else None)
     return tuple(spec for *_, spec in steps), tensors
+
+
+def _cast_together(tensors: Sequence[Tensor | None], dtype: torch.dtype) -> list[Tensor | None]:
+    """``tensors`` with every floating one not yet in ``dtype`` cast to it, all in one copy: a
+    concatenation and one conversion (two launches on a GPU, where one cast per tensor was ~30
+    launches and 30 autograd nodes each way per training step under autocast), as contiguous views
+    of the one buffer. Runs inside the stack's autograd node, which casts the gradients back."""
+    chosen = [i for i, t in enumerate(tensors) if t is not None and t.is_floating_point() and t.dtype != dtype]
+    out = list(tensors)
+    if len(chosen) < 2:
+        for i in chosen:
+            out[i] = tensors[i].to(dtype)
+        return out
+    originals = [tensors[i] for i in chosen]
+    # torch's own bucket (un)flattening (DDP's): one C++ call each way instead of ~60 Python-level views
+    flat = torch._utils._flatten_dense_tensors(originals).to(dtype)
+    for i, piece in zip(chosen, torch._utils._unflatten_dense_tensors(flat, originals), strict=True):
+        out[i] = piece
+    return out
 
 
 def hgt_stack(
@@ -289,8 +323,13 @@ def hgt_stack(
     if backend not in ("cpu", "cuda", "triton"):
         raise ValueError(f"define_ops.hgt_stack: backend must be a compiled backend, got {backend!r}")
     device_type = (x if lookup is None else lookup[0]).device.type
-    specs, tensors = _specs_and_tensors(steps, device_type)
     compiling = torch.compiler.is_compiling()
+    # Eager: the parameters reach the node in their own dtype and it casts them for autocast in one
+    # copy; torch.compile gets one cast per tensor, which it fuses.
+    specs, tensors = _specs_and_tensors(steps, device_type, cast=compiling)
+    compute_dtype = None
+    if not compiling and torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
     fold = None  # the lookup inside the node (eager), or x made here by the registered op (compile)
     if lookup is not None:
         table, ids, padding_idx, scale = lookup
@@ -320,10 +359,12 @@ def hgt_stack(
         # inference: no autograd node, and each step's memory is freed as soon as the next has read it
         eager = _eager_ops(backend)
         with _below_autograd():
+            if compute_dtype is not None:
+                tensors = _cast_together(tensors, compute_dtype)
             if fold is not None:
                 x = eager.lookup(table, ids, padding_idx, fold.scale).to(fold.dtype)
             rows = torch.ops.define_ops.hgt_stack.default(x, *_columns(tensors), *_spec_lists(specs), False)[0]
             return _expand_rows(eager, rows, expand)
     if fold is not None:
-        return _HGTStack.apply(backend, stack_op, specs, row_count, fold, expand, ids, table, *tensors)
-    return _HGTStack.apply(backend, stack_op, specs, row_count, None, expand, x, None, *tensors)
+        return _HGTStack.apply(backend, stack_op, specs, row_count, fold, expand, compute_dtype, ids, table, *tensors)
+    return _HGTStack.apply(backend, stack_op, specs, row_count, None, expand, compute_dtype, x, None, *tensors)

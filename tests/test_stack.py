@@ -100,6 +100,64 @@ def test_stack_under_autocast_runs_in_the_autocast_dtype():
     assert x.grad.dtype == torch.float32 and steps[0][0].grad.dtype == torch.float32
 
 
+def _graph_node_names(output: torch.Tensor) -> list[str]:
+    """Every node of ``output``'s autograd graph, by type name."""
+    seen, names, stack = set(), [], [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def _inside_define_ops(event) -> bool:
+    """Whether a profiler event ran inside one of our ops (the CPU kernels convert γ/β themselves)."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("define_ops::"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("stack_op", ["1", "0"], ids=["stack-op", "step-loop"])
+def test_autocast_casts_the_parameters_in_one_copy(monkeypatch, stack_op):
+    """Under autocast the node casts every parameter in one copy (with the stack op, every gradient
+    back in one too): no cast node per parameter in the graph, no per-parameter cast op, and the
+    outputs and gradients of casting each parameter by hand."""
+    monkeypatch.setenv("DEFINE_OPS_STACK_OP", stack_op)
+    steps = _small_steps(torch.float32)
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    grad = torch.randn(5, 6, generator=torch.Generator().manual_seed(4), dtype=torch.bfloat16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = hgt_stack(x, steps, backend="cpu")
+        out.backward(grad)
+    assert out.dtype == torch.bfloat16
+    assert "ToCopyBackward0" not in _graph_node_names(out)
+    casts = [e for e in prof.events() if e.name == "aten::_to_copy" and not _inside_define_ops(e)]
+    # x, the parameters, the gradients (step loop: autograd casts each of the 10 gradients instead)
+    assert len(casts) == (3 if stack_op == "1" else 2 + 10), [e.input_shapes for e in casts]
+
+    def cast(t):
+        floating = isinstance(t, torch.Tensor) and t.is_floating_point()
+        return t.detach().to(torch.bfloat16).requires_grad_(True) if floating else t
+
+    by_hand = [tuple(cast(t) for t in step) for step in steps]
+    expected = hgt_stack(x.to(torch.bfloat16), by_hand, backend="cpu")
+    expected.backward(grad)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for step, reference in zip(steps, by_hand, strict=True):
+        for ours, theirs in zip(step[:4], reference[:4], strict=True):
+            if ours is not None and ours.is_leaf:  # (γ = 1 + a leaf is not)
+                assert ours.grad.dtype == torch.float32
+                torch.testing.assert_close(ours.grad, theirs.grad.float(), rtol=1e-2, atol=1e-2)
+
+
 def test_stack_rejects_the_reference_backend_and_unknown_activations():
     with pytest.raises(ValueError, match="compiled backend"):
         hgt_stack(torch.zeros(1, 8), [], backend="reference")
