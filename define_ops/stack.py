@@ -163,7 +163,7 @@ class _HGTStack(torch.autograd.Function):
         # norm_weight [b/g]?, norm_bias [b/g]?, seed [1]?) → [T, width of the last step], or with
         # `expand` (int64 [T']) its rows gathered by it: [T', width] (dedup's expansion). With
         # `compute_dtype` (autocast's) the parameters are cast to it here, in one copy, and their
-        # gradients back to the parameters' dtype in one copy too (stack op).
+        # gradients back to the parameters' dtype in one copy too.
         ctx.backend, ctx.stack_op, ctx.specs, ctx.lookup = backend, stack_op, specs, lookup
         ctx.set_materialize_grads(False)
         eager = _eager_ops(backend)
@@ -235,6 +235,8 @@ class _HGTStack(torch.autograd.Function):
                     grads[first + 2] = grad_gamma if norm_weight is not None else None
                     grads[first + 3] = grad_beta if norm_weight is not None else None
                     grad = grad_x
+                if ctx.grad_dtype is not None:  # back to the parameters' dtype, in one copy
+                    grads = _cast_together(grads, ctx.grad_dtype)
             lookup = ctx.lookup
             if lookup is None:
                 return (*[None] * _NODE_OPTIONS, grad, None, *grads)
@@ -278,7 +280,8 @@ def _cast_together(tensors: Sequence[Tensor | None], dtype: torch.dtype) -> list
     """``tensors`` with every floating one not yet in ``dtype`` cast to it, all in one copy: a
     concatenation and one conversion (two launches on a GPU, where one cast per tensor was ~30
     launches and 30 autograd nodes each way per training step under autocast), as contiguous views
-    of the one buffer. Runs inside the stack's autograd node, which casts the gradients back."""
+    of the one buffer. The stack's autograd node casts the parameters with it, and the step loop's
+    gradients back (the stack op's come back in one buffer, cast whole)."""
     chosen = [i for i, t in enumerate(tensors) if t is not None and t.is_floating_point() and t.dtype != dtype]
     out = list(tensors)
     if len(chosen) < 2:
