@@ -342,7 +342,52 @@ std::tuple<at::Tensor, at::Tensor> run_stack_backward(const at::Tensor& grad_out
   return {grad, grads};
 }
 
-// The two ops' entry points on top of a backend's step bodies (registered by each backend).
+// The ops' entry points on top of a backend's step bodies (registered by each backend): the
+// single-step ops (hgt_step, hgt_step_backward) ...
+template <typename Backend>
+struct StepOps {
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+      const at::Tensor& x,                           // [T, a]
+      const at::Tensor& weight,                      // [g, a/g, b/g]
+      const std::optional<at::Tensor>& bias,         // [b]
+      const std::optional<at::Tensor>& norm_weight,  // [b/g]
+      const std::optional<at::Tensor>& norm_bias,    // [b/g]
+      const std::optional<at::Tensor>& seed,         // [] int64
+      int64_t e_width, int64_t e_in_chunks, int64_t e_out_chunks, bool shuffle, c10::string_view activation,
+      double dropout_p, double norm_eps) {
+    const StepParams p = make_step_params(x, weight, bias, norm_weight, norm_bias, seed, e_width, e_in_chunks,
+                                          e_out_chunks, shuffle, std::string_view(activation.data(), activation.size()),
+                                          dropout_p, norm_eps);
+    const StepOutputs o = allocate_step_outputs(p, x.options());
+    Backend::forward(p, StepTensors{x, weight, bias, norm_weight, norm_bias, seed}, o);
+    return {o.out, o.saved, o.mean, o.rstd};
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+      const at::Tensor& grad_out,                    // [T, out_width]
+      const at::Tensor& x,                           // [T, a]
+      const at::Tensor& weight,                      // [g, a/g, b/g]
+      const std::optional<at::Tensor>& bias,         // [b]
+      const std::optional<at::Tensor>& norm_weight,  // [b/g]
+      const std::optional<at::Tensor>& norm_bias,    // [b/g]
+      const std::optional<at::Tensor>& seed,         // [] int64
+      const at::Tensor& saved,                       // [T, b] pre-norm values, GEMM order (or empty)
+      const at::Tensor& mean,                        // [T, g] (or empty)
+      const at::Tensor& rstd,                        // [T, g] (or empty)
+      int64_t e_width, int64_t e_in_chunks, int64_t e_out_chunks, bool shuffle, c10::string_view activation,
+      double dropout_p, double norm_eps) {
+    const StepParams p = make_step_params(x, weight, bias, norm_weight, norm_bias, seed, e_width, e_in_chunks,
+                                          e_out_chunks, shuffle, std::string_view(activation.data(), activation.size()),
+                                          dropout_p, norm_eps);
+    check_backward_inputs(p, x, grad_out, saved, mean, rstd);
+    const StepGrads g = allocate_step_grads(p, weight, x.options());
+    Backend::backward(p, grad_out, StepTensors{x, weight, bias, norm_weight, norm_bias, seed},
+                      StepOutputs{at::Tensor(), saved, mean, rstd}, g);
+    return {g.grad_x, g.grad_weight, g.grad_bias, g.grad_gamma, g.grad_beta};
+  }
+};
+
+// ... and the stack ops (hgt_stack, hgt_stack_backward).
 template <typename Backend>
 struct StackOps {
   using Optionals = c10::List<std::optional<at::Tensor>>;

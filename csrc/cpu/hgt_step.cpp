@@ -524,52 +524,11 @@ struct CpuStep {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgt_step_cpu(
-    const at::Tensor& x,                           // [T, a]
-    const at::Tensor& weight,                      // [g, a/g, b/g]
-    const std::optional<at::Tensor>& bias,         // [b]
-    const std::optional<at::Tensor>& norm_weight,  // [b/g]
-    const std::optional<at::Tensor>& norm_bias,    // [b/g]
-    const std::optional<at::Tensor>& seed,         // [] int64
-    int64_t e_width, int64_t e_in_chunks, int64_t e_out_chunks, bool shuffle, c10::string_view activation,
-    double dropout_p, double norm_eps) {
-  const StepTensors t{x, weight, bias, norm_weight, norm_bias, seed};
-  const StepParams p = make_step_params(x, weight, bias, norm_weight, norm_bias, seed, e_width, e_in_chunks,
-                                        e_out_chunks, shuffle, std::string_view(activation.data(), activation.size()),
-                                        dropout_p, norm_eps);
-  const StepOutputs o = allocate_step_outputs(p, x.options());
-  CpuStep::forward(p, t, o);
-  return {o.out, o.saved, o.mean, o.rstd};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgt_step_backward_cpu(
-    const at::Tensor& grad_out,                    // [T, out_width]
-    const at::Tensor& x,                           // [T, a]
-    const at::Tensor& weight,                      // [g, a/g, b/g]
-    const std::optional<at::Tensor>& bias,         // [b]
-    const std::optional<at::Tensor>& norm_weight,  // [b/g]
-    const std::optional<at::Tensor>& norm_bias,    // [b/g]
-    const std::optional<at::Tensor>& seed,         // [] int64
-    const at::Tensor& saved,                       // [T, b] pre-norm values, GEMM order (or empty)
-    const at::Tensor& mean,                        // [T, g] (or empty)
-    const at::Tensor& rstd,                        // [T, g] (or empty)
-    int64_t e_width, int64_t e_in_chunks, int64_t e_out_chunks, bool shuffle, c10::string_view activation,
-    double dropout_p, double norm_eps) {
-  const StepTensors t{x, weight, bias, norm_weight, norm_bias, seed};
-  const StepParams p = make_step_params(x, weight, bias, norm_weight, norm_bias, seed, e_width, e_in_chunks,
-                                        e_out_chunks, shuffle, std::string_view(activation.data(), activation.size()),
-                                        dropout_p, norm_eps);
-  check_backward_inputs(p, x, grad_out, saved, mean, rstd);
-  const StepGrads g = allocate_step_grads(p, weight, x.options());
-  CpuStep::backward(p, grad_out, t, StepOutputs{at::Tensor(), saved, mean, rstd}, g);
-  return {g.grad_x, g.grad_weight, g.grad_bias, g.grad_gamma, g.grad_beta};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(define_ops, CPU, m) {
-  m.impl("hgt_step", &hgt_step_cpu);
-  m.impl("hgt_step_backward", &hgt_step_backward_cpu);
+  m.impl("hgt_step", &StepOps<CpuStep>::forward);
+  m.impl("hgt_step_backward", &StepOps<CpuStep>::backward);
   m.impl("hgt_stack", &StackOps<CpuStep>::forward);
   m.impl("hgt_stack_backward", &StackOps<CpuStep>::backward);
 }
