@@ -350,6 +350,7 @@ def test_autocast_step_matches_a_bfloat16_layer(preset):
     out.backward(grad)
     expected = held(ids)
     expected.backward(grad)
+
     def off(a, b):  # largest difference relative to the largest value; on the CPU backend (same
         # check) 0.7 % and 1.6 % at most: e is scaled in float32 before its cast on one side only
         return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
