@@ -124,6 +124,8 @@ stage profile 90 env PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py --providers 
 # (hgt_step_*_warp_kernel) against the profile stage's hgt_step_*_kernel rows, same presets
 stage warp-rows 60 env DEFINE_OPS_CUDA_WARP_ROWS=1 PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py --providers cuda \
   --json "$RES/profile-warp-rows.json"
+[ -s "$RES/profile.json" ] && [ -s "$RES/profile-warp-rows.json" ] && \
+  "$PY" scripts/profile_diff.py "$RES/profile.json" "$RES/profile-warp-rows.json"
 # the eager step with the Python loop over the step ops instead of the C++ stack ops: host time A/B
 stage step-loop 40 env DEFINE_OPS_STACK_OP=0 PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py \
   --presets awd_ptb,nmt_wmt14,lstm_wt103 --providers cuda --json "$RES/profile-step-loop.json"
@@ -137,6 +139,8 @@ stage gemm-census 60 env PYTHONPATH="$PWD" "$PY" scripts/gemm_census.py
 # (off by default until measured): A/B against the profile stage's cuda rows
 stage dense-groups 60 env DEFINE_OPS_CUDA_DENSE_GROUPS=1 PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py \
   --presets nmt_wmt14,txl_wt103,lstm_wt103_n7 --providers cuda --json "$RES/profile-dense-groups.json"
+[ -s "$RES/profile.json" ] && [ -s "$RES/profile-dense-groups.json" ] && \
+  "$PY" scripts/profile_diff.py "$RES/profile.json" "$RES/profile-dense-groups.json" --match .
 
 stage bench-bf16 150 "$PY" -m pytest benchmarks/test_bench_layer.py benchmarks/test_bench_floor.py -q -p no:cacheprovider \
   --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference,cuda,cuda_graph,embedding \

@@ -90,3 +90,23 @@ def test_gemm_census_script_runs_on_the_cpu():
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row.split(" | ")[1:4] for row in rows] == [["4", "32", "108"], ["2", "280", "364"], ["1", "856", "1024"]]
+
+
+def test_profile_diff_compares_two_profiles(tmp_path):
+    """scripts/profile_diff.py (the A/B printout of a GPU session) on two made-up gpu_profile JSONs."""
+
+    def row(wall, kernels, epilogue_name, epilogue_us):
+        return {"preset": "awd_ptb", "provider": "cuda", "wall_ms": wall, "kernel_ms_per_step": kernels,
+                "top_kernels": [[epilogue_name, 7.0, epilogue_us], ["nvjet_sm90_gemm", 1.0, 7.0]]}  # fmt: skip
+
+    base, other = tmp_path / "base.json", tmp_path / "other.json"
+    base.write_text(json.dumps({"results": [row(2.0, 0.5, "hgt_step_backward_kernel<bf16>", 222.0)]}))
+    other.write_text(json.dumps({"results": [row(1.5, 0.4, "hgt_step_backward_warp_kernel<bf16>", 100.0)]}))
+    done = subprocess.run([sys.executable, "scripts/profile_diff.py", str(base), str(other)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "awd_ptb cuda: wall 2.000 -> 1.500 ms (0.75x), kernels 0.500 -> 0.400 ms (0.80x)" in out
+    assert "hgt_step_backward_kernel<bf16>:    222.0 ->      0.0 us" in out
+    assert "hgt_step_backward_warp_kernel<bf16>:      0.0 ->    100.0 us" in out
+    assert "matching kernels in all:    222.0 ->    100.0 us" in out and "nvjet" not in out
