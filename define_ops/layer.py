@@ -219,7 +219,7 @@ class DeFINE(nn.Module):
         self.cache = cache
         self.sparse = sparse
         self._cache_table: Tensor | None = None  # a plain attribute: never part of state_dict
-        self._cache_key: list[tuple[int, int, int]] | None = None
+        self._cache_key: tuple[int, list[tuple[int, int]]] | None = None  # _parameter_versions()
         self._cache_params: list[Tensor] = []  # for the version check, see _parameter_versions
         self._cache_params_epoch = -1
         plans = config.layer_plans()

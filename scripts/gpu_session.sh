@@ -115,6 +115,13 @@ TIMING="--benchmark-max-time=0.2 --benchmark-min-rounds=10"
 # wall for 0.47 ms of kernels) and the C++ stack op no faster there than the step-op loop, with no
 # breakdown of the host time: the profiles come first, with each step's host time measured behind
 # a GPU sleep (enqueue_ms, which also exposes a hidden synchronisation) and Chrome traces.
+# profile_diff OTHER.json [ARGS]: the A/B printout (scripts/profile_diff.py) of a stage's profile
+# against the profile stage's, when both were written
+profile_diff() {
+  local other=$1
+  shift
+  [ -s "$RES/profile.json" ] && [ -s "$RES/$other" ] && "$PY" scripts/profile_diff.py "$RES/profile.json" "$RES/$other" "$@"
+}
 # the host time of each piece of the eager step, one call at a time (a bare launch, one cuBLAS bmm,
 # one step op, the two stack ops, forward, training step): which of them the host time is
 stage host-costs 40 env PYTHONPATH="$PWD" "$PY" scripts/host_costs.py --presets awd_ptb,nmt_wmt14,lstm_wt103 \
@@ -124,8 +131,7 @@ stage profile 90 env PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py --providers 
 # (hgt_step_*_warp_kernel) against the profile stage's hgt_step_*_kernel rows, same presets
 stage warp-rows 60 env DEFINE_OPS_CUDA_WARP_ROWS=1 PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py --providers cuda \
   --json "$RES/profile-warp-rows.json"
-[ -s "$RES/profile.json" ] && [ -s "$RES/profile-warp-rows.json" ] && \
-  "$PY" scripts/profile_diff.py "$RES/profile.json" "$RES/profile-warp-rows.json"
+profile_diff profile-warp-rows.json
 # the eager step with the Python loop over the step ops instead of the C++ stack ops: host time A/B
 stage step-loop 40 env DEFINE_OPS_STACK_OP=0 PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py \
   --presets awd_ptb,nmt_wmt14,lstm_wt103 --providers cuda --json "$RES/profile-step-loop.json"
@@ -139,8 +145,7 @@ stage gemm-census 60 env PYTHONPATH="$PWD" "$PY" scripts/gemm_census.py
 # (off by default until measured): A/B against the profile stage's cuda rows
 stage dense-groups 60 env DEFINE_OPS_CUDA_DENSE_GROUPS=1 PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py \
   --presets nmt_wmt14,txl_wt103,lstm_wt103_n7 --providers cuda --json "$RES/profile-dense-groups.json"
-[ -s "$RES/profile.json" ] && [ -s "$RES/profile-dense-groups.json" ] && \
-  "$PY" scripts/profile_diff.py "$RES/profile.json" "$RES/profile-dense-groups.json" --match .
+profile_diff profile-dense-groups.json --match .
 
 stage bench-bf16 150 "$PY" -m pytest benchmarks/test_bench_layer.py benchmarks/test_bench_floor.py -q -p no:cacheprovider \
   --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference,cuda,cuda_graph,embedding \

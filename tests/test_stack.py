@@ -100,7 +100,7 @@ def test_stack_under_autocast_runs_in_the_autocast_dtype():
     assert x.grad.dtype == torch.float32 and steps[0][0].grad.dtype == torch.float32
 
 
-def _graph_node_names(output: torch.Tensor) -> list[str]:
+def graph_node_names(output: torch.Tensor) -> list[str]:
     """Every node of ``output``'s autograd graph, by type name."""
     seen, names, stack = set(), [], [output.grad_fn]
     while stack:
@@ -138,7 +138,7 @@ def test_autocast_casts_the_parameters_in_one_copy(monkeypatch, stack_op):
             out = hgt_stack(x, steps, backend="cpu")
         out.backward(grad)
     assert out.dtype == torch.bfloat16
-    assert "ToCopyBackward0" not in _graph_node_names(out)
+    assert "ToCopyBackward0" not in graph_node_names(out)
     casts = [e for e in prof.events() if e.name == "aten::_to_copy" and not _inside_define_ops(e)]
     assert len(casts) == 3, [e.input_shapes for e in casts]  # x, the parameters, the gradients
 

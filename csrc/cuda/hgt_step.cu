@@ -1019,8 +1019,9 @@ constexpr int kWarpRowMinRowsPerWarp = 2;     // backward: fewer blocks, fewer p
 // the block-per-row kernels only; 1 the warp-per-row kernels wherever a layer qualifies.
 bool warp_rows_enabled() { return cuda::env_integer("DEFINE_OPS_CUDA_WARP_ROWS", 0, 0, 1) == 1; }
 
+// (b % 4 == 0, the quads, comes with quads_in_group, which both launchers also require.)
 bool warp_rows_shape(const RowShape& R) {
-  return !R.shuffle && R.b % 4 == 0 && R.b <= kWarpRowMaxFeatures && (!R.norm || R.g <= kWarpRowMaxGroups);
+  return !R.shuffle && R.b <= kWarpRowMaxFeatures && (!R.norm || R.g <= kWarpRowMaxGroups);
 }
 
 // Per-group sums over a warp's row: lane value part[j] belongs to group grp[j] (-1: past the row's
