@@ -8,6 +8,7 @@ sits inside the layer's input and output) is computed here once, from the rules 
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, fields, replace
 from fractions import Fraction
 from typing import Any, Literal
@@ -112,6 +113,10 @@ def linspace_widths(input_dim: int, max_dim: int, depth: int) -> list[Fraction]:
     return [Fraction(math.floor(input_dim + i * step)) for i in range(1, depth)] + [Fraction(max_dim)]
 
 
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
 def _bad(field: str, value: Any, why: str) -> ValueError:
     return ValueError(f"DeFINE config: {field}={value!r} is invalid: {why}")
 
@@ -172,10 +177,13 @@ class DeFINEConfig:
             raise _bad("norm", self.norm, f"choose one of {NORMS}")
         if self.activation not in ACTIVATIONS:
             raise _bad("activation", self.activation, f"choose one of {ACTIVATIONS}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        for name in ("skip_into_reduce", "shuffle", "bias", "scale_embedding"):
+            if not isinstance(getattr(self, name), bool):  # a string like "no" would read as True
+                raise _bad(name, getattr(self, name), "must be True or False")
+        if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise _bad("dropout", self.dropout, "must be a float in [0, 1)")
-        if not self.norm_eps > 0:
-            raise _bad("norm_eps", self.norm_eps, "must be > 0")
+        if not _is_real(self.norm_eps) or not 0 < self.norm_eps < math.inf:
+            raise _bad("norm_eps", self.norm_eps, "must be a finite float > 0")
         if self.skip == "none" and self.skip_into_reduce:
             raise _bad(
                 "skip_into_reduce",
@@ -185,14 +193,20 @@ class DeFINEConfig:
             )
         if self.map not in MAPS:
             raise _bad("map", self.map, f"choose one of {MAPS}")
-        object.__setattr__(self, "cutoffs", tuple(int(c) for c in self.cutoffs))
+        try:  # ints (NumPy's too), never floats or strings cut down to an int
+            cutoffs = tuple(operator.index(c) for c in self.cutoffs)
+        except TypeError:
+            raise _bad("cutoffs", self.cutoffs, "must be a sequence of ints (band boundaries)") from None
+        object.__setattr__(self, "cutoffs", cutoffs)
         if self.map == "adaptive":
             bounds = (0, *self.cutoffs, self.num_embeddings)
             if not self.cutoffs or any(lo >= hi for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)):
                 raise _bad("cutoffs", self.cutoffs, f"need increasing band boundaries in (0, {self.num_embeddings})")
             if isinstance(self.adaptive_factor, bool) or not isinstance(self.adaptive_factor, int):
                 raise _bad("adaptive_factor", self.adaptive_factor, "must be an int")
-            if self.adaptive_factor < 1 or self.input_dim % self.adaptive_factor ** len(self.cutoffs):
+            if self.adaptive_factor < 1:
+                raise _bad("adaptive_factor", self.adaptive_factor, "must be >= 1 (each band's width is n / factor^b)")
+            if self.input_dim % self.adaptive_factor ** len(self.cutoffs):
                 raise _bad(
                     "adaptive_factor",
                     self.adaptive_factor,
@@ -200,6 +214,8 @@ class DeFINEConfig:
                 )
         elif self.cutoffs:
             raise _bad("cutoffs", self.cutoffs, "cutoffs only apply with map='adaptive'")
+        elif self.adaptive_factor != 4:  # the default: anything else means the user expected adaptive input
+            raise _bad("adaptive_factor", self.adaptive_factor, "adaptive_factor only applies with map='adaptive'")
         if self.padding_idx is not None:
             if isinstance(self.padding_idx, bool) or not isinstance(self.padding_idx, int):
                 raise _bad("padding_idx", self.padding_idx, "must be an int or None")

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import ops, reference
 from ._backend import requested_backend, resolve_backend
@@ -92,11 +93,17 @@ class AdaptiveMap(nn.Module):
     the token is selected with ``torch.where``: static shapes, no host synchronisation, so
     ``torch.compile(fullgraph=True)`` traces it. The extra work is Σ_b width_b·n MACs per token,
     small next to the HGT. ``weights_for_band(b)`` gives the tensors an adaptive softmax ties to.
+    With ``scale_embedding`` each band's lookup is scaled by √width_b before its projection (the
+    authors' adaptive input; DeFINE's √n scale is then not applied). An id outside [0, V) that
+    reaches the Map unchecked (``validate_ids=False``, ``torch.compile``) gets a row of NaN, as
+    the GPU table lookups give it: never a silent zero.
     """
 
     def __init__(self, config: DeFINEConfig, device=None, dtype=None) -> None:
         super().__init__()
+        self.num_embeddings = config.num_embeddings
         self.bounds = [(lo, hi) for lo, hi, _ in config.bands()]
+        self.scales = [math.sqrt(width) if config.scale_embedding else 1.0 for _, _, width in config.bands()]
         self.bands = nn.ModuleList(
             AdaptiveBand(hi - lo, width, config.input_dim, device, dtype) for lo, hi, width in config.bands()
         )
@@ -111,14 +118,17 @@ class AdaptiveMap(nn.Module):
             band.reset_parameters()
 
     def forward(self, ids: Tensor, sparse: bool = False) -> Tensor:
+        # Band 0 starts the result: ids below it (negative) and past the last band keep its NaN fill.
         e = None
-        for (lo, hi), band in zip(self.bounds, self.bands, strict=True):
+        for (lo, hi), scale, band in zip(self.bounds, self.scales, self.bands, strict=True):
             local = (ids - lo).clamp(0, hi - lo - 1)
             vectors = F.embedding(local, band.weight, sparse=sparse)
+            if scale != 1.0:
+                vectors = vectors * scale
             if band.projection is not None:
                 vectors = band.projection(vectors)
             inside = ((ids >= lo) & (ids < hi)).unsqueeze(-1)
-            e = vectors.masked_fill(~inside, 0.0) if e is None else torch.where(inside, vectors, e)
+            e = vectors.masked_fill(~inside, math.nan) if e is None else torch.where(inside, vectors, e)
         return e
 
 
@@ -155,6 +165,17 @@ def _count_registration(module: nn.Module, name: str, value: object) -> None:
 
 torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
 torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+
+# Bumped after every optimizer step anywhere (torch.optim's global post-step hook): the fused
+# optimizers (``fused=True``) write the parameters without bumping their version counters.
+_optimizer_steps = [0]
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    _optimizer_steps[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 class DeFINE(nn.Module):
@@ -208,20 +229,22 @@ class DeFINE(nn.Module):
             depth=depth, max_groups=max_groups, group_schedule=group_schedule, width_rule=width_rule, skip=skip,
             skip_into_reduce=skip_into_reduce, shuffle=shuffle, norm=norm, activation=activation, dropout=dropout,
             bias=bias, scale_embedding=scale_embedding, padding_idx=padding_idx, norm_eps=norm_eps, map=map,
-            cutoffs=tuple(cutoffs), adaptive_factor=adaptive_factor,
+            cutoffs=cutoffs, adaptive_factor=adaptive_factor,
         )  # fmt: skip
         if cache not in ("auto", "off"):
             raise ValueError(f"DeFINE: cache={cache!r} is invalid; choose 'auto' or 'off'")
+        for name, flag in (("dedup", dedup), ("validate_ids", validate_ids), ("sparse", sparse)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"DeFINE: {name}={flag!r} is invalid; it must be True or False")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"DeFINE: dtype={dtype!r} is invalid; the parameters need a floating-point dtype")
         self.config = config
         self.backend = requested_backend(backend)
         self.validate_ids = validate_ids
         self.dedup = dedup
         self.cache = cache
         self.sparse = sparse
-        self._cache_table: Tensor | None = None  # a plain attribute: never part of state_dict
-        self._cache_key: tuple[int, list[tuple[int, int]]] | None = None  # _parameter_versions()
-        self._cache_params: list[Tensor] = []  # for the version check, see _parameter_versions
-        self._cache_params_epoch = -1
+        self._drop_cache_state()
         plans = config.layer_plans()
         self.plans = plans
         if config.map == "table":
@@ -275,7 +298,7 @@ class DeFINE(nn.Module):
     @property
     def embedding_scale(self) -> float:
         """√n with ``scale_embedding`` (the authors' code); 1 for adaptive input, whose bands
-        carry their own scale (as in fairseq)."""
+        carry their own scale (√width_b, see ``AdaptiveMap``)."""
         if self.config.map == "adaptive" or not self.config.scale_embedding:
             return 1.0
         return math.sqrt(self.config.input_dim)
@@ -296,8 +319,8 @@ class DeFINE(nn.Module):
             raise TypeError(f"DeFINE expects integer token ids (torch.int64 or torch.int32), got dtype {ids.dtype}")
         if ids.device != self.device:
             raise ValueError(f"DeFINE: ids are on {ids.device} but the layer's parameters are on {self.device}")
-        if not self.validate_ids or ids.numel() == 0 or torch.compiler.is_compiling():
-            return  # under compile the ops check ids themselves
+        if not self.validate_ids or ids.numel() == 0 or ids.is_meta or torch.compiler.is_compiling():
+            return  # under compile the ops check ids themselves; meta tensors have no values
         if ids.is_cuda and torch.cuda.is_current_stream_capturing():
             return  # a host read is illegal in a CUDA graph capture; the ops flag bad ids (NaN rows)
         low, high = torch.stack(torch.aminmax(ids.reshape(-1))).tolist()  # one host read, not two
@@ -381,7 +404,7 @@ class DeFINE(nn.Module):
         if backend == "reference":
             out = reference.hgt_forward_ref(
                 e, self._layer_params(), self.reduce.weight, self.reduce.bias, cfg, training=self.training,
-                seeds=seeds,
+                seeds=seeds, plans=self.plans,
             )  # fmt: skip
             out = out if inverse is None else self._expand(out, inverse, backend)
         else:
@@ -417,7 +440,7 @@ class DeFINE(nn.Module):
         under ``torch.compile`` they run the plain path instead.
         """
         self._check_ids(ids)
-        if self._cache_usable():  # the eval-mode table: one lookup, any ids shape, no reshapes
+        if self._cache_usable(ids):  # the eval-mode table: one lookup, any ids shape, no reshapes
             return F.embedding(ids, self._cached_table())
         flat = ids.reshape(-1)
         use_dedup = (self.dedup if dedup is None else dedup) and flat.numel() > 0
@@ -443,18 +466,21 @@ class DeFINE(nn.Module):
     @torch.no_grad()
     def export_table(self, chunk_size: int = 2048, dtype: torch.dtype | None = None) -> Tensor:
         """The whole unit as a [V, m] table (eval mode: no dropout), computed ``chunk_size`` ids
-        at a time, so the extra memory is bounded by one chunk's activations."""
-        if chunk_size < 1:
-            raise ValueError(f"DeFINE.export_table: chunk_size must be >= 1, got {chunk_size}")
+        at a time, so the extra memory is bounded by one chunk's activations. ``dtype`` defaults to
+        the unit's output dtype: the parameters', or autocast's under ``torch.autocast``."""
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"DeFINE.export_table: chunk_size must be an integer >= 1, got {chunk_size!r}")
         cfg = self.config
-        dtype = dtype or self.reduce.weight.dtype
-        table = torch.empty(cfg.num_embeddings, cfg.embedding_dim, device=self.device, dtype=dtype)
+        table = None
         was_training = self.training
         self.eval()
         try:
             for start in range(0, cfg.num_embeddings, chunk_size):
                 ids = torch.arange(start, min(start + chunk_size, cfg.num_embeddings), device=self.device)
-                table[start : start + ids.numel()] = self._unit(ids)
+                rows = self._unit(ids)
+                if table is None:
+                    table = rows.new_empty(cfg.num_embeddings, cfg.embedding_dim, dtype=dtype or rows.dtype)
+                table[start : start + ids.numel()] = rows
         finally:
             self.train(was_training)
         return table
@@ -465,41 +491,88 @@ class DeFINE(nn.Module):
             self.export_table(chunk_size), freeze=freeze, padding_idx=self.config.padding_idx
         )
 
-    def _parameter_versions(self) -> tuple[int, list[tuple[int, int]]]:
-        # In-place updates (optimizer steps, load_state_dict, no_grad edits, .to()) bump
-        # _version; new data (`p.data = t`) changes the storage; new parameters or submodules
-        # anywhere bump the registration epoch, which is part of the key (so a table built before
-        # never serves after) and the only time the parameters are collected again. This runs on
-        # every cached call: ~4 µs for awd_ptb's 31 parameters on a 2-core VM (8 µs reading every
-        # module's parameter dict per call).
-        epoch = _registration_epoch[0]
-        if self._cache_params_epoch != epoch:
-            self._cache_params = list(self.parameters())
-            self._cache_params_epoch = epoch
-        return epoch, [(p.data_ptr(), p._version) for p in self._cache_params]
+    def _drop_cache_state(self) -> None:
+        self._cache_table: Tensor | None = None  # a plain attribute: never in state_dict, pickles or copies
+        self._cache_key: tuple | None = None  # _cache_state()'s key of the table
+        self._cache_sources: list[Tensor | None] = []  # the parameter tensors the table was built from
+        self._cache_slots: list[tuple[dict[str, Any], str]] = []  # (a module's _parameters, name)
+        self._cache_slots_epoch = -1
 
-    def _cache_usable(self) -> bool:
-        if self.cache != "auto" or self.training or torch.compiler.is_compiling():
+    def _cache_state(self) -> tuple[tuple, list[Tensor | None]]:
+        """(key, the parameter tensors now in the modules' dicts): the table serves only while the
+        key is equal and the tensors are the same objects.
+
+        In-place updates (optimizer steps, load_state_dict, no_grad edits, .to()) bump _version;
+        new data (`p.data = t`) changes the storage; new parameters or submodules anywhere bump the
+        registration epoch (the only time the dict slots are collected again); tensors swapped into
+        the dicts without registration (``torch.func.functional_call``) are other objects; fused
+        optimizers, which bump no version, count as optimizer steps; autocast changes the values
+        and dtype of the output, so its state is part of the key. Runs on every cached call (a few
+        µs for awd_ptb's 31 parameters on a 2-core VM)."""
+        epoch = _registration_epoch[0]
+        if self._cache_slots_epoch != epoch:
+            self._cache_slots = [(m._parameters, name) for m in self.modules() for name in m._parameters]
+            self._cache_slots_epoch = epoch
+        tensors = [parameters[name] for parameters, name in self._cache_slots]
+        device_type = self.device.type
+        autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        versions = [None if t is None else (t.data_ptr(), t._version) for t in tensors]
+        return (epoch, _optimizer_steps[0], autocast, versions), tensors
+
+    def _cache_usable(self, ids: Tensor) -> bool:
+        if self.cache != "auto" or self.training or ids.is_meta or torch.compiler.is_compiling():
             return False
         # A cached table is detached: never serve it where gradients are expected.
         return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
 
     def _cached_table(self) -> Tensor:
-        key = self._parameter_versions()
-        if self._cache_table is None or key != self._cache_key:
+        key, sources = self._cache_state()
+        same_sources = len(sources) == len(self._cache_sources) and all(
+            a is b for a, b in zip(sources, self._cache_sources, strict=True)
+        )
+        if self._cache_table is None or key != self._cache_key or not same_sources:
+            self.invalidate_cache()  # the old table goes before the new one is built: one table at peak
             self._cache_table = self.export_table()
-            self._cache_key = key
+            self._cache_key, self._cache_sources = key, sources  # held, so their ids are not reused meanwhile
         return self._cache_table
 
     def invalidate_cache(self) -> None:
-        """Drop the eval-mode table (needed only after edits that bypass version tracking: writes
-        through ``.data`` of a parameter, raw edits of a module's ``_modules`` dict)."""
+        """Drop the eval-mode table. Needed only after edits that nothing tracks while the layer
+        stays in eval mode: in-place writes through ``.data`` or a NumPy view of a parameter, raw
+        edits of a module's ``_modules`` dict. (Switching to training mode drops it too.)"""
         self._cache_table = None
         self._cache_key = None
+        self._cache_sources = []
+
+    def train(self, mode: bool = True) -> DeFINE:
+        # Training is where untracked edits happen (e.g. a hand-written SGD step through p.data).
+        if mode:
+            self.invalidate_cache()
+        return super().train(mode)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # pickle and copy.deepcopy (e.g. an EMA copy of the model) leave the table behind.
+        state = self.__dict__.copy()
+        for name in ("_cache_table", "_cache_key", "_cache_sources", "_cache_slots", "_cache_slots_epoch"):
+            del state[name]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._drop_cache_state()
 
     def extra_repr(self) -> str:
         c = self.config
-        return (
+        text = (
             f"{c.num_embeddings}, {c.embedding_dim}, input_dim={c.input_dim}, max_dim={c.max_dim}, depth={c.depth}, "
             f"max_groups={c.max_groups}, skip={c.skip}, backend={self.backend}"
         )
+        # Then, as nn.Embedding's repr does, whatever differs from the defaults.
+        defaults = DeFINEConfig(c.num_embeddings, c.embedding_dim)
+        shown = ("group_schedule", "width_rule", "skip_into_reduce", "shuffle", "norm", "activation", "dropout",
+                 "bias", "scale_embedding", "padding_idx", "norm_eps", "map", "cutoffs", "adaptive_factor")  # fmt: skip
+        changed = [f"{name}={getattr(c, name)!r}" for name in shown if getattr(c, name) != getattr(defaults, name)]
+        options = (("dedup", self.dedup, False), ("cache", self.cache, "auto"), ("sparse", self.sparse, False),
+                   ("validate_ids", self.validate_ids, True))  # fmt: skip
+        changed += [f"{name}={value!r}" for name, value, default in options if value != default]
+        return ", ".join([text, *changed])

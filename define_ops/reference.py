@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import DeFINEConfig
+from .config import DeFINEConfig, LayerPlan
 
 _MASK32 = 0xFFFFFFFF
 PHILOX_ROUND_A = 0xD2511F53
@@ -193,10 +193,15 @@ def hgt_step_ref(
 
 # ----------------------------------------------------------------------------- the whole unit
 def adaptive_map_ref(
-    ids: Tensor, tables: Sequence[Tensor], projections: Sequence[Tensor | None], bounds: Sequence[tuple[int, int]]
+    ids: Tensor,
+    tables: Sequence[Tensor],
+    projections: Sequence[Tensor | None],
+    bounds: Sequence[tuple[int, int]],
+    scale: bool = True,
 ) -> Tensor:
     """Adaptive input (Baevski & Auli), the straightforward way: select each band's tokens,
-    look them up in the band's table, project to n.  ids [T] → e [T, n].
+    look them up in the band's table (times √width_b with ``scale``, as the authors' code does),
+    project to n.  ids [T] → e [T, n].
 
     ``projections[b]`` is a [n, width_b] weight, or None where the band is already n wide.
     """
@@ -204,7 +209,7 @@ def adaptive_map_ref(
     e = tables[0].new_zeros(ids.shape[0], n)
     for table, projection, (lo, hi) in zip(tables, projections, bounds, strict=True):
         rows = ((ids >= lo) & (ids < hi)).nonzero().squeeze(1)  # data-dependent size
-        vectors = F.embedding(ids[rows] - lo, table)
+        vectors = F.embedding(ids[rows] - lo, table) * (math.sqrt(table.shape[1]) if scale else 1.0)
         e = e.index_put((rows,), vectors if projection is None else F.linear(vectors, projection))
     return e
 
@@ -219,13 +224,16 @@ def hgt_forward_ref(
     training: bool = False,
     seeds: Sequence[Tensor | int] | None = None,
     dropout_rng: str = "philox",
+    plans: Sequence[LayerPlan] | None = None,
 ) -> Tensor:
     """Expand and Reduce, the paper's way (define_paper.md §3.8).  e [T, n] → [T, m].
 
     ``layers[l]`` = (weight [g, a/g, b/g], bias [b], norm γ [b/g], norm β [b/g]).  The skip
     rebuilds mix(e, h) with torch.cat before every layer, independently of the op layouts.
+    ``plans``: ``config.layer_plans()``, given when already at hand (``torch.compile`` cannot
+    trace their exact-rational arithmetic).
     """
-    plans = config.layer_plans()
+    plans = config.layer_plans() if plans is None else plans
     h = e
     for layer, (plan, (w, b, nw, nb)) in enumerate(zip(plans[:-1], layers, strict=True)):
         if layer == 0:

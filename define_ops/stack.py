@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import ops
 from .ops import _activation_name, _autocast, split_stack_grads
@@ -197,6 +198,7 @@ class _HGTStack(torch.autograd.Function):
         return x
 
     @staticmethod
+    @once_differentiable  # its kernels have no derivative: a double backward raises, never a silent zero
     def backward(ctx, grad: Tensor | None):
         specs = ctx.specs
         steps = len(specs)

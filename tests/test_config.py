@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from define_ops.config import PRESETS, DeFINEConfig, cyclic_groups, halving_groups
@@ -12,12 +14,16 @@ PLANS = {
         "lstm_wt103": ("256->512 g4, 768->768 g2, 1024->1024 g1", "1280->256", 1_706_496, 3_072),
         "lstm_wt103_n7": (
             "384->480 g8, 864->568 g4, 952->664 g2, 1048->752 g1, 1136->848 g1, 1232->936 g1, 1320->1024 g1",
-            "1408->384", 5_264_376, 8_188,
+            "1408->384",
+            5_264_376,
+            8_188,
         ),
         "txl_wt103": ("384->1624 g4, 2008->2864 g2, 3248->4096 g1", "4480->384", 18_064_456, 11_868),
         "awd_ptb": (
             "128->256 g8, 384->384 g4, 512->512 g2, 640->640 g1, 768->768 g1, 896->896 g1, 1024->1024 g1",
-            "1152->400", 3_488_528, 7_424,
+            "1152->400",
+            3_488_528,
+            7_424,
         ),
         "nmt_wmt14": ("128->432 g4, 560->728 g2, 856->1024 g1", "1152->512", 1_686_728, 2_992),
     },
@@ -25,12 +31,16 @@ PLANS = {
         "lstm_wt103": ("256->512 g4, 768->768 g2, 1024->1024 g1", "1280->256", 1_706_496, 3_072),
         "lstm_wt103_n7": (
             "384->480 g4, 864->568 g2, 952->664 g1, 1048->752 g8, 1136->848 g4, 1232->936 g2, 1320->1024 g1",
-            "1408->384", 3_737_512, 5_732,
+            "1408->384",
+            3_737_512,
+            5_732,
         ),
         "txl_wt103": ("384->1624 g4, 2008->2864 g2, 3248->4096 g1", "4480->384", 18_064_456, 11_868),
         "awd_ptb": (
             "128->256 g4, 384->384 g2, 512->512 g1, 640->640 g8, 768->768 g4, 896->896 g2, 1024->1024 g1",
-            "1152->400", 2_458_384, 5_024,
+            "1152->400",
+            2_458_384,
+            5_024,
         ),
         "nmt_wmt14": ("128->432 g4, 560->728 g2, 856->1024 g1", "1152->512", 1_686_728, 2_992),
     },
@@ -38,12 +48,16 @@ PLANS = {
         "lstm_wt103": ("256->640 g4, 896->1024 g2, 1280->1024 g1", "1280->256", 2_141_056, 3_392),
         "lstm_wt103_n7": (
             "384->496 g8, 880->600 g4, 984->704 g2, 1088->816 g1, 1200->920 g1, 1304->1024 g1, 1408->1024 g1",
-            "1408->384", 5_817_712, 8_696,
+            "1408->384",
+            5_817_712,
+            8_696,
         ),
         "txl_wt103": ("384->2240 g4, 2624->4096 g2, 4480->4096 g1", "4480->384", 25_670_208, 13_408),
         "awd_ptb": (
             "128->280 g8, 408->432 g4, 560->576 g2, 704->728 g1, 856->880 g1, 1008->1024 g1, 1152->1024 g1",
-            "1152->400", 4_153_600, 8_174,
+            "1152->400",
+            4_153_600,
+            8_174,
         ),
         "nmt_wmt14": ("128->576 g4, 704->1024 g2, 1152->1024 g1", "1152->512", 2_151_488, 3_360),
     },
@@ -51,12 +65,16 @@ PLANS = {
         "lstm_wt103": ("256->640 g4, 896->1024 g2, 1280->1024 g1", "1280->256", 2_141_056, 3_392),
         "lstm_wt103_n7": (
             "384->496 g4, 880->600 g2, 984->704 g1, 1088->816 g8, 1200->920 g4, 1304->1024 g2, 1408->1024 g1",
-            "1408->384", 4_047_408, 5_992,
+            "1408->384",
+            4_047_408,
+            5_992,
         ),
         "txl_wt103": ("384->2240 g4, 2624->4096 g2, 4480->4096 g1", "4480->384", 25_670_208, 13_408),
         "awd_ptb": (
             "128->280 g4, 408->432 g2, 560->576 g1, 704->728 g8, 856->880 g4, 1008->1024 g2, 1152->1024 g1",
-            "1152->400", 2_833_920, 5_418,
+            "1152->400",
+            2_833_920,
+            5_418,
         ),
         "nmt_wmt14": ("128->576 g4, 704->1024 g2, 1152->1024 g1", "1152->512", 2_151_488, 3_360),
     },
@@ -126,6 +144,21 @@ def test_shuffle_only_on_grouped_layers():
         (dict(padding_idx=1000), "padding_idx"),
         (dict(max_groups=0), "max_groups"),
         (dict(embedding_dim=0), "embedding_dim"),
+        # flags: a string such as "no" would otherwise read as True
+        (dict(bias="no"), "bias='no'"),
+        (dict(skip_into_reduce=None), "skip_into_reduce=None"),
+        (dict(shuffle=2), "shuffle=2"),
+        (dict(scale_embedding="x"), "scale_embedding='x'"),
+        (dict(norm_eps="x"), "norm_eps='x'"),
+        (dict(norm_eps=math.inf), "norm_eps=inf"),
+        (dict(norm_eps=0.0), "norm_eps=0.0"),
+        (dict(dropout=math.nan), "dropout=nan"),
+        (dict(map="adaptive", cutoffs=5), "cutoffs=5"),
+        (dict(map="adaptive", cutoffs=(100.5,)), r"cutoffs=\(100.5,\)"),
+        (dict(map="adaptive", cutoffs=("a",)), "cutoffs"),
+        (dict(map="adaptive", cutoffs=(100,), adaptive_factor=0), "adaptive_factor=0 is invalid: must be >= 1"),
+        (dict(map="adaptive", cutoffs=(100,), adaptive_factor=-2), "adaptive_factor=-2 is invalid: must be >= 1"),
+        (dict(adaptive_factor=3), "adaptive_factor only applies with map='adaptive'"),
     ],
 )
 def test_impossible_configs_name_the_field(kwargs, field):
@@ -138,6 +171,12 @@ def test_impossible_configs_name_the_field(kwargs, field):
 def test_non_integer_dims_are_type_errors():
     with pytest.raises(TypeError, match="input_dim"):
         DeFINEConfig(100, 64, input_dim=64.0)
+
+
+def test_integer_like_cutoffs_are_accepted():
+    numpy = pytest.importorskip("numpy")
+    cfg = DeFINEConfig(1000, 64, input_dim=128, map="adaptive", cutoffs=[numpy.int64(100), 500])
+    assert cfg.cutoffs == (100, 500) and all(type(c) is int for c in cfg.cutoffs)
 
 
 def test_negative_padding_idx_is_normalised():

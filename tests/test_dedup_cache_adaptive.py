@@ -149,9 +149,11 @@ def test_cache_detects_load_state_dict_and_is_skipped_in_training():
         layer(ids)
         layer.load_state_dict(other.state_dict())
         torch.testing.assert_close(layer(ids), other(ids))
-        layer.train()
+        assert layer._cache_table is not None
+        layer.train()  # training mode drops the table (untracked edits happen there) and never builds one
+        assert layer._cache_table is None
         layer(ids)
-    assert layer._cache_key is not None
+    assert layer._cache_table is None
 
 
 def test_cache_detects_replaced_parameters_and_submodules_and_data_edits_on_request():
@@ -185,6 +187,111 @@ def test_cache_detects_replaced_parameters_and_submodules_and_data_edits_on_requ
         assert max_err(layer(ids), uncached()) < 1e-12
 
 
+def uncached_eval(layer: DeFINE, ids: torch.Tensor) -> torch.Tensor:
+    """The eval output computed without the table (the cache switched off for one call)."""
+    layer.cache = "off"
+    try:
+        return layer(ids)
+    finally:
+        layer.cache = "auto"
+
+
+def test_cache_is_not_fooled_by_functional_call():
+    # functional_call swaps tensors into the modules' dicts without registering them: the table
+    # must follow whatever parameters the call runs with, and the layer's own after it.
+    layer = small_layer(BACKENDS[-1]).eval()
+    ids = torch.arange(50)
+    doubled = {name: p.detach() * 2 for name, p in layer.named_parameters()}
+    with torch.no_grad():
+        own = uncached_eval(layer, ids)
+        swapped = torch.func.functional_call(layer, doubled, (ids,))
+        assert max_err(swapped, torch.func.functional_call(layer, doubled, (ids,), strict=True)) == 0
+        assert max_err(layer(ids), own) < 1e-12
+        tripled = {name: t * 1.5 for name, t in doubled.items()}
+        again = torch.func.functional_call(layer, tripled, (ids,))
+        layer.cache = "off"
+        expected = torch.func.functional_call(layer, tripled, (ids,))
+        layer.cache = "auto"
+    assert max_err(again, expected) < 1e-12 and not torch.allclose(again, swapped)
+
+
+@pytest.mark.parametrize("optimizer", ["adam_fused", "sgd_fused", "adamw_foreach"])
+def test_cache_is_rebuilt_after_any_optimizer_step(optimizer):
+    # Fused optimizers write the parameters without bumping their version counters.
+    layer = small_layer(BACKENDS[-1], dtype=torch.float32)
+    name, mode = optimizer.split("_")
+    kind = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[name]
+    opt = kind(layer.parameters(), lr=0.1, **{mode: True})
+    ids = torch.arange(50)
+    layer.eval()
+    with torch.no_grad():
+        before = layer(ids)
+    layer.train()
+    layer(ids).pow(2).sum().backward()
+    opt.step()
+    layer.eval()
+    with torch.no_grad():
+        after = layer(ids)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, uncached_eval(layer, ids), rtol=0, atol=0)
+
+
+def test_cache_counts_an_optimizer_step_taken_in_eval_mode():
+    layer = small_layer(BACKENDS[-1], dtype=torch.float32).eval()
+    opt = torch.optim.Adam(layer.parameters(), lr=0.1, fused=True)
+    ids = torch.arange(50)
+    with torch.no_grad():
+        before = layer(ids)  # builds the table
+    layer(ids).pow(2).sum().backward()  # grad enabled: the uncached path, the layer stays in eval
+    opt.step()
+    with torch.no_grad():
+        after = layer(ids)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, uncached_eval(layer, ids), rtol=0, atol=0)
+
+
+def test_cache_follows_autocast():
+    layer = small_layer(BACKENDS[-1], dtype=torch.float32).eval()
+    ids = torch.arange(50)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cast = layer(ids)
+            assert cast.dtype == uncached_eval(layer, ids).dtype == torch.bfloat16
+            torch.testing.assert_close(cast, uncached_eval(layer, ids), rtol=0, atol=0)
+        plain = layer(ids)  # not the bf16 table
+        assert plain.dtype == torch.float32
+        torch.testing.assert_close(plain, uncached_eval(layer, ids), rtol=0, atol=0)
+
+
+def test_cache_is_dropped_by_training_mode_and_left_out_of_copies():
+    import copy
+    import pickle
+
+    layer = small_layer(BACKENDS[-1]).eval()
+    ids = torch.arange(50)
+    with torch.no_grad():
+        layer(ids)
+        assert layer._cache_table is not None
+        for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            assert clone._cache_table is None and clone._cache_sources == []
+            torch.testing.assert_close(clone(ids), layer(ids), rtol=0, atol=0)
+            assert clone._cache_table is not None and clone._cache_table is not layer._cache_table
+        # A hand-written update through .data bumps no version; it happens in training mode.
+        layer.train()
+        for p in layer.parameters():
+            p.data.add_(0.01)
+        layer.eval()
+        torch.testing.assert_close(layer(ids), uncached_eval(layer, ids), rtol=0, atol=0)
+
+
+def test_meta_layer_runs_like_nn_embedding():
+    layer = small_layer(BACKENDS[0], device="meta", validate_ids=True)
+    out = layer(torch.zeros(2, 3, dtype=torch.long, device="meta"))
+    assert out.shape == (2, 3, 24) and out.is_meta
+    with torch.no_grad():
+        assert layer.eval()(torch.zeros(4, dtype=torch.long, device="meta")).shape == (4, 24)
+
+
 def test_cache_option_is_validated():
     with pytest.raises(ValueError, match="cache"):
         DeFINE(10, 8, input_dim=16, max_dim=32, cache="always")
@@ -213,15 +320,21 @@ def test_adaptive_config_errors(kwargs, field):
         DeFINEConfig(50, 24, input_dim=16, max_dim=64, **kwargs)
 
 
+@pytest.mark.parametrize("scale", [True, False])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_adaptive_map_matches_straightforward_reference(backend):
-    layer = small_layer(backend, map="adaptive", cutoffs=(10, 30), adaptive_factor=2, padding_idx=None)
+def test_adaptive_map_matches_straightforward_reference(backend, scale):
+    layer = small_layer(
+        backend, map="adaptive", cutoffs=(10, 30), adaptive_factor=2, padding_idx=None, scale_embedding=scale
+    )
     ids = torch.tensor([0, 9, 10, 29, 30, 49, 12, 12, 3])
     tables = [band.weight for band in layer.map.bands]
     projections = [band.projection.weight if band.projection is not None else None for band in layer.map.bands]
     bounds = layer.map.bounds
     e = layer.embed_ids(ids)
-    e_ref = reference.adaptive_map_ref(ids, tables, projections, bounds)
+    e_ref = reference.adaptive_map_ref(ids, tables, projections, bounds, scale=scale)
+    # The authors' convention: band b's lookup times √width_b (16, 8, 4 here), no √n on top.
+    in_band_0 = layer.map.bands[0].weight[ids[:2]] * (4.0 if scale else 1.0)
+    assert max_err(e[:2], in_band_0) < 1e-12
     assert max_err(e, e_ref) < 1e-12
     g = torch.randn_like(e)
     grads = torch.autograd.grad(e, tables + [p for p in projections if p is not None], g)
@@ -231,6 +344,16 @@ def test_adaptive_map_matches_straightforward_reference(backend):
     table, projection = layer.map.weights_for_band(1)
     assert table.shape == (20, 8) and projection.shape == (16, 8)
     assert layer.map.weights_for_band(0)[1] is None
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_adaptive_map_gives_nan_rows_for_unchecked_bad_ids(compiled):
+    # Out-of-range ids that reach the Map unchecked must show (NaN, like the GPU table lookups), not embed to zeros.
+    layer = small_layer("reference", map="adaptive", cutoffs=(10, 30), adaptive_factor=2, validate_ids=False)
+    embed = torch.compile(layer.embed_ids, fullgraph=True) if compiled else layer.embed_ids
+    e = embed(torch.tensor([3, 50, -1, 49, 1]))
+    assert e[[1, 2]].isnan().all()
+    assert not e[[0, 3, 4]].isnan().any() and (e[4] == 0).all()  # 1: the padding id
 
 
 @pytest.mark.parametrize("backend", BACKENDS[1:])

@@ -101,7 +101,7 @@ def test_float32_within_reference_error(preset, backend):
         assert_within_reference_error(g[name], g_ref[name], g64[name], floor=1e-6, what=name)
 
 
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("backend", ["reference", *FAST])  # reference: auto's fallback without the extension
 def test_torch_compile_fullgraph(backend):
     config = DeFINEConfig.from_preset("nmt_wmt14", num_embeddings=200, depth=3)
     eager = DeFINE.from_config(config, backend=backend).train()
@@ -244,6 +244,43 @@ def test_backend_selection_and_errors(monkeypatch):
         DeFINE(30, 20, input_dim=16, max_dim=32)
 
 
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(dedup="yes"), "dedup='yes' is invalid"),
+        (dict(validate_ids="x"), "validate_ids='x' is invalid"),
+        (dict(sparse=1), "sparse=1 is invalid"),
+        (dict(dtype=torch.int64), "dtype=torch.int64 is invalid"),
+        (dict(cache="always"), "cache='always' is invalid"),
+    ],
+)
+def test_module_options_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DeFINE(30, 20, input_dim=16, max_dim=32, **kwargs)
+
+
+def test_repr_shows_what_differs_from_the_defaults():
+    plain = repr(DeFINE(30, 20, input_dim=16, max_dim=32)).splitlines()[1].strip()
+    assert plain == "30, 20, input_dim=16, max_dim=32, depth=3, max_groups=4, skip=mix, backend=auto"
+    text = repr(DeFINE(30, 20, input_dim=16, max_dim=32, padding_idx=0, dropout=0.1, map="adaptive", cutoffs=[10],
+                       dedup=True, cache="off"))  # fmt: skip
+    for shown in ("padding_idx=0", "dropout=0.1", "map='adaptive'", "cutoffs=(10,)", "dedup=True", "cache='off'"):
+        assert shown in text
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST])
+def test_double_backward_raises_where_the_kernels_have_no_second_derivative(backend):
+    layer = DeFINE(30, 20, input_dim=16, max_dim=32, depth=2, backend=backend, dtype=torch.float64)
+    out = layer(torch.tensor([1, 2, 7]))
+    (grad,) = torch.autograd.grad(out.pow(2).sum(), layer.reduce.weight, create_graph=True)
+    if backend == "reference":  # plain PyTorch: a real second derivative
+        grad.sum().backward()
+        assert layer.layers[0].weight.grad is not None and layer.layers[0].weight.grad.abs().sum() > 0
+        return
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.sum().backward()  # never a silent zero second-order term
+
+
 def test_embedding_scale_and_init():
     layer = DeFINE(2000, 32, input_dim=64, max_dim=128)
     assert layer.embedding_scale == math.sqrt(64)
@@ -270,4 +307,3 @@ def test_graph_providers_need_a_gpu_backend():
 
     with pytest.raises(ValueError, match="CUDA graph of the cuda or triton backend"):
         make_workload("awd_ptb", "cpu_graph", "fwd_bwd", quick=True, dtype=torch.float32)
-
