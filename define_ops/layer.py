@@ -132,6 +132,13 @@ class AdaptiveMap(nn.Module):
         return e
 
 
+def _in_func_transform() -> bool:
+    """Inside a torch.func transform (grad, vmap, jacrev, functional autodiff...): the compiled
+    backends' autograd Functions cannot take part (torch's functorch needs its own Function
+    protocol), so the layer computes with the reference backend there (~0.2 µs to ask)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 # Constructor options that are not part of DeFINEConfig (how the layer runs, not what it computes).
 _MODULE_OPTIONS = ("backend", "dedup", "cache", "validate_ids", "sparse", "device", "dtype")
 
@@ -321,6 +328,8 @@ class DeFINE(nn.Module):
             raise ValueError(f"DeFINE: ids are on {ids.device} but the layer's parameters are on {self.device}")
         if not self.validate_ids or ids.numel() == 0 or ids.is_meta or torch.compiler.is_compiling():
             return  # under compile the ops check ids themselves; meta tensors have no values
+        if _in_func_transform():
+            return  # vmap's ids have no host values; the reference backend's lookup checks them
         if ids.is_cuda and torch.cuda.is_current_stream_capturing():
             return  # a host read is illegal in a CUDA graph capture; the ops flag bad ids (NaN rows)
         low, high = torch.stack(torch.aminmax(ids.reshape(-1))).tolist()  # one host read, not two
@@ -395,7 +404,7 @@ class DeFINE(nn.Module):
         ``row_count`` (a device scalar) only the first rows are needed (see ``ops.hgt_step``).
         With ``inverse`` (int64 [T']: dedup's, ``flat_ids`` then the distinct ids) the rows are
         gathered by it → [T', m], inside the stack's autograd node on the compiled backends."""
-        backend = resolve_backend(self.backend, self.device)
+        backend = "reference" if _in_func_transform() else resolve_backend(self.backend, self.device)
         seeds = self._dropout_seeds()
         cfg = self.config
         # A plain table lookup runs inside the stack's autograd node (see hgt_stack's `lookup`).
@@ -443,7 +452,7 @@ class DeFINE(nn.Module):
         if self._cache_usable(ids):  # the eval-mode table: one lookup, any ids shape, no reshapes
             return F.embedding(ids, self._cached_table())
         flat = ids.reshape(-1)
-        use_dedup = (self.dedup if dedup is None else dedup) and flat.numel() > 0
+        use_dedup = (self.dedup if dedup is None else dedup) and flat.numel() > 0 and not _in_func_transform()
         backend = self.active_backend() if use_dedup else None
         if backend == "triton":
             distinct, inverse, count = distinct_ids(flat)
@@ -521,6 +530,8 @@ class DeFINE(nn.Module):
 
     def _cache_usable(self, ids: Tensor) -> bool:
         if self.cache != "auto" or self.training or ids.is_meta or torch.compiler.is_compiling():
+            return False
+        if _in_func_transform():  # a table built from transformed parameters must not outlive the transform
             return False
         # A cached table is detached: never serve it where gradients are expected.
         return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))

@@ -281,6 +281,38 @@ def test_double_backward_raises_where_the_kernels_have_no_second_derivative(back
         grad.sum().backward()  # never a silent zero second-order term
 
 
+@pytest.mark.parametrize("backend", ["reference", *FAST])
+def test_torch_func_transforms(backend):
+    # grad, vmap, per-sample gradients (vmap of grad) and jacrev: under a transform the layer computes
+    # with the reference backend, whose plain PyTorch the transforms understand.
+    from torch.func import functional_call, grad, jacrev, vmap
+
+    layer = DeFINE(50, 8, input_dim=16, max_dim=32, depth=2, backend=backend, dtype=torch.float64, dedup=True)
+    ids = torch.tensor([1, 2, 7, 7])
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+
+    def loss(parameters, token_ids):
+        return functional_call(layer, parameters, (token_ids,)).pow(2).sum()
+
+    grads = grad(loss)(params, ids)
+    expected = torch.autograd.grad(layer(ids).pow(2).sum(), list(layer.parameters()))
+    for name, want in zip(params, expected, strict=True):
+        assert max_err(grads[name], want) < 1e-12, name
+    assert max_err(vmap(layer)(ids.reshape(2, 2)), layer(ids.reshape(2, 2))) < 1e-12
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, ids.reshape(4, 1))
+    third = torch.autograd.grad(layer(ids[2:3]).pow(2).sum(), layer.reduce.weight)[0]
+    assert max_err(per_sample["reduce.weight"][2], third) < 1e-12
+    with_bias = lambda bias: functional_call(layer, {**params, "reduce.bias": bias}, (ids,))  # noqa: E731
+    jacobian = jacrev(with_bias)(params["reduce.bias"])
+    assert max_err(jacobian, torch.eye(8, dtype=torch.float64).expand(4, 8, 8)) < 1e-12  # d out / d bias = I
+    layer.eval()
+    with torch.no_grad():
+        vmap(layer)(ids.reshape(2, 2))
+    assert layer._cache_table is None  # no table built from transformed parameters
+    with pytest.raises(IndexError):
+        vmap(layer)(torch.tensor([[1, 50]]))
+
+
 def test_embedding_scale_and_init():
     layer = DeFINE(2000, 32, input_dim=64, max_dim=128)
     assert layer.embedding_scale == math.sqrt(64)
