@@ -136,7 +136,8 @@ def _in_func_transform() -> bool:
     """Inside a torch.func transform (grad, vmap, jacrev, functional autodiff...): the compiled
     backends' autograd Functions cannot take part (torch's functorch needs its own Function
     protocol), so the layer computes with the reference backend there (~0.2 µs to ask)."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    # Not while torch.compile traces: it runs its own functorch levels, and traces our ops fine.
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
 # Constructor options that are not part of DeFINEConfig (how the layer runs, not what it computes).
@@ -503,13 +504,13 @@ class DeFINE(nn.Module):
     def _drop_cache_state(self) -> None:
         self._cache_table: Tensor | None = None  # a plain attribute: never in state_dict, pickles or copies
         self._cache_key: tuple | None = None  # _cache_state()'s key of the table
-        self._cache_sources: list[Tensor | None] = []  # the parameter tensors the table was built from
+        self._cache_sources: list[Tensor] = []  # the parameter tensors the table was built from
         self._cache_slots: list[tuple[dict[str, Any], str]] = []  # (a module's _parameters, name)
         self._cache_slots_epoch = -1
 
-    def _cache_state(self) -> tuple[tuple, list[Tensor | None]]:
+    def _cache_state(self) -> tuple[tuple, list[Tensor]]:
         """(key, the parameter tensors now in the modules' dicts): the table serves only while the
-        key is equal and the tensors are the same objects.
+        key is equal: the same tensor objects, versions and storages, and the same autocast state.
 
         In-place updates (optimizer steps, load_state_dict, no_grad edits, .to()) bump _version;
         new data (`p.data = t`) changes the storage; new parameters or submodules anywhere bump the
@@ -520,13 +521,17 @@ class DeFINE(nn.Module):
         µs for awd_ptb's 31 parameters on a 2-core VM)."""
         epoch = _registration_epoch[0]
         if self._cache_slots_epoch != epoch:
-            self._cache_slots = [(m._parameters, name) for m in self.modules() for name in m._parameters]
+            modules = self.modules()
+            self._cache_slots = [(m._parameters, n) for m in modules for n, p in m._parameters.items() if p is not None]
             self._cache_slots_epoch = epoch
         tensors = [parameters[name] for parameters, name in self._cache_slots]
-        device_type = self.device.type
+        try:  # id: the table holds these tensors (_cache_sources), so no other tensor can reuse one meanwhile
+            state = [(id(t), t._version, t.data_ptr()) for t in tensors]
+        except AttributeError:  # a None put into a dict behind the module's back: no table then
+            return (object(),), []
+        device_type = tensors[0].device.type
         autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        versions = [None if t is None else (t.data_ptr(), t._version) for t in tensors]
-        return (epoch, _optimizer_steps[0], autocast, versions), tensors
+        return (epoch, _optimizer_steps[0], autocast, state), tensors
 
     def _cache_usable(self, ids: Tensor) -> bool:
         if self.cache != "auto" or self.training or ids.is_meta or torch.compiler.is_compiling():
@@ -538,10 +543,7 @@ class DeFINE(nn.Module):
 
     def _cached_table(self) -> Tensor:
         key, sources = self._cache_state()
-        same_sources = len(sources) == len(self._cache_sources) and all(
-            a is b for a, b in zip(sources, self._cache_sources, strict=True)
-        )
-        if self._cache_table is None or key != self._cache_key or not same_sources:
+        if self._cache_table is None or key != self._cache_key:
             self.invalidate_cache()  # the old table goes before the new one is built: one table at peak
             self._cache_table = self.export_table()
             self._cache_key, self._cache_sources = key, sources  # held, so their ids are not reused meanwhile

@@ -114,6 +114,15 @@ def test_torch_compile_fullgraph(backend):
         eager.eval()
         with torch.no_grad():
             torch.testing.assert_close(compiled(ids), eager(ids))
+    # What the compiler traced: our ops, not a silent fallback to the reference.
+    targets: list[str] = []
+
+    def record(graph_module, example_inputs):
+        targets.extend(str(node.target) for node in graph_module.graph.nodes)
+        return graph_module
+
+    torch.compile(eager.train(), backend=record, fullgraph=True)(ids)
+    assert any("define_ops" in target for target in targets) == (backend != "reference")
 
 
 @pytest.mark.parametrize("backend", ["reference", *FAST])
