@@ -90,6 +90,16 @@ class DeFINEInput(nn.Module):
         return functional_call(self.define, dict(zip(names, tables, strict=True)), (ids,))
 
 
+def check_define_backend(backend: str, device: torch.device) -> None:
+    """ValueError naming ``--define-backend`` where that backend cannot run on ``device``: found
+    before anything is built or trained, not at the first forward."""
+    try:
+        define_ops.resolve_backend(backend, device)
+    except define_ops.BackendUnavailableError as exc:
+        raise ValueError(f"--define-backend {backend} cannot run here: {exc} (--define-backend auto picks the "
+                         f"fastest one that can)") from None  # fmt: skip
+
+
 def build_input(
     kind: str,
     vocab_size: int,

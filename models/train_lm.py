@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .adaptive import check_cutoffs
 from .awd_lstm import AWDLSTM, NTASGD, AWDLSTMConfig
-from .common import EMBEDDINGS, detach_state, state_to
+from .common import EMBEDDINGS, check_define_backend, detach_state, state_to
 from .data import BpttBatcher, Corpus, DataError, batchify, shard_streams
 from .lstm_lm import LSTMLM, LSTMLMConfig
 from .trainer import (
@@ -39,6 +39,7 @@ from .trainer import (
     add_loop_arguments,
     all_reduce_sum,
     load_checkpoint,
+    perplexity,
     resolve_run,
     run_command,
     run_stamp,
@@ -116,11 +117,12 @@ MODEL_KEYS = {
     "transformer-xl": {"d_model", "n_layer", "n_head", "d_head", "d_inner", "dropout", "dropatt", "mem_len",
                        "eval_mem_len", "clamp_len", "tie"},
 }  # fmt: skip
-# Settings a resumed run may change: budgets, logging, evaluation, compilation and where things are.
+# Settings a resumed run may change: budgets, logging, evaluation, compilation, where things are, and
+# the learning rate (the schedule rescaled, see Trainer) and clipping, the remedies for a non-finite loss.
 RESUME_IGNORE = {
     "data", "cache_dir", "out", "epochs", "max_steps", "eval_every", "save_every", "log_every", "define_backend",
     "device", "progress", "eval_batch_size", "test_batch_size", "eval_bptt", "eval_mem_len", "max_eval_tokens",
-    "compile",
+    "compile", "lr", "clip",
 }  # fmt: skip
 
 
@@ -130,7 +132,7 @@ class LMTask:
     windows, the recurrent state (LSTM hidden / Transformer-XL memory) carried between windows."""
 
     def __init__(self, model: nn.Module, corpus: Corpus, cfg: dict[str, Any], dist: Dist) -> None:
-        self.model, self.cfg, self.dist = model, cfg, dist
+        self.model, self.cfg, self.dist, self.corpus = model, cfg, dist, corpus
         train = corpus.train[: cfg["max_train_tokens"]] if cfg["max_train_tokens"] else corpus.train
         self.streams = shard_streams(batchify(train, cfg["batch_size"]), dist.rank, dist.world_size)  # [L, B/W]
         self.batcher = BpttBatcher(self.streams, cfg["bptt"], variable=cfg["variable_bptt"], seed=cfg["seed"])
@@ -139,6 +141,14 @@ class LMTask:
             "valid": (corpus.valid[:limit] if limit else corpus.valid, cfg["eval_batch_size"]),
             "test": (corpus.test[:limit] if limit else corpus.test, cfg["test_batch_size"]),
         }
+        for split, (ids, streams) in self.eval_sets.items():  # here, not after hours of training
+            if ids.numel() // max(streams, 1) < 2:
+                flag = "--eval-batch-size" if split == "valid" else "--test-batch-size"
+                sliced = bool(limit) and limit < len(getattr(corpus, split))
+                cut = f" (cut to --max-eval-tokens {limit})" if sliced else ""
+                more = f"give --max-eval-tokens at least {2 * streams} or " if sliced else ""
+                raise DataError(f"the {split} split's {ids.numel()} tokens{cut} are too few for {flag} {streams} "
+                                f"(every stream needs at least 2 tokens): {more}use a smaller {flag}")  # fmt: skip
         self.epoch = -1
         self.state: Any = None
 
@@ -183,7 +193,7 @@ class LMTask:
                 count += targets.numel()
         total_sum, count_sum = all_reduce_sum([total.item(), float(count)], self.dist)
         loss = total_sum / count_sum
-        return {"loss": loss, "ppl": math.exp(min(loss, 700))}
+        return {"loss": loss, "ppl": perplexity(loss)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batcher": self.batcher.state_dict(), "state": self.state}
@@ -288,7 +298,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=S, help="output directory (default runs/lm/<arch>-<embedding>-<time>)")
     p.add_argument("--cache-dir", default=S, help="where token ids are cached (default ~/.cache/define_ops)")
     p.add_argument("--resume", nargs="?", const="", default=None, help="continue from CHECKPOINT (default OUT/last.pt)")
-    p.add_argument("--eval-only", metavar="CHECKPOINT", default=None, help="report valid/test perplexity and exit")
+    p.add_argument("--eval-only", metavar="CHECKPOINT", default=None,
+                   help="report valid/test perplexity of the whole splits and exit (--max-eval-tokens N: of their "
+                   "first N tokens; the limit the checkpoint trained with is not reused)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds a checkpoint")
     p.add_argument("--dry-run", action="store_true", help="2 steps on a few windows, tiny evaluation (smoke test)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -330,7 +342,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--lr-milestones", type=int, nargs="*", default=S, help="epochs where multistep divides the lr")
     t.add_argument("--lr-gamma", type=float, default=S)
     t.add_argument("--warmup-steps", type=int, default=S)
-    t.add_argument("--lr-decay-steps", type=int, default=S, help="cosine: steps to reach 0 (default --max-steps)")
+    t.add_argument("--lr-decay-steps", type=int, default=S,
+                   help="cosine: steps to reach 0 (default --max-steps), fixed for the run")  # fmt: skip
     t.add_argument("--nonmono", type=int, default=S, help="NT-ASGD patience in validations")
     t.add_argument("--batch-size", type=int, default=S, help="parallel streams, over all processes")
     t.add_argument("--eval-batch-size", type=int, default=S)
@@ -352,7 +365,9 @@ def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None = None)
     if given.get("max_steps") == 0:
         given["max_steps"] = None
     if base is not None:
-        return {**base, **given}
+        cfg = {**base, **given}
+        _check_schedule_horizon(base, cfg)
+        return cfg
     preset = PRESETS[given["preset"]] if "preset" in given else {}
     arch = given.get("arch", preset.get("arch"))
     if arch is None:
@@ -376,6 +391,22 @@ def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None = None)
 CONTROL = {"resume", "eval_only", "overwrite", "dry_run", "no_progress"}
 
 
+def _check_schedule_horizon(base: dict[str, Any], cfg: dict[str, Any]) -> None:
+    """The cosine schedule reaches lr 0 at the lr_decay_steps its run started with (the checkpoint
+    holds it): a budget extended past that on resume would train on at lr 0, learning nothing."""
+    end, budget = cfg["lr_decay_steps"], cfg["max_steps"]
+    if cfg["scheduler"] != "cosine" or end is None or budget == base["max_steps"]:
+        return  # (a changed --scheduler is refused by the configuration check)
+    if budget is not None and budget <= end:
+        return
+    raise ValueError(
+        f"--max-steps {budget or 0} goes past the end of this run's cosine schedule, which reaches lr 0 at step "
+        f"{end} (its --lr-decay-steps, fixed when the run started): the steps after it would not learn. Resume "
+        f"with --max-steps {end} at most, or start a new run whose --lr-decay-steps (default: --max-steps) covers "
+        f"the whole budget"
+    )
+
+
 def _dry_run(cfg: dict[str, Any]) -> dict[str, Any]:
     cfg = dict(cfg, max_steps=2, epochs=1, eval_every=0, log_every=1)
     cfg["max_train_tokens"] = cfg["batch_size"] * cfg["bptt"] * 3 + cfg["batch_size"]
@@ -394,6 +425,8 @@ def load_corpus(cfg: dict[str, Any], dist: Dist) -> Corpus:
 
 def build_trainer(cfg: dict[str, Any], dist: Dist, corpus: Corpus | None = None, *, progress: bool = True) -> Trainer:
     """Everything a run needs, from its resolved settings. Adds vocab_size/vocab_digest to ``cfg``."""
+    if cfg["embedding"] == "define":
+        check_define_backend(cfg["define_backend"], dist.device)
     corpus = corpus or load_corpus(cfg, dist)
     if cfg.get("vocab_digest") not in (None, corpus.vocab_digest()):
         raise CheckpointError(
@@ -418,16 +451,29 @@ def build_trainer(cfg: dict[str, Any], dist: Dist, corpus: Corpus | None = None,
 def _eval_only(args: argparse.Namespace, dist: Dist) -> int:
     state = load_checkpoint(args.eval_only)
     cfg = dict(state["config"])
-    for key in ("data", "cache_dir", "device", "eval_batch_size", "test_batch_size", "eval_bptt", "max_eval_tokens"):
+    # where and how it runs and what it is scored on; never what the checkpoint's model is
+    overrides = ("data", "cache_dir", "device", "define_backend", "eval_batch_size", "test_batch_size", "eval_bptt")
+    for key in overrides:
         if hasattr(args, key):
             cfg[key] = getattr(args, key)
+    # the whole splits unless asked: a training run's quick-validation slice is not the checkpoint's score
+    cfg["max_eval_tokens"] = getattr(args, "max_eval_tokens", None)
     cfg["out"] = getattr(args, "out", str(Path(args.eval_only).parent))
     trainer = build_trainer(cfg, dist, progress=False)
     trainer.load(args.eval_only, full=False, check_config=False)
-    results = {split: trainer.evaluate(split) for split in ("valid", "test")}
+    task: LMTask = trainer.task  # type: ignore[assignment]
+    results, scope = {}, []
+    for split in ("valid", "test"):
+        ids, streams = task.eval_sets[split]
+        whole = len(getattr(task.corpus, split))
+        # batchify keeps streams x (n // streams) tokens; the first token of each stream is only an input
+        scored = (ids.numel() // streams - 1) * streams
+        results[split] = {**trainer.evaluate(split), "tokens": scored, "split_tokens": whole}
+        sliced = f", a slice: the first {ids.numel()} of {whole} (--max-eval-tokens)" if ids.numel() < whole else ""
+        scope.append(f"{split} ppl {results[split]['ppl']:.2f} ({scored} tokens scored{sliced})")
     if dist.is_main:
         print(json.dumps({"checkpoint": str(args.eval_only), "step": state["trainer"]["step"], **results}))
-        print(f"valid ppl {results['valid']['ppl']:.2f} | test ppl {results['test']['ppl']:.2f}")
+        print(" | ".join(scope))
     return 0
 
 
@@ -443,7 +489,7 @@ def _run(args: argparse.Namespace, dist: Dist) -> int:
     if args.eval_only:
         return _eval_only(args, dist)
     default_out = lambda cfg: str(Path("runs") / "lm" / f"{cfg['arch']}-{cfg['embedding']}-{run_stamp(dist)}")
-    cfg, resume = resolve_run(args, resolve_config, default_out)
+    cfg, resume = resolve_run(args, resolve_config, default_out, RESUME_IGNORE)
     if args.dry_run:
         cfg = _dry_run(cfg)
     cfg.setdefault("cache_dir", None)
@@ -457,7 +503,7 @@ def _run(args: argparse.Namespace, dist: Dist) -> int:
     if result.status == "interrupted":
         return 128 + (result.signal or 0)
     if dist.is_main and result.test is not None:
-        best_ppl = math.exp(min(result.best["value"], 700))
+        best_ppl = perplexity(result.best["value"]) if result.best["value"] is not None else math.nan
         summary = {"arch": cfg["arch"], "embedding": cfg["embedding"], "steps": result.step,
                    "best_step": result.best["step"], "valid_ppl": best_ppl, "test_ppl": result.test["ppl"],
                    "tokens_per_s": result.tokens_per_s, "parameters": count_parameters(trainer.model),

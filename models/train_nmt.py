@@ -34,6 +34,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
 
+from .common import check_define_backend
 from .data import DataError
 from .nmt import INPUTS, NMTConfig, Transformer, count_parameters
 from .nmt_data import (
@@ -54,12 +55,13 @@ from .trainer import (
     Trainer,
     add_loop_arguments,
     all_reduce_sum,
+    perplexity,
     resolve_run,
     run_command,
     run_stamp,
     seed_everything,
 )
-from .translate import corpus_bleu, translate_ids
+from .translate import corpus_bleu, translate_ids, truncate_sources
 
 # Transformer base (Vaswani et al. 2017) with OpenNMT-py's recommended training settings, which the
 # paper used (define_paper.md §5.4), and DeFINE n=128, k=1024, N=3, m=512 with the library's
@@ -89,11 +91,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_steps": 1000, "eval_every": 250, "log_every": 25, "eval_max_tokens": 4096, "eval_beam": 1,
     },
 }  # fmt: skip
-# Settings a resumed run may change: budgets, logging, evaluation, compilation and where things are.
+# Settings a resumed run may change: budgets, logging, evaluation, compilation, where things are, and
+# the learning rate (the schedule rescaled, see Trainer) and clipping, the remedies for a non-finite loss.
 RESUME_IGNORE = {
     "data", "out", "epochs", "max_steps", "eval_every", "save_every", "log_every", "define_backend", "device",
     "eval_max_tokens", "eval_beam", "lenpen", "max_len_a", "max_len_b", "eval_bleu_lines", "max_eval_lines",
-    "compile",
+    "compile", "lr", "clip",
 }  # fmt: skip
 CONTROL = {"resume", "overwrite", "dry_run", "no_progress"}
 
@@ -105,7 +108,7 @@ class NMTTask:
     batch list (rebuilt identically from the seed), so a resumed run sees the same batches."""
 
     def __init__(self, bpe: Subwords, corpus: dict[str, tuple[list[str], list[str]]], cfg: dict[str, Any],
-                 dist: Dist) -> None:  # fmt: skip
+                 dist: Dist, files: dict[str, tuple[Path, Path]] | None = None) -> None:  # fmt: skip
         self.bpe, self.cfg, self.dist = bpe, cfg, dist
         src, tgt = corpus["train"]
         src_ids, tgt_ids = bpe.encode(src, "src"), bpe.encode(tgt, "tgt")
@@ -120,9 +123,28 @@ class NMTTask:
         self.eval_sets = {}
         for split in ("valid", "test"):
             s, t = corpus[split]
-            self.eval_sets[split] = (bpe.encode(s, "src"), bpe.encode(t, "tgt"), t)
+            where = " / ".join(map(str, files[split])) if files else split
+            self.eval_sets[split] = self._eval_set(bpe.encode(s, "src"), bpe.encode(t, "tgt"), t, where)
         self.epoch, self.pos = -1, 0
         self.last_hypotheses: dict[str, list[str]] = {}
+
+    def _eval_set(self, src: list[list[int]], tgt: list[list[int]], references: list[str],
+                  where: str) -> tuple[list[list[int]], list[list[int]], list[str], list[int]]:  # fmt: skip
+        """(sources for decoding, targets, references, indices of the pairs the loss scores). A pair
+        longer than the model's positions (eos/bos included) cannot be scored: it is left out of
+        the loss; its source is cut to fit for decoding, so BLEU still covers every line."""
+        positions = self.cfg["max_positions"]
+        decode_src, cut = truncate_sources(src, positions)
+        too_long = set(cut) | {i for i, ids in enumerate(tgt) if len(ids) + 1 > positions}
+        long, scored = sorted(too_long), [i for i in range(len(src)) if i not in too_long]
+        if not scored:
+            raise DataError(f"{where}: every pair is longer than --max-positions {positions} allows")
+        if long and self.dist.is_main:
+            named = ", ".join(str(i + 1) for i in long[:10]) + (f" and {len(long) - 10} more" if len(long) > 10 else "")
+            print(f"warning: {where}: line(s) {named} hold more pieces than --max-positions {positions} (eos "
+                  f"included): left out of the loss; sources cut to their first {positions - 1} pieces for BLEU",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        return decode_src, tgt, references, scored
 
     def steps_per_epoch(self) -> int:
         return len(self.batcher.batches(max(self.epoch, 0)))
@@ -160,15 +182,16 @@ class NMTTask:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
         cfg, dist = self.cfg, self.dist
-        src, tgt, references = self.eval_sets[split]
+        src, tgt, references, scored = self.eval_sets[split]
         total = torch.zeros((), dtype=torch.float64, device=dist.device)
         count = 0
-        for indices in eval_batches([len(s) + 1 for s in src], cfg["eval_max_tokens"], dist.rank, dist.world_size):
-            source, tgt_in, tgt_out, tokens = self._collate(src, tgt, indices)
+        lengths = [len(src[i]) + 1 for i in scored]
+        for batch in eval_batches(lengths, cfg["eval_max_tokens"], dist.rank, dist.world_size):
+            source, tgt_in, tgt_out, tokens = self._collate(src, tgt, [scored[j] for j in batch])
             total += self.losses(model, source, tgt_in, tgt_out)[1].double()
             count += tokens
         total_sum, count_sum = all_reduce_sum([total.item(), float(count)], dist)
-        metrics = {"loss": total_sum / count_sum, "ppl": math.exp(min(total_sum / count_sum, 700))}
+        metrics = {"loss": total_sum / count_sum, "ppl": perplexity(total_sum / count_sum)}
         lines = len(src) if cfg["eval_bleu_lines"] is None else min(cfg["eval_bleu_lines"], len(src))
         if lines:
             out = translate_ids(model, src[:lines], beam=cfg["eval_beam"], lenpen=cfg["lenpen"],
@@ -229,7 +252,8 @@ def build_optimizer(cfg: dict[str, Any], model: nn.Module) -> tuple[torch.optim.
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, InverseSqrt(cfg["warmup_steps"]))
 
 
-def load_corpus(cfg: dict[str, Any]) -> dict[str, tuple[list[str], list[str]]]:
+def load_corpus(cfg: dict[str, Any]) -> tuple[dict[str, tuple[list[str], list[str]]], dict[str, tuple[Path, Path]]]:
+    """({split: (source lines, target lines)}, {split: (source file, target file)})."""
     files = find_parallel_files(cfg["data"], cfg["src"], cfg["tgt"])
     corpus = {split: read_parallel(*paths) for split, paths in files.items()}
     if cfg["max_train_pairs"]:
@@ -237,7 +261,7 @@ def load_corpus(cfg: dict[str, Any]) -> dict[str, tuple[list[str], list[str]]]:
     if cfg["max_eval_lines"]:
         for split in ("valid", "test"):
             corpus[split] = tuple(side[: cfg["max_eval_lines"]] for side in corpus[split])
-    return corpus
+    return corpus, files
 
 
 def prepare_bpe(cfg: dict[str, Any], corpus: dict, dist: Dist, source_dir: str | None) -> Subwords:
@@ -267,9 +291,11 @@ def prepare_bpe(cfg: dict[str, Any], corpus: dict, dist: Dist, source_dir: str |
 def build_trainer(cfg: dict[str, Any], dist: Dist, *, resume_dir: str | None = None,
                   progress: bool = True) -> Trainer:  # fmt: skip
     """Everything a run needs, from its resolved settings."""
-    corpus = load_corpus(cfg)
+    if "define" in (cfg["src_embedding"], cfg["tgt_embedding"]):
+        check_define_backend(cfg["define_backend"], dist.device)
+    corpus, files = load_corpus(cfg)
     bpe = prepare_bpe(cfg, corpus, dist, resume_dir)
-    task = NMTTask(bpe, corpus, cfg, dist)
+    task = NMTTask(bpe, corpus, cfg, dist, files)
     seed_everything(cfg["seed"])  # same initial weights on every rank
     model = build_model(cfg).to(dist.device)
     optimizer, scheduler = build_optimizer(cfg, model)
@@ -401,7 +427,7 @@ def _run(args: argparse.Namespace, dist: Dist) -> int:
         name = f"{cfg['src']}-{cfg['tgt']}-{cfg['src_embedding']}-{cfg['tgt_embedding']}-{run_stamp(dist)}"
         return str(Path("runs") / "nmt" / name)
 
-    cfg, resume = resolve_run(args, resolve_config, default_out)
+    cfg, resume = resolve_run(args, resolve_config, default_out, RESUME_IGNORE)
     resume_dir = str(Path(resume).parent) if resume is not None else None
     if args.dry_run:
         cfg = _dry_run(cfg)
@@ -421,7 +447,8 @@ def _run(args: argparse.Namespace, dist: Dist) -> int:
     if dist.is_main and result.test is not None:
         valid = result.valid or {}
         bleu = f" | test BLEU {report['score']:.2f} ({report['signature']})" if report else ""
-        print(f"best valid {cfg['metric']} {result.best['value']:.4g} (step {result.best['step']}) | "
+        best = result.best["value"] if result.best["value"] is not None else math.nan
+        print(f"best valid {cfg['metric']} {best:.4g} (step {result.best['step']}) | "
               f"valid loss {valid.get('loss', float('nan')):.3f} | test loss {result.test['loss']:.3f}{bleu} | "
               f"train {result.tokens_per_s:,.0f} tokens/s | checkpoints in {cfg['out']}")  # fmt: skip
     return 0

@@ -153,6 +153,14 @@ class FitResult:
     signal: int | None = None
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), inf where that overflows a float (a diverged model's perplexity is not 1e304)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
 # ------------------------------------------------------------------------------- distributed
 @dataclass
 class Dist:
@@ -170,15 +178,36 @@ class Dist:
         return self.world_size > 1
 
 
+def resolve_device(name: str | None = None) -> torch.device:
+    """The device ``--device NAME`` asks for (None: cuda if available, else cpu), with an index on
+    CUDA; ValueError saying why where NAME is not a device this machine has."""
+    if not name:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"--device {name}: training and translation run on cpu or cuda[:N], not {device.type}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ValueError(f"--device {name}: no CUDA device is available on this machine (use --device cpu)")
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
 def init_distributed(device: str | None = None) -> Dist:
     """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the process group:
     NCCL on CUDA, gloo on the CPU. Without those variables: one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device)
     if dev.type == "cuda":
-        if world > 1:
-            dev = torch.device("cuda", local)
+        if world > 1:  # one GPU per process, whichever --device named
+            dev = resolve_device(f"cuda:{local}")
         torch.cuda.set_device(dev)
     if world > 1 and not torch_dist.is_initialized():
         torch_dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
@@ -225,14 +254,18 @@ def run_stamp(dist: Dist) -> str:
 
 
 def resolve_run(
-    args: Any, resolve_config: Callable[..., dict[str, Any]], default_out: Callable[[dict[str, Any]], str]
+    args: Any,
+    resolve_config: Callable[..., dict[str, Any]],
+    default_out: Callable[[dict[str, Any]], str],
+    resume_ignore: Iterable[str] = (),
 ) -> tuple[dict[str, Any], str | None]:
     """(settings, checkpoint to resume from or None) from a training command's arguments.
 
     ``--resume [CHECKPOINT]`` continues a run (default OUT/last.pt; the run directory is where the
-    checkpoint is, unless --out says otherwise), its settings under the flags given; otherwise a
-    fresh run, in ``default_out(settings)`` without --out, which never silently replaces an existing
-    run (``--overwrite`` allows it).
+    checkpoint is, unless --out says otherwise), its settings under the flags given, which may
+    change only ``resume_ignore`` (checked here, before anything is built from the settings);
+    otherwise a fresh run, in ``default_out(settings)`` without --out, which never silently
+    replaces an existing run (``--overwrite`` allows it).
     """
     resume = args.resume
     if resume is not None:
@@ -240,7 +273,10 @@ def resolve_run(
             if not hasattr(args, "out"):
                 raise ValueError("--resume without a path needs --out (the run directory)")
             resume = str(Path(args.out) / "last.pt")
-        cfg = resolve_config(args, base=load_checkpoint(resume)["config"])
+        base = load_checkpoint(resume)["config"]
+        cfg = resolve_config(args, base=base)
+        # e.g. another --arch: its model would be built from settings of the checkpoint's kind
+        check_compatible(base, _json_safe(cfg), resume_ignore, resume)
         if not hasattr(args, "out"):  # the run directory is where the checkpoint is now
             cfg["out"] = str(Path(resume).parent)
         return cfg, resume
@@ -321,6 +357,18 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             tmp.unlink()
 
 
+def _load_failure_reason(exc: Exception) -> str:
+    """The line of torch.load's error that says what was refused (e.g. "Trying to load unsupported
+    GLOBAL posix.system ..."), without the boilerplate around it, which advises weights_only=False."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:  # what follows this marker is the reason (on torch 2.13: a line below)
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    causes = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(boilerplate)]
+    reason = causes[0] if causes else type(exc).__name__
+    return reason.split(" Please use `torch.serialization", 1)[0]
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint as data only (``weights_only=True``): tensors and plain Python values."""
     path = Path(path)
@@ -329,8 +377,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-        reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0])
+        reason = _load_failure_reason(exc)
         raise CheckpointError(
             f"refusing to load {path}: it is not a plain-data checkpoint or is damaged "
             f"(only tensors and basic Python values are accepted; loader said: {reason})"
@@ -427,6 +474,7 @@ class Trainer:
         self.train_tokens = 0
         self._signal: int | None = None
         self._stop = False
+        self._step_lr = 0.0
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(config.seed + self.dist.rank)
@@ -500,7 +548,16 @@ class Trainer:
             "task": _gather(_to_cpu(self.task.state_dict()), self.dist),
         }
 
+    def _weights_finite(self) -> bool:
+        # the largest magnitude over every parameter in one fused reduction; NaN propagates
+        params = [p.detach() for p in self.model.parameters()]
+        return not params or bool(torch.isfinite(nn.utils.get_total_norm(params, norm_type=math.inf)))
+
     def save_last(self, *, best: bool = False) -> None:
+        """Write last.pt (and best.pt as a link to it); refuses weights that are not finite, so a
+        checkpoint on disk can always be resumed or evaluated."""
+        if not self._weights_finite():  # every rank holds the same weights: all raise together
+            self._raise_nonfinite("weights", math.nan, after_step=True)
         state = self.state_dict()  # every rank takes part in the gather
         if self.dist.is_main:
             atomic_save(state, self.last_path)
@@ -535,6 +592,7 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"] is not None and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
+        self._rescale_lr(state["config"].get("lr"), self.run_config.get("lr"))
         t = state["trainer"]
         self.step, self.epoch, self.best = t["step"], t["epoch"], dict(t["best"])
         self.last_valid_step, self.last_valid = t["last_valid_step"], t["last_valid"]
@@ -543,6 +601,32 @@ class Trainer:
         set_rng_state(state["rng"][self.dist.rank])
         self.task.load_state_dict(state["task"][self.dist.rank])
         return state
+
+    def _rescale_lr(self, saved: float | None, new: float | None) -> None:
+        """A run resumed under another ``lr`` (its run_config's base or peak rate): every group's rate,
+        and the base rates the scheduler multiplies by its factor, scale by new / saved, so the
+        schedule goes on from where it was at the new height."""
+        if saved is None or new is None or saved == new:
+            return
+        if saved == 0:
+            raise CheckpointError(f"the checkpoint's learning rate is 0: a new --lr {new} cannot be scaled from it")
+        ratio = new / saved
+        for group in self.optimizer.param_groups:
+            group["lr"] *= ratio
+            if "initial_lr" in group:
+                group["initial_lr"] = new if group["initial_lr"] == saved else group["initial_lr"] * ratio
+        if self.scheduler is not None:
+            self.scheduler.base_lrs = [new if lr == saved else lr * ratio for lr in self.scheduler.base_lrs]
+            if hasattr(self.scheduler, "_last_lr"):
+                self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def _note_resume_changes(self, saved: dict[str, Any]) -> None:
+        changed = {key: [saved.get(key), self.run_config.get(key)] for key in sorted(self.resume_ignore)
+                   if saved.get(key) != self.run_config.get(key)}  # fmt: skip
+        if changed:
+            self.log({"event": "resume", "step": self.step, "changed": changed})
+            self.print("note: resumed with changed settings: "
+                       + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items()))  # fmt: skip
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, split: str) -> dict[str, float]:
@@ -555,22 +639,29 @@ class Trainer:
         finally:
             self.model.train(was_training)
 
-    def _is_better(self, value: float) -> bool:
+    def _is_better(self, value: float, scheduled: bool) -> bool:
+        if not math.isfinite(value):  # a NaN/inf validation result is never the best
+            return False
         best = self.best["value"]
         if best is None:
             return True
+        if scheduled != self.best.get("scheduled", True):  # (checkpoints from before the flag: all scheduled)
+            return scheduled  # a scheduled result replaces an off-schedule best; never the other way round
         return value < best if self.cfg.mode == "min" else value > best
 
-    def _validate(self, *, observe: bool = True) -> dict[str, float]:
+    def _validate(self, *, scheduled: bool = True) -> dict[str, float]:
+        """Validate, log, save last.pt, and best.pt where the result is the best so far. Results off
+        the schedule (the final step's, when it is not a validation step) count only until a scheduled
+        one exists: a run extended on resume then picks the best an uninterrupted run picks."""
         metrics = self.evaluate("valid")
         value = metrics[self.cfg.metric]
-        if observe and hasattr(self.optimizer, "observe"):
+        if scheduled and hasattr(self.optimizer, "observe"):  # only on the schedule, so a later resume stays exact
             self.optimizer.observe(value)
-        improved = self._is_better(value)
+        improved = self._is_better(value, scheduled)
         if improved:
-            self.best = {"value": value, "step": self.step}
+            self.best = {"value": value, "step": self.step, "scheduled": scheduled}
         self.last_valid_step, self.last_valid = self.step, metrics
-        self.log({"event": "valid", "step": self.step, "epoch": self.epoch, **metrics})
+        self.log({"event": "valid", "step": self.step, "epoch": self.epoch, "scheduled": scheduled, **metrics})
         mark = " *" if improved else ""
         self.print(f"| step {self.step:6d} | epoch {self.epoch:3d} | valid {self._fmt(metrics)}{mark}")
         self.save_last(best=improved)
@@ -581,7 +672,7 @@ class Trainer:
         return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
 
     # ------------------------------------------------------------------ one step
-    def _train_step(self, micro_batches: list[Any]) -> tuple[float, int, float | None]:
+    def _train_step(self, micro_batches: list[Any]) -> tuple[float, int, float]:
         """One optimizer step over ``accum_steps`` micro-batches (fewer at the end of an epoch).
 
         The gradient is the mean over every token of every micro-batch on every rank, whatever
@@ -591,6 +682,10 @@ class Trainer:
         forward reveals this rank's token total; one small all-reduce gives the global total T;
         the accumulated gradients are rescaled and the last loss weighted so that DDP's average
         over ranks becomes the sum over all tokens / T. One batch on one process: weight 1 exactly.
+
+        The step reads the device once, after the last backward: loss, tokens, stop flags and the
+        gradient norm together. A non-finite loss or gradient (with or without clipping) raises
+        before the optimizer touches the weights.
         """
         device = self.dist.device
         world = self.dist.world_size if self.dist.active else 1
@@ -626,30 +721,41 @@ class Trainer:
             nonfinite,
             torch.tensor(float(self._signal is not None), dtype=torch.float64, device=device),
         ])  # fmt: skip
+        total: float | Tensor = float(max(local_tokens, 1))
         if self.dist.active:  # one small collective per step: global loss and tokens, NaN anywhere, stop anywhere
             torch_dist.all_reduce(check)
-        loss_total, total_tokens, nonfinite_count, stop = check.tolist()
-        self._stop = stop > 0
-        if nonfinite_count > 0:
-            self.optimizer.zero_grad(set_to_none=True)
-            self._raise_nonfinite("loss", loss_total / max(total_tokens, 1.0))
-        total_tokens = max(total_tokens, 1.0)
+            total = check[1].clamp_min(1.0)  # stays on the device: the step's one host read comes later
         if len(micro_batches) > 1:
             for param in self.model.parameters():
                 if param.grad is not None:
-                    param.grad.mul_(unit * world / total_tokens)  # DDP then divides the ranks' sum by world
-        weight = tokens * world / total_tokens  # exactly 1.0 for one batch on one process
-        self.scaler.scale(loss if weight == 1.0 else loss * weight).backward()
-        grad_norm = None
+                    param.grad.mul_(unit * world / total)  # DDP then divides the ranks' sum by world
+        weight = tokens * world / total  # exactly 1.0 for one batch on one process
+        if isinstance(weight, Tensor):
+            loss = loss * weight.to(loss.dtype)
+        elif weight != 1.0:
+            loss = loss * weight
+        self.scaler.scale(loss).backward()
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)  # the norm (and clipping) of the true gradient
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros((), device=device)
         if self.cfg.clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip))
-            if not math.isfinite(grad_norm) and not self.scaler.is_enabled():  # fp16 skips such steps itself
-                self._raise_nonfinite("gradient norm", grad_norm)
+            nn.utils.clip_grads_with_norm_(params, self.cfg.clip, norm)
+        readout = torch.cat([check, norm.detach().to(device, torch.float64).reshape(1)])
+        loss_total, total_tokens, nonfinite_count, stop, grad_norm = readout.tolist()
+        self._stop = stop > 0
+        total_tokens = max(total_tokens, 1.0)
+        if nonfinite_count > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._raise_nonfinite("loss", loss_total / total_tokens)
+        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():  # fp16 skips such steps itself
+            self.optimizer.zero_grad(set_to_none=True)
+            self._raise_nonfinite("gradient norm", grad_norm)
         saved_lrs = [group["lr"] for group in self.optimizer.param_groups]
         if lr_scale != 1.0:
             for group in self.optimizer.param_groups:
                 group["lr"] = group["lr"] * lr_scale
+        self._step_lr = self.optimizer.param_groups[0]["lr"]  # logged: the rate this step used, not the next one's
         self.scaler.step(self.optimizer)
         self.scaler.update()
         for group, lr in zip(self.optimizer.param_groups, saved_lrs, strict=True):
@@ -659,14 +765,15 @@ class Trainer:
             self.scheduler.step()
         return loss_total / total_tokens, int(total_tokens), grad_norm
 
-    def _raise_nonfinite(self, what: str, value: float) -> None:
+    def _raise_nonfinite(self, what: str, value: float, *, after_step: bool = False) -> None:
         if self.last_saved_step is not None:
             kept = f"the last good checkpoint, {self.last_path} (step {self.last_saved_step}), is left as it was"
         else:
             kept = "no checkpoint had been written yet"
+        step = self.step if after_step else self.step + 1
         raise NonFiniteLossError(
-            f"non-finite training {what} ({value}) at step {self.step + 1}, epoch {self.epoch}: training stopped "
-            f"without saving; {kept}. Lower the learning rate or enable/tighten gradient clipping, then resume."
+            f"non-finite training {what} ({value}) at step {step}, epoch {self.epoch}: training stopped "
+            f"without saving; {kept}. Resume from it with a lower --lr or a (tighter) --clip."
         )
 
     # ------------------------------------------------------------------ signals
@@ -704,13 +811,15 @@ class Trainer:
         return min(totals) if totals else None
 
     def _trim_metrics(self) -> None:
-        # A run that died after its last checkpoint logged steps the resumed run will redo.
+        # A run that died after its last checkpoint logged steps the resumed run will redo; a run
+        # that had finished logged a test and end record that the resumed one writes anew.
         if not (self.dist.is_main and self.metrics_path.exists()):
             return
         kept = []
         for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
             with contextlib.suppress(json.JSONDecodeError):
-                if json.loads(line).get("step", 0) <= self.step:
+                record = json.loads(line)
+                if record.get("step", 0) <= self.step and record.get("event") not in ("test", "end"):
                     kept.append(line)
         self.metrics_path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
 
@@ -725,9 +834,10 @@ class Trainer:
         """
         cfg = self.cfg
         if resume is not None:
-            self.load(resume)
+            saved = self.load(resume)
             self._trim_metrics()
             self.print(f"resumed from {resume} at step {self.step}, epoch {self.epoch}")
+            self._note_resume_changes(saved["config"])
         else:
             if self.dist.is_main and self.metrics_path.exists():
                 self.metrics_path.unlink()  # a fresh run starts a fresh log
@@ -792,13 +902,13 @@ class Trainer:
         loss = window["loss"] / max(window["tokens"], 1)
         tok_s = window["tokens"] / span
         if bar is not None:
-            ppl = f" ppl {math.exp(min(loss, 50)):.1f}" if self.cfg.show_ppl else ""
+            ppl = f" ppl {perplexity(loss):.1f}" if self.cfg.show_ppl else ""
             bar.set_postfix_str(f"ep {self.epoch} loss {loss:.3f}{ppl} {tok_s:,.0f} tok/s", refresh=False)
             bar.update(1)
         if window["steps"] >= self.cfg.log_every:
             record = {
-                "event": "train", "step": self.step, "epoch": self.epoch, "loss": loss, "ppl": math.exp(min(loss, 700)),
-                "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": tok_s, "grad_norm": grad_norm,
+                "event": "train", "step": self.step, "epoch": self.epoch, "loss": loss, "ppl": perplexity(loss),
+                "lr": self._step_lr, "tokens_per_s": tok_s, "grad_norm": grad_norm,
             }  # fmt: skip
             self.log(record)
             window.update(loss=0.0, tokens=0, steps=0, start=time.perf_counter())
@@ -813,12 +923,12 @@ class Trainer:
                          self._tokens_per_s(), signum)  # fmt: skip
 
     def _tokens_per_s(self) -> float:
-        # every rank processed the same number of tokens per step
-        return self.train_tokens * self.dist.world_size / self.train_time if self.train_time else 0.0
+        # train_tokens already counts every rank's tokens (each step's all-reduced total)
+        return self.train_tokens / self.train_time if self.train_time else 0.0
 
     def _finish(self) -> FitResult:
         if self.last_valid_step != self.step:
-            self._validate(observe=False)  # observe only on the schedule, so a later resume stays exact
+            self._validate(scheduled=False)
         elif self.last_saved_step != self.step:
             self.save_last()
         test = None
@@ -828,8 +938,9 @@ class Trainer:
                 self.load(self.best_path, full=False, check_config=False)
             test = self.evaluate(self.cfg.test_split)
             self.log({"event": "test", "step": self.step, "best_step": self.best["step"], **test})
-            self.print(f"| end | best valid {self.cfg.metric} {self.best['value']:.4g} (step {self.best['step']}) "
-                       f"| {self.cfg.test_split} {self._fmt(test)}")  # fmt: skip
+            best = (f"{self.best['value']:.4g} (step {self.best['step']})" if self.best["value"] is not None
+                    else "none (no finite validation result)")  # fmt: skip
+            self.print(f"| end | best valid {self.cfg.metric} {best} | {self.cfg.test_split} {self._fmt(test)}")
         tok_s = self._tokens_per_s()
         self.log({"event": "end", "step": self.step, "epoch": self.epoch, "tokens_per_s": tok_s})
         return FitResult("done", self.step, self.epoch, dict(self.best), self.last_valid, test, tok_s)

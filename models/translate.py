@@ -7,7 +7,8 @@
 Input is raw text, one sentence per line (UTF-8); it is segmented with the BPE model saved next to
 the checkpoint (``spm.model``, ``vocab.json``), translated in batches of about ``--max-tokens``
 source tokens (lines grouped by length) and written detokenised, one line per input line, in input
-order. Beam search keeps ``--beam`` live
+order (a blank line gives a blank line; a line longer than the model's positions is
+translated from its start, with a warning on stderr naming it). Beam search keeps ``--beam`` live
 hypotheses per sentence, scores finished ones by log-probability / ((5 + length) / 6)^lenpen
 (Wu et al. 2016) and stops a sentence once no live hypothesis can beat its best finished one;
 ``--beam 1`` is greedy decoding. Outputs are at most max_len_a · source length + max_len_b tokens
@@ -26,10 +27,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .common import check_define_backend
 from .data import DataError
 from .nmt import Transformer
 from .nmt_data import BOS, EOS, PAD, Subwords, collate_source, decode_utf8, eval_batches, split_lines
-from .trainer import CheckpointError, load_checkpoint
+from .trainer import CheckpointError, load_checkpoint, resolve_device
 
 
 # ------------------------------------------------------------------------------------- search
@@ -141,14 +143,25 @@ def beam_search(
     return [_strip(row) for row in finished_tokens[:, 0].tolist()]
 
 
+def truncate_sources(sources: Sequence[Sequence[int]], max_positions: int) -> tuple[list[list[int]], list[int]]:
+    """(sources cut to what the encoder's positions hold: max_positions - 1 pieces and eos, the
+    indices of those that were cut)."""
+    limit = max_positions - 1
+    return [list(s[:limit]) for s in sources], [i for i, s in enumerate(sources) if len(s) > limit]
+
+
 def translate_ids(
     model: Transformer, sources: Sequence[Sequence[int]], *, beam: int = 4, lenpen: float = 0.6,
     max_len_a: float = 1.0, max_len_b: int = 50, max_tokens: int = 4096, rank: int = 0, world_size: int = 1,
 ) -> dict[int, list[int]]:  # fmt: skip
-    """{index: output ids} for this rank's share of ``sources`` (source side ids, no eos)."""
+    """{index: output ids} for this rank's share of ``sources`` (source side ids, no eos, within
+    the model's positions: see truncate_sources). An empty source (a blank line) translates to
+    nothing, not to whatever the model says after eos alone."""
     device = next(model.parameters()).device
-    out: dict[int, list[int]] = {}
-    for indices in eval_batches([len(s) + 1 for s in sources], max_tokens, rank, world_size):
+    out: dict[int, list[int]] = {i: [] for i, s in enumerate(sources) if not s}
+    texts = [i for i, s in enumerate(sources) if s]
+    for batch in eval_batches([len(sources[i]) + 1 for i in texts], max_tokens, rank, world_size):
+        indices = [texts[j] for j in batch]
         src = collate_source([sources[i] for i in indices]).to(device)
         hyps = beam_search(model, src, beam=beam, lenpen=lenpen, max_len_a=max_len_a, max_len_b=max_len_b)
         out.update(zip(indices, hyps, strict=True))
@@ -168,15 +181,21 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> dict[st
 
 
 # ------------------------------------------------------------------------------------ loading
-def load_translator(checkpoint: str | Path, device: str | torch.device = "cpu",
-                    bpe_dir: str | Path | None = None) -> tuple[Transformer, Subwords, dict]:  # fmt: skip
-    """The model (eval mode) and BPE model of a train_nmt checkpoint, and the run's settings."""
+def load_translator(checkpoint: str | Path, device: str | torch.device = "cpu", bpe_dir: str | Path | None = None,
+                    define_backend: str | None = None) -> tuple[Transformer, Subwords, dict]:  # fmt: skip
+    """The model (eval mode) and BPE model of a train_nmt checkpoint, and the run's settings
+    (``define_backend``: how DeFINE runs here, default the checkpoint's)."""
     from .train_nmt import build_model
 
+    device = torch.device(device)
     state = load_checkpoint(checkpoint)
     cfg = dict(state["config"])
     if "bpe_digest" not in cfg:
         raise CheckpointError(f"{checkpoint} is not a translation checkpoint (no BPE model recorded)")
+    if define_backend is not None:
+        cfg["define_backend"] = define_backend
+    if "define" in (cfg["src_embedding"], cfg["tgt_embedding"]):
+        check_define_backend(cfg["define_backend"], device)
     bpe = Subwords.load(bpe_dir or Path(checkpoint).parent)
     if bpe.digest() != cfg["bpe_digest"]:
         raise CheckpointError(
@@ -204,7 +223,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-len-a", type=float, default=1.0)
     p.add_argument("--max-len-b", type=int, default=50, help="outputs are at most a * source length + b tokens")
     p.add_argument("--max-tokens", type=int, default=4096, help="source tokens per batch")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--define-backend", default=None, help="auto | reference | cpu | cuda | triton (default: the "
+                   "checkpoint's; the backend changes how DeFINE runs, not what it computes)")  # fmt: skip
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast (CUDA)")
     return p.parse_args(argv)
 
@@ -221,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--beam must be >= 1, got {args.beam}")
         if args.input and not Path(args.input).is_file():
             raise DataError(f"{args.input} does not exist")
-        model, bpe, _ = load_translator(args.checkpoint, args.device, args.bpe_dir)
+        device = resolve_device(args.device)
+        model, bpe, _ = load_translator(args.checkpoint, device, args.bpe_dir, args.define_backend)
         lines = _read_input(args.input)
         references = None
         if args.reference:
@@ -230,8 +252,12 @@ def main(argv: list[str] | None = None) -> int:
             references = read_lines(args.reference)
             if len(references) != len(lines):
                 raise DataError(f"{args.reference} has {len(references)} lines but the input has {len(lines)}")
-        sources = bpe.encode(lines, "src")
-        autocast = torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.precision == "bf16")
+        sources, cut = truncate_sources(bpe.encode(lines, "src"), model.config.max_positions)
+        for i in cut:  # one long line must not cost the whole file: it is translated from its start
+            print(f"warning: {args.input or 'standard input'} line {i + 1}: over the model's "
+                  f"{model.config.max_positions} source positions; translated from its first "
+                  f"{model.config.max_positions - 1} pieces", file=sys.stderr)  # fmt: skip
+        autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
         with autocast:
             out = translate_ids(model, sources, beam=args.beam, lenpen=args.lenpen, max_len_a=args.max_len_a,
                                 max_len_b=args.max_len_b, max_tokens=args.max_tokens)  # fmt: skip

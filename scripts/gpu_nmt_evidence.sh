@@ -80,8 +80,8 @@ for emb in ("define", "standard"):
     with torch.device("meta"):
         params = count_parameters(build_model(cfg))
     metrics = [json.loads(line) for line in (runs / emb / "metrics.jsonl").read_text().splitlines()]
-    end = next(m for m in metrics if m["event"] == "end")
-    greedy = next(m for m in metrics if m["event"] == "test")
+    end = [m for m in metrics if m["event"] == "end"][-1]  # the last record of a kind is the one that counts
+    greedy = [m for m in metrics if m["event"] == "test"][-1]
     beam = json.loads((runs / emb / "test.beam4.bleu.json").read_text())
     results["runs"][emb] = {
         "parameters": params, "vocab": cfg["tgt_vocab_size"], "best_step": state["trainer"]["best"]["step"],

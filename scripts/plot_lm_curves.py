@@ -16,7 +16,8 @@ from pathlib import Path
 
 def load_run(run: Path) -> tuple[str, list[int], list[float]]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    valid = sorted((r["step"], r["ppl"]) for r in records if r.get("event") == "valid")
+    # one point per step: where a step was logged twice (a resumed run redid it), the last record counts
+    valid = sorted({r["step"]: r["ppl"] for r in records if r.get("event") == "valid"}.items())
     label = run.name
     summary = run / "summary.json"
     if summary.exists():

@@ -121,6 +121,54 @@ def test_resume_equals_uninterrupted(slice_dir, tmp_path):
         assert strip(records(tmp_path / "a", event)) == strip(records(tmp_path / "b", event)), event
 
 
+def test_extended_run_picks_the_best_an_uninterrupted_run_picks(slice_dir, tmp_path):
+    """The final step's validation off the schedule (10 and 20 here, every 7) is logged and saved
+    but does not compete for best.pt once a scheduled one exists; so 10 steps extended to 20 on
+    resume test the same best weights as 20 steps in one go."""
+    settings = ["--max-train-pairs", "150", "--max-tokens", "512", "--eval-every", "7", "--max-eval-lines", "10",
+                "--eval-bleu-lines", "5", "--metric", "loss"]  # fmt: skip
+    assert train_nmt.main(argv(slice_dir, tmp_path / "a", *settings, "--max-steps", "20")) == 0
+    assert train_nmt.main(argv(slice_dir, tmp_path / "b", *settings, "--max-steps", "10")) == 0
+    assert train_nmt.main(["--resume", str(tmp_path / "b" / "last.pt"), "--max-steps", "20", "--no-progress"]) == 0
+    valid = {r["step"]: r for r in records(tmp_path / "a", "valid")}
+    assert sorted(valid) == [7, 14, 20] and not valid[20]["scheduled"]
+    strip = lambda r: {k: v for k, v in r.items() if k != "time"}
+    (a,), (b,) = records(tmp_path / "a", "test"), records(tmp_path / "b", "test")  # one test record each
+    assert a["best_step"] in (7, 14) and strip(a) == strip(b)
+    bleu = [json.loads((tmp_path / run / "test.bleu.json").read_text())["score"] for run in ("a", "b")]
+    assert bleu[0] == bleu[1]
+
+
+LONG = ("A man in a blue shirt is playing with two dogs in the park near the water . " * 30).strip()  # > 256 pieces
+
+
+def test_an_over_long_eval_pair_is_left_out_of_the_loss_and_cut_for_bleu(slice_dir, tmp_path, capsys):
+    def pairs(split, count):
+        src, tgt = ((slice_dir / f"{split}.{lang}").read_text(encoding="utf-8").splitlines() for lang in ("en", "de"))
+        return list(zip(src, tgt, strict=True))[:count]
+
+    evaluation = pairs("val", 2) + [(LONG, LONG)] + pairs("val", 6)[2:]
+    data = write_parallel(tmp_path / "data", {"train": pairs("train", 200), "val": evaluation, "test": evaluation})
+    assert train_nmt.main(argv(data, tmp_path / "run", "--dry-run")) == 0
+    err = capsys.readouterr().err
+    assert f"{data / 'val.en'} / {data / 'val.de'}: line(s) 3 hold more pieces than --max-positions 256" in err
+    assert f"{data / 'test.en'} / {data / 'test.de'}: line(s) 3" in err
+    assert len((tmp_path / "run" / "test.hyp.de").read_text(encoding="utf-8").splitlines()) == 7  # every line
+    assert json.loads((tmp_path / "run" / "test.bleu.json").read_text())["lines"] == 7
+
+
+def test_translate_cuts_an_over_long_line_and_keeps_blank_lines(trained, tmp_path, capsys):
+    source, hyp = tmp_path / "in.en", tmp_path / "out.de"
+    source.write_text(f"A dog runs.\n{LONG}\n\nA man sleeps.\n", encoding="utf-8")
+    code = translate.main([str(trained / "best.pt"), "--input", str(source), "--output", str(hyp), "--beam", "2",
+                           "--device", "cpu"])  # fmt: skip
+    assert code == 0
+    assert f"{source} line 2: over the model's 256 source positions" in capsys.readouterr().err
+    lines = hyp.read_text(encoding="utf-8").split("\n")
+    assert len(lines) == 5 and lines[-1] == ""  # four lines, aligned with the input
+    assert lines[2] == "" and lines[0] and lines[1] and lines[3]
+
+
 # ------------------------------------------------------------------------------------- decoding
 def test_bleu_of_a_known_hypothesis_file_matches_sacrebleus_cli(slice_dir, tmp_path):
     references = (slice_dir / "test.de").read_text(encoding="utf-8").splitlines()
@@ -221,6 +269,18 @@ def test_command_line_errors_are_clear(slice_dir, trained, tmp_path, capsys):
     other = tmp_path / "other_bpe"
     Subwords.train(["a b c d"] * 20, ["e f g h"] * 20, vocab_size=20).save(other)
     assert "is not the one" in translate_error(trained / "best.pt", "--input", source, "--bpe-dir", other)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages of a machine without CUDA")
+def test_device_and_backend_errors_are_clear(slice_dir, trained, tmp_path, capsys):
+    for flags, message in ((["--define-backend", "cuda"], "--define-backend cuda cannot run here"),
+                           (["--device", "gpu"], "--device 'gpu' is not a device"),
+                           (["--device", "cuda"], "--device cuda: no CUDA device is available")):  # fmt: skip
+        assert train_nmt.main(argv(slice_dir, tmp_path / "o", "--dry-run", *flags)) == 2
+        assert message in capsys.readouterr().err
+        assert translate.main([str(trained / "best.pt"), "--input", str(slice_dir / "test.en"), *flags]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before the BPE model was trained
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")

@@ -3,6 +3,7 @@ slice, overfitting a tiny slice, presets, command-line errors, --eval-only, a re
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -95,6 +96,25 @@ def test_eval_only_reports_the_checkpoint(corpus_dir, cache_dir, tmp_path, capsy
     assert report["test"]["ppl"] == pytest.approx(best["ppl"], rel=1e-9)
 
 
+def test_eval_only_scores_the_whole_splits_unless_told_and_says_how_much(corpus_dir, cache_dir, tmp_path, capsys):
+    assert main(argv("lstm", corpus_dir, cache_dir, tmp_path, "--max-steps", "2", "--max-eval-tokens", "300")) == 0
+    sliced = records(tmp_path, "test")[0]
+    capsys.readouterr()
+    assert main(["--eval-only", str(tmp_path / "best.pt"), "--cache-dir", str(cache_dir)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    report = json.loads(out[0])
+    whole = report["valid"]["split_tokens"]
+    assert whole > 300 and report["valid"]["tokens"] == (whole // 10 - 1) * 10  # 10 streams, all of the split
+    assert "slice" not in out[1] and f"({report['valid']['tokens']} tokens scored)" in out[1]
+    # asked for a slice: the training run's own numbers, and the output says it is one
+    assert main(["--eval-only", str(tmp_path / "best.pt"), "--cache-dir", str(cache_dir), "--max-eval-tokens",
+                 "300"]) == 0  # fmt: skip
+    out = capsys.readouterr().out.splitlines()
+    report = json.loads(out[0])
+    assert report["test"]["ppl"] == pytest.approx(sliced["ppl"], rel=1e-9) and report["test"]["tokens"] == 290
+    assert f"test ppl {report['test']['ppl']:.2f} (290 tokens scored, a slice: the first 300 of " in out[1]
+
+
 def test_presets_carry_the_paper_settings():
     table9 = resolve_config(parse_args(["--preset", "lstm_wt103", "--data", "x"]))
     assert table9["arch"] == "lstm" and table9["optimizer"] == "sgd" and table9["lr"] == 20.0
@@ -128,6 +148,60 @@ def test_command_line_errors_are_clear(corpus_dir, cache_dir, tmp_path, capsys):
     message = error("--resume", str(tmp_path / "run" / "last.pt"), "--hidden", "48")
     assert "different configuration" in message and "hidden: checkpoint 32, this run 48" in message
     assert "not a plain-data checkpoint" in error("--eval-only", str(REPO / "README.md"))
+
+
+def test_resume_under_another_arch_is_refused_before_building(corpus_dir, cache_dir, tmp_path, capsys):
+    assert main(argv("lstm", corpus_dir, cache_dir, tmp_path, "--dry-run")) == 0
+    capsys.readouterr()
+    for arch in ("transformer-xl", "awd-lstm"):  # their models need settings an LSTM run never had
+        assert main(["--resume", str(tmp_path / "last.pt"), "--arch", arch, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "refusing to resume" in err and f"arch: checkpoint 'lstm', this run '{arch}'" in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages of a machine without CUDA")
+def test_device_and_backend_errors_are_clear(corpus_dir, cache_dir, tmp_path, capsys):
+    def error(*extra):
+        assert main(argv("lstm", corpus_dir, cache_dir, tmp_path / "o", "--dry-run", *extra)) == 2
+        return capsys.readouterr().err
+
+    assert "--define-backend cuda cannot run here" in error("--define-backend", "cuda")
+    assert "--device 'gpu' is not a device: use cpu, cuda or cuda:N" in error("--device", "gpu")
+    assert "--device cuda: no CUDA device is available" in error("--device", "cuda")
+    assert not (tmp_path / "o").exists()  # refused before anything was built
+
+    # a checkpoint trained with the CUDA kernels evaluates on the CPU under another backend
+    assert main(argv("lstm", corpus_dir, cache_dir, tmp_path / "run", "--dry-run")) == 0
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    state["config"]["define_backend"] = "cuda"
+    torch.save(state, tmp_path / "run" / "gpu.pt")
+    capsys.readouterr()
+    assert main(["--eval-only", str(tmp_path / "run" / "gpu.pt")]) == 2
+    assert "--define-backend cuda cannot run here" in capsys.readouterr().err
+    assert main(["--eval-only", str(tmp_path / "run" / "gpu.pt"), "--define-backend", "reference"]) == 0
+    assert "valid ppl" in capsys.readouterr().out
+
+
+def test_resume_past_the_end_of_the_cosine_schedule_is_refused(corpus_dir, cache_dir, tmp_path, capsys):
+    # Transformer-XL's default schedule reaches lr 0 at the first run's --max-steps
+    small = ("--batch-size", "4", "--bptt", "8", "--max-train-tokens", "400", "--max-eval-tokens", "200")
+    assert main(argv("transformer-xl", corpus_dir, cache_dir, tmp_path, *small, "--max-steps", "3")) == 0
+    capsys.readouterr()
+    for budget in ("6", "0"):  # more steps, or no limit
+        assert main(["--resume", str(tmp_path / "last.pt"), "--max-steps", budget, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "goes past the end of this run's cosine schedule, which reaches lr 0 at step 3" in err
+        assert "--lr-decay-steps" in err and "--max-steps 3 at most" in err
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["trainer"]["step"] == 3  # nothing trained at lr 0
+
+
+def test_eval_split_too_small_for_its_batch_is_refused_before_training(corpus_dir, cache_dir, tmp_path, capsys):
+    code = main(argv("lstm", corpus_dir, cache_dir, tmp_path, "--max-steps", "2", "--max-eval-tokens", "15"))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "the valid split's 15 tokens (cut to --max-eval-tokens 15) are too few for --eval-batch-size 10" in err
+    assert "give --max-eval-tokens at least 20" in err
+    assert not (tmp_path / "metrics.jsonl").exists()  # before any step
 
 
 def _spawn(cmd: list[str]) -> subprocess.Popen:
@@ -199,6 +273,18 @@ def test_validation_curves_plot_from_the_logs(corpus_dir, cache_dir, tmp_path):
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert png.stat().st_size > 1000
+
+
+def test_curves_take_the_last_record_of_a_step(tmp_path):
+    # a step logged twice (e.g. an epoch-end validation redone after a resume) is one point, the last
+    spec = importlib.util.spec_from_file_location("plot_lm_curves", REPO / "scripts" / "plot_lm_curves.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    logged = [{"event": "valid", "step": 2, "ppl": 9.0}, {"event": "valid", "step": 4, "ppl": 7.0},
+              {"event": "valid", "step": 4, "ppl": 6.0}]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged))
+    _, steps, ppl = plot.load_run(tmp_path)
+    assert (steps, ppl) == ([2, 4], [9.0, 6.0])
 
 
 def test_compiled_training_matches_eager_and_resumes_either_way(corpus_dir, cache_dir, tmp_path):

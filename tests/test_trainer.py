@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import signal
@@ -123,12 +124,59 @@ def test_nan_loss_stops_and_leaves_the_last_good_checkpoint(corpus_dir, cache_di
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+def _checkpoints_are_finite(out: Path) -> bool:
+    for path in out.glob("*.pt"):
+        state = trainer_mod.load_checkpoint(path)
+        if not all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()):
+            return False
+    return True
+
+
+def test_nan_gradient_without_clipping_stops_before_the_step(corpus_dir, cache_dir, tmp_path):
+    # a finite loss with a NaN gradient: only the gradient check can see it, and --clip 0 must not skip it
+    cfg = config(corpus_dir, cache_dir, tmp_path, "lstm", "--clip", "0", "--eval-every", "5")
+    seen = {}
+
+    def poison_gradient(trainer, loss):
+        seen["trainer"] = trainer
+        if trainer.step == 4:
+            next(trainer.model.rnns.parameters()).register_hook(lambda grad: torch.full_like(grad, float("nan")))
+
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training gradient norm \(nan\) at step 5.*no checkpoint"):
+        run(cfg, on_step=poison_gradient)
+    assert all(torch.isfinite(p).all() for p in seen["trainer"].model.parameters())  # the step never ran
+    assert not list(tmp_path.glob("*.pt")) and _checkpoints_are_finite(tmp_path)
+
+
+def test_nan_validation_is_never_the_best(corpus_dir, cache_dir, tmp_path, monkeypatch):
+    cfg = config(corpus_dir, cache_dir, tmp_path, "lstm")  # validates at steps 4, 8 and 12
+    evaluate = trainer_mod.Trainer.evaluate
+
+    def nan_first(trainer, split):
+        metrics = evaluate(trainer, split)
+        return dict(metrics, loss=float("nan")) if split == "valid" and trainer.step == 4 else metrics
+
+    monkeypatch.setattr(trainer_mod.Trainer, "evaluate", nan_first)
+    _, result = run(cfg)
+    assert result.best["step"] in (8, 12) and math.isfinite(result.best["value"])
+    assert trainer_mod.load_checkpoint(tmp_path / "best.pt")["trainer"]["step"] == result.best["step"]
+
+
+def test_checkpoint_of_non_finite_weights_is_refused(corpus_dir, cache_dir, tmp_path):
+    trainer = build_trainer(config(corpus_dir, cache_dir, tmp_path, "lstm"), Dist(), progress=False)
+    with torch.no_grad():
+        next(trainer.model.parameters())[0].fill_(float("inf"))
+    with pytest.raises(NonFiniteLossError, match="non-finite training weights"):
+        trainer.save_last(best=True)
+    assert not list(tmp_path.glob("*.pt"))
+
+
 def test_checkpoint_from_another_configuration_is_refused(corpus_dir, cache_dir, tmp_path):
     cfg = config(corpus_dir, cache_dir, tmp_path / "a", "lstm", "--max-steps", "2")
     run(cfg)
-    other = config(corpus_dir, cache_dir, tmp_path / "b", "lstm", "--hidden", "48", "--lr", "0.5")
+    other = config(corpus_dir, cache_dir, tmp_path / "b", "lstm", "--hidden", "48", "--weight-decay", "0.5")
     with pytest.raises(CheckpointError, match=r"different configuration(.|\n)*hidden: checkpoint 32, this run 48"
-                                              r"(.|\n)*lr: checkpoint 1\.0, this run 0\.5"):  # fmt: skip
+                                              r"(.|\n)*weight_decay: checkpoint 0\.0, this run 0\.5"):  # fmt: skip
         run(other, resume=tmp_path / "a" / "last.pt")
     awd = config(corpus_dir, cache_dir, tmp_path / "c", "awd-lstm")
     with pytest.raises(CheckpointError, match="arch: checkpoint 'lstm', this run 'awd-lstm'"):
@@ -139,6 +187,49 @@ def test_checkpoint_from_another_configuration_is_refused(corpus_dir, cache_dir,
     torch.save(state, tmp_path / "a" / "two.pt")
     with pytest.raises(CheckpointError, match="written by 2 processes"):
         run(dict(cfg, max_steps=4), resume=tmp_path / "a" / "two.pt")
+
+
+def train_lrs(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["lr"] for r in records if r["event"] == "train"}
+
+
+@pytest.mark.parametrize("schedule", [["--scheduler", "cosine", "--lr-decay-steps", str(STEPS)], []])
+def test_resume_with_a_new_lr_and_clip_rescales_the_schedule(corpus_dir, cache_dir, tmp_path, capsys, schedule):
+    # the remedy the NaN stop suggests: resume under a lower --lr and a --clip
+    run(config(corpus_dir, cache_dir, tmp_path / "a", "lstm", *schedule, "--max-steps", "6"))
+    args = parse_args(["--resume", str(tmp_path / "a" / "last.pt"), "--lr", "0.5", "--clip", "0.1",
+                       "--max-steps", str(STEPS)])  # fmt: skip
+    base = trainer_mod.load_checkpoint(tmp_path / "a" / "last.pt")["config"]
+    resumed, result = run(resolve_config(args, base=base), resume=tmp_path / "a" / "last.pt")
+    assert result.step == STEPS and resumed.cfg.clip == 0.1
+    assert "note: resumed with changed settings: clip 0.25 -> 0.1, lr 1.0 -> 0.5" in capsys.readouterr().out
+    # from step 7 on, the rates of a run that had used lr 0.5 from the start
+    run(config(corpus_dir, cache_dir, tmp_path / "b", "lstm", *schedule, "--lr", "0.5"))
+    expected = {step: lr for step, lr in train_lrs(tmp_path / "b").items() if step > 6}
+    got = {step: lr for step, lr in train_lrs(tmp_path / "a").items() if step > 6}
+    assert got == pytest.approx(expected, rel=1e-12) and len(got) == STEPS - 6
+
+
+def test_logged_lr_is_the_rate_the_step_used(corpus_dir, cache_dir, tmp_path):
+    from models.train_lm import WarmupCosine
+
+    run(config(corpus_dir, cache_dir, tmp_path, "lstm", "--scheduler", "cosine", "--lr-decay-steps", "12",
+               "--warmup-steps", "4"))  # fmt: skip
+    schedule = WarmupCosine(4, 12)  # step k (from 1) trains at the factor of scheduler position k - 1
+    assert train_lrs(tmp_path) == {k: pytest.approx(schedule(k - 1), rel=1e-12) for k in range(1, STEPS + 1)}
+
+
+def test_perplexity_of_a_diverged_model_is_inf():
+    assert trainer_mod.perplexity(800.0) == math.inf and trainer_mod.perplexity(1.0) == pytest.approx(math.e)
+
+
+def test_a_finished_run_resumed_logs_one_test_and_end(corpus_dir, cache_dir, tmp_path):
+    cfg = config(corpus_dir, cache_dir, tmp_path, "lstm", "--max-steps", "5")
+    run(cfg)
+    run(dict(cfg, max_steps=6), resume=tmp_path / "last.pt")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["event"], r["step"]) for r in records if r["event"] in ("test", "end")] == [("test", 6), ("end", 6)]
 
 
 def test_checkpoint_from_before_accum_steps_resumes(corpus_dir, cache_dir, tmp_path):
@@ -168,15 +259,40 @@ def test_crafted_checkpoint_is_not_executed(tmp_path, fmt):
         torch.save(payload, evil)
     else:
         evil.write_bytes(pickle.dumps(payload, protocol=2))
-    with pytest.raises(CheckpointError, match="not a plain-data checkpoint"):
+    with pytest.raises(CheckpointError, match="not a plain-data checkpoint") as refused:
         trainer_mod.load_checkpoint(evil)
     assert not marker.exists()
+    # the message says what was refused, not torch's advice to load with weights_only=False
+    reason = str(refused.value).split("loader said: ", 1)[1]
+    assert "GLOBAL getattr" in reason and "weights_only" not in str(refused.value), reason
     # the file really is armed: an unrestricted unpickler runs it
     if fmt == "torch.save":
         torch.load(evil, weights_only=False)
     else:
         pickle.loads(evil.read_bytes())
     assert marker.exists()
+
+
+class _BlockedModule:
+    def __reduce__(self):
+        return (os.getpid, ())  # harmless, but from a module (posix) the safe unpickler blocks
+
+
+@pytest.mark.parametrize("fmt", ["torch.save", "pickle"])
+def test_refused_checkpoint_names_what_was_refused(tmp_path, fmt):
+    evil = tmp_path / "evil.pt"
+    payload = {"format": trainer_mod.CHECKPOINT_FORMAT, "model": _BlockedModule()}
+    if fmt == "pickle":
+        evil.write_bytes(pickle.dumps(payload, protocol=2))
+    else:
+        torch.save(payload, evil)
+    with pytest.raises(CheckpointError, match=r"loader said: Trying to load unsupported GLOBAL posix\.getpid"):
+        trainer_mod.load_checkpoint(evil)
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"# not a checkpoint\n")
+    with pytest.raises(CheckpointError, match=r"loader said: \S") as refused:  # a reason, never an empty one
+        trainer_mod.load_checkpoint(damaged)
+    assert "weights_only" not in str(refused.value)
 
 
 def test_crafted_checkpoint_refused_on_resume(corpus_dir, cache_dir, tmp_path):
@@ -235,7 +351,8 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
 
         trainer = build_trainer(dict(cfg), dist, progress=False)
         result = trainer.fit(on_step=snapshot)
-        torch.save({**snapshots, "valid": result.valid}, f"{out}.rank{rank}")
+        speed = {"tokens_per_s": result.tokens_per_s, "train_time": trainer.train_time}
+        torch.save({**snapshots, "valid": result.valid, **speed}, f"{out}.rank{rank}")
     finally:
         cleanup_distributed()
 
@@ -250,6 +367,10 @@ def test_ddp_two_cpu_processes_keep_parameters_identical(corpus_dir, cache_dir, 
         assert torch.equal(value, rank1["params"][name]), f"{name} differs between ranks"
     # only rank 0 logged: every step once
     assert sorted(train_losses(tmp_path / "ddp")) == list(range(1, steps + 1))
+    # the speed counts each token once: steps x batch 4 x bptt 8 over both ranks, in the training time
+    end = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert end["event"] == "end" and end["tokens_per_s"] == rank0["tokens_per_s"]
+    assert rank0["tokens_per_s"] * rank0["train_time"] == pytest.approx(steps * 4 * 8, rel=1e-9)
 
     # each rank trained on its own half of the streams; together that is the one-process run
     single = {}
@@ -262,6 +383,24 @@ def test_ddp_two_cpu_processes_keep_parameters_identical(corpus_dir, cache_dir, 
     for name, value in single.items():
         torch.testing.assert_close(rank0["params"][name], value, rtol=1e-4, atol=1e-5, msg=name)
     assert rank0["valid"]["loss"] == pytest.approx(result.valid["loss"], rel=1e-5)
+
+
+def test_device_names_resolve_or_say_why(monkeypatch):
+    assert trainer_mod.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device 'gpu' is not a device"):
+        trainer_mod.resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda: no CUDA device is available"):
+        trainer_mod.resolve_device("cuda")
+    assert trainer_mod.resolve_device(None) == torch.device("cpu")
+    # with GPUs, plain "cuda" gets an index (torch.cuda.set_device refuses a device without one)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert trainer_mod.resolve_device("cuda") == torch.device("cuda", 0)
+    assert trainer_mod.resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="has 2 CUDA device"):
+        trainer_mod.resolve_device("cuda:2")
 
 
 def test_compile_mode_is_validated(tmp_path):
