@@ -32,6 +32,7 @@ class AWDLSTMConfig(LSTMLMConfig):
     hidden: int = 1150
     layers: int = 3
     softmax: str = "full"
+    softmax_bias: bool = True  # the original's decoder: nn.Linear(nhid, ntoken), its weight tied, its bias not
     dropout: float = 0.4
     dropouth: float = 0.25
     dropouti: float = 0.4

@@ -39,6 +39,7 @@ class LSTMLMConfig:
     dropouth: float = 0.1  # between LSTM layers
     dropouti: float = 0.1  # on the input layer's output
     define: dict[str, Any] = field(default_factory=dict)  # DeFINE options (max_dim, depth, max_groups, …)
+    softmax_bias: bool = False  # an output bias per word (AWD-LSTM's decoder has one)
 
 
 class LSTMLM(nn.Module):
@@ -73,8 +74,9 @@ class LSTMLM(nn.Module):
         self.tied_proj = c.tie != "none" and banded and c.softmax == "adaptive" and self.embed.projection_dim == out_dim
         tied_proj = [p is not None for p in self.embed.projections()] if self.tied_proj else None
         self.softmax = AdaptiveSoftmax(
-            c.vocab_size, out_dim, out_cutoffs, dims, tied=c.tie != "none", tied_projections=tied_proj
-        )
+            c.vocab_size, out_dim, out_cutoffs, dims, tied=c.tie != "none", tied_projections=tied_proj,
+            bias=c.softmax_bias,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ state
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> list[tuple[Tensor, Tensor]]:

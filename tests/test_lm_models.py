@@ -99,6 +99,18 @@ def awd(**overrides):
     return AWDLSTM(AWDLSTMConfig(**{**cfg, **overrides}))
 
 
+def test_awd_output_has_the_originals_per_word_bias_and_the_lstm_lm_none():
+    # The original AWD-LSTM decoder is nn.Linear(nhid, ntoken): weight tied to the input table, bias its own.
+    model = awd(dropout=0, dropouth=0, dropouti=0, dropoute=0, wdrop=0)
+    biases = [p for name, p in model.softmax.named_parameters() if "bias" in name]
+    assert [tuple(b.shape) for b in biases] == [(V,)]
+    x, y = ids(), ids(seed=1)
+    model(x, y, model.init_state(3)).nll.sum().backward()
+    assert biases[0].grad is not None and biases[0].grad.abs().sum() > 0
+    lstm = LSTMLM(LSTMLMConfig(vocab_size=V, table_dim=8, input_dim=12, hidden=16, layers=2, define=DEFINE))
+    assert not [name for name, _ in lstm.softmax.named_parameters() if "bias" in name and "cluster" not in name]
+
+
 def test_weight_drop_and_dropouts_only_in_training():
     model = awd(dropout=0, dropouth=0, dropouti=0, dropoute=0, wdrop=0.9)
     x, y = ids(), ids(seed=1)
