@@ -174,13 +174,16 @@ def _count_registration(module: nn.Module, name: str, value: object) -> None:
 torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
 torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
 
-# Bumped after every optimizer step anywhere (torch.optim's global post-step hook): the fused
-# optimizers (``fused=True``) write the parameters without bumping their version counters.
-_optimizer_steps = [0]
+# Bumped after each step of an optimizer that may write parameters without bumping their version
+# counters (torch.optim's global post-step hook): torch's fused ones (``fused=True``), and any from
+# outside torch.optim (hand-written ones often update ``p.data``). torch's other optimizers bump
+# versions, so their steps (e.g. a student's, beside a frozen DeFINE teacher) never drop a table.
+_untracked_optimizer_steps = [0]
 
 
 def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    _optimizer_steps[0] += 1
+    if optimizer.defaults.get("fused") or not type(optimizer).__module__.startswith("torch.optim"):
+        _untracked_optimizer_steps[0] += 1
 
 
 register_optimizer_step_post_hook(_count_optimizer_step)
@@ -450,8 +453,9 @@ class DeFINE(nn.Module):
         under ``torch.compile`` they run the plain path instead.
         """
         self._check_ids(ids)
-        if self._cache_usable(ids):  # the eval-mode table: one lookup, any ids shape, no reshapes
-            return F.embedding(ids, self._cached_table())
+        table = self._cached_table() if self._cache_usable(ids) else None
+        if table is not None:  # the eval-mode table: one lookup, any ids shape, no reshapes
+            return F.embedding(ids, table)
         flat = ids.reshape(-1)
         use_dedup = (self.dedup if dedup is None else dedup) and flat.numel() > 0 and not _in_func_transform()
         backend = self.active_backend() if use_dedup else None
@@ -504,7 +508,7 @@ class DeFINE(nn.Module):
     def _drop_cache_state(self) -> None:
         self._cache_table: Tensor | None = None  # a plain attribute: never in state_dict, pickles or copies
         self._cache_key: tuple | None = None  # _cache_state()'s key of the table
-        self._cache_sources: list[Tensor] = []  # the parameter tensors the table was built from
+        self._cache_sources: list[tuple[Tensor, Any]] = []  # (parameter, its storage) the table was built from
         self._cache_slots: list[tuple[dict[str, Any], str]] = []  # (a module's _parameters, name)
         self._cache_slots_epoch = -1
 
@@ -515,8 +519,8 @@ class DeFINE(nn.Module):
         In-place updates (optimizer steps, load_state_dict, no_grad edits, .to()) bump _version;
         new data (`p.data = t`) changes the storage; new parameters or submodules anywhere bump the
         registration epoch (the only time the dict slots are collected again); tensors swapped into
-        the dicts without registration (``torch.func.functional_call``) are other objects; fused
-        optimizers, which bump no version, count as optimizer steps; autocast changes the values
+        the dicts without registration (``torch.func.functional_call``) are other objects; steps of
+        the optimizers that may bump no version are counted (see _count_optimizer_step); autocast changes the values
         and dtype of the output, so its state is part of the key. Runs on every cached call (a few
         µs for awd_ptb's 31 parameters on a 2-core VM)."""
         epoch = _registration_epoch[0]
@@ -525,13 +529,12 @@ class DeFINE(nn.Module):
             self._cache_slots = [(m._parameters, n) for m in modules for n, p in m._parameters.items() if p is not None]
             self._cache_slots_epoch = epoch
         tensors = [parameters[name] for parameters, name in self._cache_slots]
-        try:  # id: the table holds these tensors (_cache_sources), so no other tensor can reuse one meanwhile
-            state = [(id(t), t._version, t.data_ptr()) for t in tensors]
-        except AttributeError:  # a None put into a dict behind the module's back: no table then
-            return (object(),), []
+        # id and data_ptr: the table holds these tensors and their storages (_cache_sources), so no
+        # other tensor or allocation can reuse one meanwhile (e.g. after .half().float()).
+        state = [(id(t), t._version, t.data_ptr()) for t in tensors]
         device_type = tensors[0].device.type
         autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        return (epoch, _optimizer_steps[0], autocast, state), tensors
+        return (epoch, _untracked_optimizer_steps[0], autocast, state), tensors
 
     def _cache_usable(self, ids: Tensor) -> bool:
         if self.cache != "auto" or self.training or ids.is_meta or torch.compiler.is_compiling():
@@ -541,12 +544,18 @@ class DeFINE(nn.Module):
         # A cached table is detached: never serve it where gradients are expected.
         return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
 
-    def _cached_table(self) -> Tensor:
+    def _cached_table(self) -> Tensor | None:
+        """The table for the parameters in the modules now, or None where none should be built."""
         key, sources = self._cache_state()
         if self._cache_table is None or key != self._cache_key:
+            if not all(isinstance(t, nn.Parameter) for t in sources):
+                # Tensors swapped in for one call (torch.func.functional_call): computing all V rows
+                # for it and keeping them alive would cost far more than the call itself.
+                return None
             self.invalidate_cache()  # the old table goes before the new one is built: one table at peak
             self._cache_table = self.export_table()
-            self._cache_key, self._cache_sources = key, sources  # held, so their ids are not reused meanwhile
+            self._cache_key = key
+            self._cache_sources = [(t, t.untyped_storage()) for t in sources]  # pins their ids and addresses
         return self._cache_table
 
     def invalidate_cache(self) -> None:
@@ -565,7 +574,7 @@ class DeFINE(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         # pickle and copy.deepcopy (e.g. an EMA copy of the model) leave the table behind.
-        state = self.__dict__.copy()
+        state = super().__getstate__()  # a copy, without what nn.Module leaves out (a compiled call)
         for name in ("_cache_table", "_cache_key", "_cache_sources", "_cache_slots", "_cache_slots_epoch"):
             del state[name]
         return state

@@ -217,6 +217,8 @@ def build_model(cfg: dict[str, Any], vocab_size: int) -> nn.Module:
         "max_dim": cfg["define_max_dim"], "depth": cfg["define_depth"], "max_groups": cfg["define_max_groups"],
         "dropout": cfg["define_dropout"], "backend": cfg["define_backend"], "map": cfg["define_map"],
     }  # fmt: skip
+    if cfg["define_map"] == "adaptive":  # absent: a checkpoint from before the bands were scaled by √width
+        define["scale_embedding"] = cfg.get("define_band_scale", False)
     check_cutoffs(cfg["cutoffs"], vocab_size)
     arch = cfg["arch"]
     if arch in ("lstm", "awd-lstm"):
@@ -225,6 +227,7 @@ def build_model(cfg: dict[str, Any], vocab_size: int) -> nn.Module:
             vocab_size=vocab_size, embedding=cfg["embedding"], table_dim=cfg["table_dim"], softmax=cfg["softmax"],
             cutoffs=cfg["cutoffs"], div_val=cfg["div_val"], define=define,
         )  # fmt: skip
+        common["softmax_bias"] = cfg.get("softmax_bias", False)  # absent: a checkpoint from before the bias
         if arch == "lstm":
             return LSTMLM(LSTMLMConfig(**common, **fields))
         return AWDLSTM(AWDLSTMConfig(**common, **fields))
@@ -381,6 +384,9 @@ def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None = None)
         raise ValueError(f"{flags} does not apply to --arch {arch}")
     cfg = {**COMMON, **ARCH_DEFAULTS[arch], **preset, **given, "arch": arch}
     cfg.setdefault("preset", None)
+    # Recorded, so a checkpoint says which output layer it has (those written before had no bias).
+    cfg["softmax_bias"] = arch == "awd-lstm"
+    cfg["define_band_scale"] = True  # DeFINE's adaptive Map scales band b by √width_b (the authors' code)
     if cfg["lr_decay_steps"] is None and cfg["scheduler"] == "cosine":
         cfg["lr_decay_steps"] = cfg["max_steps"]  # fixed now, so extending --max-steps on resume keeps the schedule
     if "data" not in cfg:

@@ -153,6 +153,13 @@ class FitResult:
     signal: int | None = None
 
 
+def gradient_norm(params: list[Tensor], device: torch.device) -> Tensor:
+    """The 2-norm of all of ``params``' gradients, a device scalar (no host read). A sparse gradient
+    (an ``nn.Embedding(sparse=True)`` or ``DeFINE(sparse=True)`` table) counts by its coalesced values."""
+    grads = [p.grad.coalesce()._values() if p.grad.is_sparse else p.grad for p in params]
+    return nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
+
+
 def perplexity(loss: float) -> float:
     """exp(loss), inf where that overflows a float (a diverged model's perplexity is not 1e304)."""
     try:
@@ -726,9 +733,10 @@ class Trainer:
             torch_dist.all_reduce(check)
             total = check[1].clamp_min(1.0)  # stays on the device: the step's one host read comes later
         if len(micro_batches) > 1:
+            rescale = unit * world / total  # one device scalar, not one division per parameter
             for param in self.model.parameters():
                 if param.grad is not None:
-                    param.grad.mul_(unit * world / total)  # DDP then divides the ranks' sum by world
+                    param.grad.mul_(rescale)  # DDP then divides the ranks' sum by world
         weight = tokens * world / total  # exactly 1.0 for one batch on one process
         if isinstance(weight, Tensor):
             loss = loss * weight.to(loss.dtype)
@@ -738,7 +746,7 @@ class Trainer:
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)  # the norm (and clipping) of the true gradient
         params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros((), device=device)
+        norm = gradient_norm(params, device)
         if self.cfg.clip > 0:
             nn.utils.clip_grads_with_norm_(params, self.cfg.clip, norm)
         readout = torch.cat([check, norm.detach().to(device, torch.float64).reshape(1)])

@@ -237,6 +237,60 @@ def test_cache_is_rebuilt_after_any_optimizer_step(optimizer, stay_in_eval):
     torch.testing.assert_close(after, uncached_eval(layer, ids), rtol=0, atol=0)
 
 
+def test_a_frozen_layer_keeps_its_table_while_other_parameters_train():
+    # A frozen DeFINE in eval mode (a distillation teacher) beside a model trained by torch's
+    # optimizers: their steps bump versions of their own parameters only and never drop its table.
+    teacher = small_layer(BACKENDS[-1], dtype=torch.float32).eval().requires_grad_(False)
+    student = nn.Linear(24, 24)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    ids = torch.arange(50)
+    for _ in range(3):
+        with torch.no_grad():
+            target = teacher(ids)
+        table = teacher._cache_table
+        student(target).pow(2).sum().backward()
+        opt.step()
+    with torch.no_grad():
+        teacher(ids)
+    assert teacher._cache_table is table  # built once
+
+
+def test_functional_call_with_plain_tensors_builds_no_table():
+    layer = small_layer(BACKENDS[-1]).eval()
+    ids = torch.arange(50)
+    doubled = {name: p.detach() * 2 for name, p in layer.named_parameters()}
+    with torch.no_grad():
+        own = layer(ids)
+        table = layer._cache_table
+        torch.func.functional_call(layer, doubled, (ids,))
+        assert layer._cache_table is table  # neither rebuilt for the call nor kept for it
+        assert torch.equal(layer(ids), own) and layer._cache_table is table
+
+
+def test_cache_does_not_survive_a_dtype_round_trip():
+    layer = small_layer(BACKENDS[-1], dtype=torch.float32).eval()
+    ids = torch.arange(50)
+    with torch.no_grad():
+        layer(ids)
+        layer.half().float()  # values rounded; storage addresses could come back without the pins
+        torch.testing.assert_close(layer(ids), uncached_eval(layer, ids), rtol=0, atol=0)
+
+
+def test_compiled_layer_pickles_and_deepcopies_as_a_copy():
+    import copy
+    import pickle
+
+    layer = small_layer(BACKENDS[-1])
+    layer.compile()
+    clone = copy.deepcopy(layer)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.zero_()
+    ids = torch.arange(5)
+    assert clone(ids).abs().max() < layer(ids).abs().max()  # the copy runs its own parameters
+    assert pickle.loads(pickle.dumps(layer)) is not None
+
+
 def test_cache_follows_autocast():
     layer = small_layer(BACKENDS[-1], dtype=torch.float32).eval()
     ids = torch.arange(50)

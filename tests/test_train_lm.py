@@ -131,6 +131,25 @@ def test_presets_carry_the_paper_settings():
     assert (txl["mem_len"], txl["bptt"], txl["lr_decay_steps"]) == (150, 150, 200_000)
 
 
+def test_output_bias_and_band_scale_are_recorded_and_old_checkpoints_keep_their_model():
+    from models.train_lm import build_model
+
+    awd = resolve_config(parse_args(["--preset", "awd_ptb", "--data", "x", "--define-depth", "2"]))
+    assert awd["softmax_bias"] is True
+    awd["cutoffs"] = []  # (build_trainer picks them from the vocabulary)
+    assert "softmax.biases.0" in build_model(awd, 50).state_dict()
+    before_the_bias = {k: v for k, v in awd.items() if k != "softmax_bias"}  # a checkpoint's settings from before
+    assert "softmax.biases.0" not in build_model(before_the_bias, 50).state_dict()
+    lstm = resolve_config(parse_args(["--arch", "lstm", "--data", "x"]))
+    assert lstm["softmax_bias"] is False
+    # The adaptive Map's bands are scaled by √width since that was added; older checkpoints were not.
+    adaptive = dict(lstm, define_map="adaptive", cutoffs=[10, 30], div_val=4, define_depth=2, table_dim=16,
+                    input_dim=16, hidden=16, layers=1, define_max_dim=32, softmax="full", tie="none")  # fmt: skip
+    assert build_model(adaptive, 50).embed.define.map.scales == [4.0, 2.0, 1.0]
+    old = {k: v for k, v in adaptive.items() if k != "define_band_scale"}
+    assert build_model(old, 50).embed.define.map.scales == [1.0, 1.0, 1.0]
+
+
 def test_command_line_errors_are_clear(corpus_dir, cache_dir, tmp_path, capsys):
     def error(*args):
         assert main(list(args)) == 2

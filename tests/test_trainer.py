@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch import nn
 
 from models import trainer as trainer_mod
 from models.train_lm import build_trainer, parse_args, resolve_config
@@ -146,6 +147,17 @@ def test_nan_gradient_without_clipping_stops_before_the_step(corpus_dir, cache_d
         run(cfg, on_step=poison_gradient)
     assert all(torch.isfinite(p).all() for p in seen["trainer"].model.parameters())  # the step never ran
     assert not list(tmp_path.glob("*.pt")) and _checkpoints_are_finite(tmp_path)
+
+
+def test_gradient_norm_counts_dense_and_sparse_gradients():
+    dense = nn.Linear(3, 2)
+    table = nn.Embedding(10, 4, sparse=True)
+    (dense(table(torch.tensor([1, 1, 7])).sum(0)[:3]).sum() * 3).backward()
+    assert table.weight.grad.is_sparse
+    params = [*dense.parameters(), table.weight]
+    expected = torch.cat([p.grad.to_dense().reshape(-1) for p in params]).norm()
+    torch.testing.assert_close(trainer_mod.gradient_norm(params, torch.device("cpu")), expected)
+    assert trainer_mod.gradient_norm([], torch.device("cpu")) == 0
 
 
 def test_nan_validation_is_never_the_best(corpus_dir, cache_dir, tmp_path, monkeypatch):
