@@ -43,6 +43,12 @@ StepParams make_step_params(const at::Tensor& x, const at::Tensor& weight, const
   TORCH_CHECK_VALUE(p.groups >= 1 && p.in_group * p.groups == p.in_width,
                     "define_ops::hgt_step: weight shape ", weight.sizes(), " does not match x width ", p.in_width,
                     " (need weight [g, a/g, b/g] with g * a/g == a)");
+  // Empty groups would make the layouts' chunk widths 0 (a division by zero) and let g grow unbounded.
+  TORCH_CHECK_VALUE(p.in_group >= 1 && p.out_group >= 1, "define_ops::hgt_step: weight shape ", weight.sizes(),
+                    " has empty groups (need a/g >= 1 and b/g >= 1)");
+  TORCH_CHECK_VALUE(e_width >= 0 && e_in_chunks >= 0 && e_out_chunks >= 0, "define_ops::hgt_step: e_width=",
+                    e_width, ", e_in_chunks=", e_in_chunks, " and e_out_chunks=", e_out_chunks,
+                    " must not be negative");
   p.out_h = p.groups * p.out_group;
   check_optional_vector(bias, "bias", p.out_h, x);
   TORCH_CHECK_VALUE(norm_weight.has_value() == norm_bias.has_value(),

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 def hgt_step_autograd(backward_op: Callable[..., Any], trailing_tensors: int = 0) -> tuple[Callable, Callable]:
@@ -33,6 +34,7 @@ def hgt_step_autograd(backward_op: Callable[..., Any], trailing_tensors: int = 0
         # tensors for them on every backward.
         ctx.set_materialize_grads(False)
 
+    @once_differentiable  # the backward ops have no derivative: a double backward raises, never a silent zero
     def backward(ctx, grad_out: Tensor | None, _saved, _mean, _rstd):
         x, weight, bias, norm_weight, norm_bias, seed, saved, mean, rstd, *trailing = ctx.saved_tensors
         not_differentiable = [None] * (1 + len(ctx.params) + len(trailing))  # seed, params, trailing
@@ -65,6 +67,7 @@ def embedding_autograd(backward_op: Callable[..., Tensor]) -> tuple[Callable, Ca
         ctx.padding_idx = padding_idx
         ctx.scale = scale
 
+    @once_differentiable
     def backward(ctx, grad: Tensor):
         (ids,) = ctx.saved_tensors
         return backward_op(grad, ids, ctx.num_embeddings, ctx.padding_idx, ctx.scale), None, None, None

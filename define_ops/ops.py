@@ -52,11 +52,22 @@ def _as_seed(seed: Tensor | int | None, device: torch.device) -> Tensor | None:
     return torch.tensor(int(seed), dtype=torch.int64, device=device)
 
 
+def _check_devices(where: str, anchor: Tensor, *tensors: Tensor | Sequence[Tensor | None] | None) -> None:
+    """The fake kernels also run when only some inputs are meta tensors (the Meta key wins the
+    dispatch): they would return empty tensors on the others' device. Every tensor must be on
+    ``anchor``'s device, as the real kernels require."""
+    for entry in tensors:
+        for t in entry if isinstance(entry, (list, tuple)) else (entry,):
+            if t is not None and t.device != anchor.device:
+                raise ValueError(f"define_ops::{where}: every tensor must be on {anchor.device}, got one on {t.device}")
+
+
 # ----------------------------------------------------------------------------- fake kernels + autograd
 if _build.HAS_EXTENSION:
 
     @torch.library.register_fake("define_ops::embedding_lookup")
     def _embedding_lookup_fake(weight: Tensor, ids: Tensor, padding_idx: int | None, scale: float) -> Tensor:
+        _check_devices("embedding_lookup", weight, ids)
         torch._check(weight.dim() == 2, lambda: "embedding_lookup: weight must be [V, n]")
         return weight.new_empty((ids.numel(), weight.shape[1]))
 
@@ -64,6 +75,7 @@ if _build.HAS_EXTENSION:
     def _embedding_lookup_backward_fake(
         grad: Tensor, ids: Tensor, num_embeddings: int, padding_idx: int | None, scale: float
     ) -> Tensor:
+        _check_devices("embedding_lookup_backward", grad, ids)
         return grad.new_empty((num_embeddings, grad.shape[1]))
 
     _embedding_setup, _embedding_backward = embedding_autograd(torch.ops.define_ops.embedding_lookup_backward)
@@ -85,6 +97,7 @@ if _build.HAS_EXTENSION:
         dropout_p: float,
         norm_eps: float,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        _check_devices("hgt_step", x, weight, bias, norm_weight, norm_bias, seed)
         groups, in_group, out_group = weight.shape
         torch._check(x.dim() == 2 and x.shape[1] == groups * in_group, lambda: "hgt_step: x does not match weight")
         tokens, out_h = x.shape[0], groups * out_group
@@ -118,6 +131,7 @@ if _build.HAS_EXTENSION:
         dropout_p: float,
         norm_eps: float,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        _check_devices("hgt_step_backward", x, grad_out, weight, bias, norm_weight, norm_bias, seed, saved, mean, rstd)
         groups, _, out_group = weight.shape
         empty = x.new_empty((0,))
         grad_bias = x.new_empty((groups * out_group,)) if bias is not None else empty
@@ -142,6 +156,7 @@ if _build.HAS_EXTENSION:
         norm_eps: list[float],
         keep_for_backward: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
+        _check_devices("hgt_stack", x, weights, biases, norm_weights, norm_biases, seeds)
         per_step = zip(weights, biases, norm_weights, norm_biases, seeds, e_widths, e_in_chunks, e_out_chunks,
                        shuffles, activations, dropout_ps, norm_eps, strict=True)  # fmt: skip
         out = x
@@ -171,6 +186,8 @@ if _build.HAS_EXTENSION:
         dropout_ps: list[float],
         norm_eps: list[float],
     ) -> tuple[Tensor, Tensor]:
+        _check_devices("hgt_stack_backward", x, grad_out, values, stats, weights, biases, norm_weights, norm_biases,
+                       seeds)  # fmt: skip
         layout = StackLayout(x.shape[0], weights, norm_weights, e_widths, e_out_chunks, activations)
         torch._check(values.shape == (layout.values_size,) and stats.shape == (layout.stats_size,),
                      lambda: "hgt_stack_backward: values and stats must be what hgt_stack returned")  # fmt: skip
@@ -412,6 +429,16 @@ def hgt_step(
     """
     name = resolve_backend(backend, x.device)
     activation_name = _activation_name(activation)
+    # The kernels check these too; here they hold for the reference path as well.
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"define_ops.hgt_step: dropout_p must be in [0, 1), got {dropout_p}")
+    if not norm_eps > 0.0:
+        raise ValueError(f"define_ops.hgt_step: norm_eps must be > 0, got {norm_eps}")
+    if min(e_width, e_in_chunks, e_out_chunks) < 0:
+        raise ValueError(
+            f"define_ops.hgt_step: e_width={e_width}, e_in_chunks={e_in_chunks} and e_out_chunks={e_out_chunks} "
+            "must not be negative"
+        )
     if name == "reference":
         return reference.hgt_step_ref(
             x, weight, bias, norm_weight, norm_bias, seed,

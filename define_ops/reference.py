@@ -80,7 +80,13 @@ def dropout_keep_mask(seed: Tensor | int, rows: int, cols: int, p: float, device
 
 # ----------------------------------------------------------------------------- the steps
 def lookup_ref(weight: Tensor, ids: Tensor, padding_idx: int | None = None, scale: float = 1.0) -> Tensor:
-    """Map: e = weight[ids] · scale; padding ids give zero vectors.  weight [V, n], ids [T] → [T, n]."""
+    """Map: e = weight[ids] · scale; padding ids give zero vectors.  weight [V, n], ids [T] → [T, n].
+    ``padding_idx`` as nn.Embedding takes it: in [-V, V), a negative one counted from the end."""
+    rows = weight.shape[0]
+    if padding_idx is not None:
+        if not -rows <= padding_idx < rows:
+            raise ValueError(f"lookup_ref: padding_idx={padding_idx} is out of range for num_embeddings={rows}")
+        padding_idx %= rows
     e = F.embedding(ids, weight, padding_idx=padding_idx)
     if scale != 1.0:
         e = e * scale

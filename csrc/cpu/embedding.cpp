@@ -8,6 +8,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../common/embedding_args.h"
+
 namespace define_ops {
 namespace {
 
@@ -34,7 +36,7 @@ at::Tensor embedding_lookup_cpu(const at::Tensor& weight,  // [V, n]
   check_ids(flat, num_embeddings);
   const at::Tensor table = weight.contiguous();
   at::Tensor e = at::empty({flat.numel(), width}, weight.options());
-  const int64_t pad = padding_idx.value_or(-1);
+  const int64_t pad = normalized_padding_idx(padding_idx, num_embeddings).value_or(-1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "embedding_lookup_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     AT_DISPATCH_INDEX_TYPES(flat.scalar_type(), "embedding_lookup_cpu_ids", [&] {
@@ -67,11 +69,13 @@ at::Tensor embedding_lookup_backward_cpu(const at::Tensor& grad,  // [numel, n]
   TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == flat.numel(),
                     "define_ops::embedding_lookup_backward: grad must be [", flat.numel(), ", n], got ",
                     grad.sizes());
+  check_num_embeddings(num_embeddings);
+  check_ids(flat, num_embeddings);  // the rows below are written through them
   const int64_t width = grad.size(1);
   const at::Tensor g = grad.contiguous();
   const auto acc_dtype = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor acc = at::zeros({num_embeddings, width}, grad.options().dtype(acc_dtype));
-  const int64_t pad = padding_idx.value_or(-1);
+  const int64_t pad = normalized_padding_idx(padding_idx, num_embeddings).value_or(-1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "embedding_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     AT_DISPATCH_INDEX_TYPES(flat.scalar_type(), "embedding_backward_cpu_ids", [&] {

@@ -20,6 +20,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "../common/embedding_args.h"
+
 #include <algorithm>
 #include <climits>
 #include <cmath>
@@ -106,6 +108,7 @@ at::Tensor embedding_lookup_cuda(const at::Tensor& weight,  // [V, n]
   TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
                    "define_ops::embedding_lookup: ids must be int64 or int32, got ", ids.scalar_type());
   const cuda::DeviceGuard guard(weight.device());
+  padding_idx = normalized_padding_idx(padding_idx, weight.size(0));
   const at::Tensor flat = ids.reshape({-1}).contiguous();
   const at::Tensor table = weight.contiguous();
   const int64_t width = table.size(1);
@@ -299,6 +302,8 @@ at::Tensor embedding_lookup_backward_cuda(const at::Tensor& grad,  // [numel, n]
   TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == flat.numel(),
                     "define_ops::embedding_lookup_backward: grad must be [", flat.numel(), ", n], got ",
                     grad.sizes());
+  check_num_embeddings(num_embeddings);
+  padding_idx = normalized_padding_idx(padding_idx, num_embeddings);
   const int64_t width = grad.size(1);
   at::Tensor grad_weight = at::zeros({num_embeddings, width}, grad.options());
   if (flat.numel() == 0 || width == 0 || num_embeddings == 0) return grad_weight;

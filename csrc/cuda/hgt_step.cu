@@ -1409,7 +1409,7 @@ void grouped_gemm(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, 
 
 template <typename acc_t>
 acc_t keep_scale_of(double dropout_p) {
-  return dropout_p > 0.0 ? acc_t(1) / (acc_t(1) - acc_t(dropout_p)) : acc_t(1);
+  return dropout_p > 0.0 ? static_cast<acc_t>(1.0 / (1.0 - dropout_p)) : acc_t(1);  // in double: p near 1
 }
 
 // The step bodies, writing into tensors the caller allocated (the single-step ops and the stack).

@@ -148,8 +148,19 @@ def _check(weight: Tensor, ids: Tensor) -> None:
         raise TypeError(f"define_ops::embedding_lookup_triton: ids must be int64 or int32, got {ids.dtype}")
 
 
+def _padding_row(padding_idx: int | None, num_embeddings: int) -> int:
+    """padding_idx as nn.Embedding takes it (none, or in [-V, V)) → the kernels' row, -1 for none."""
+    if padding_idx is None:
+        return -1
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        where = "define_ops::embedding_lookup"
+        raise ValueError(f"{where}: padding_idx={padding_idx} is out of range for num_embeddings={num_embeddings}")
+    return padding_idx % num_embeddings
+
+
 def _lookup(weight: Tensor, ids: Tensor, padding_idx: int | None, scale: float, run: bool) -> Tensor:
     _check(weight, ids)
+    pad = _padding_row(padding_idx, weight.shape[0])
     flat = ids.reshape(-1)
     out = weight.new_empty((flat.numel(), weight.shape[1]))
     if not run or flat.numel() == 0 or weight.shape[1] == 0:
@@ -157,8 +168,8 @@ def _lookup(weight: Tensor, ids: Tensor, padding_idx: int | None, scale: float, 
     flat = flat.contiguous()
     count, num_embeddings, width = flat.numel(), weight.shape[0], weight.shape[1]
     block_i, block_n = _blocks(width)
-    args = (weight, flat, out, count, num_embeddings, width, weight.stride(0), weight.stride(1),
-            -1 if padding_idx is None else padding_idx, *split_float(scale))  # fmt: skip
+    args = (weight, flat, out, count, num_embeddings, width, weight.stride(0), weight.stride(1), pad,
+            *split_float(scale))  # fmt: skip
     meta = dict(BLOCK_I=block_i, BLOCK_N=block_n)
     grid = (cdiv(count, block_i), cdiv(width, block_n))
     launch(_embedding_fwd_kernel, None, lambda _: grid, args, {}, meta, dict(meta, num_warps=4))
@@ -169,6 +180,9 @@ def _lookup_backward(
     grad: Tensor, ids: Tensor, num_embeddings: int, padding_idx: int | None, scale: float, run: bool
 ) -> Tensor:
     flat = ids.reshape(-1)
+    if num_embeddings < 0:
+        raise ValueError(f"define_ops::embedding_lookup_triton_backward: num_embeddings={num_embeddings} is negative")
+    pad = _padding_row(padding_idx, num_embeddings)
     if grad.dim() != 2 or grad.shape[0] != flat.numel():
         raise ValueError(
             f"define_ops::embedding_lookup_triton_backward: grad must be [{flat.numel()}, n], got {tuple(grad.shape)}"
@@ -181,15 +195,15 @@ def _lookup_backward(
     if flat.numel() <= SMALL_BATCH_TOKENS:
         flat = flat.contiguous()
         block_j = max(16, 8192 // block_n) if not INTERPRET else 64  # the [BLOCK_J, BLOCK_N] tile of rows
-        args = (grad, flat, grad_weight, flat.numel(), num_embeddings, width, grad.stride(0), grad.stride(1),
-                -1 if padding_idx is None else padding_idx, *split_float(scale))  # fmt: skip
+        args = (grad, flat, grad_weight, flat.numel(), num_embeddings, width, grad.stride(0), grad.stride(1), pad,
+                *split_float(scale))  # fmt: skip
         grid = (flat.numel(), cdiv(width, block_n))
         meta = dict(BLOCK_J=block_j, BLOCK_N=block_n)
         launch(_embedding_bwd_small_kernel, None, lambda _: grid, args, {}, meta, dict(meta, num_warps=4))
         return grad_weight
     sorted_ids, order = torch.sort(flat.to(torch.int64), stable=True)
     args = (grad, sorted_ids, order, grad_weight, flat.numel(), num_embeddings, width, grad.stride(0), grad.stride(1),
-            -1 if padding_idx is None else padding_idx, *split_float(scale))  # fmt: skip
+            pad, *split_float(scale))  # fmt: skip
     grid = (flat.numel(), cdiv(width, block_n))
     meta = dict(BLOCK_J=8 if INTERPRET else 16, BLOCK_N=block_n)
     warps = 4 if block_n >= 128 else 1
