@@ -49,7 +49,8 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 def _as_seed(seed: Tensor | int | None, device: torch.device) -> Tensor | None:
     if seed is None or isinstance(seed, Tensor):
         return seed
-    return torch.tensor(int(seed), dtype=torch.int64, device=device)
+    # The kernels use the seed's 64 bits, as the reference does for any Python int: wrap into int64.
+    return torch.tensor((int(seed) + 2**63) % 2**64 - 2**63, dtype=torch.int64, device=device)
 
 
 def _check_devices(where: str, anchor: Tensor, *tensors: Tensor | Sequence[Tensor | None] | None) -> None:
@@ -462,10 +463,15 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, bac
 def feature_shuffle(y: Tensor, groups: int) -> Tensor:
     """z[t·g + i] = y[i·s + t] for y [T, b], s = b/g. (Fused into hgt_step as addressing; this
     standalone version is a pass over memory, for users composing their own stacks.)"""
+    if groups < 1 or y.shape[-1] % groups:
+        raise ValueError(f"define_ops.feature_shuffle: groups={groups} must be >= 1 and divide the width {y.shape[-1]}")
     return reference.feature_shuffle_ref(y, groups)
 
 
 def split_mix(e: Tensor, h: Tensor, chunks: int) -> Tensor:
     """mix(e, h, c): chunk j = [e_j ‖ h_j]; e [T, n], h [T, b] → [T, n + b]. (Fused into
     hgt_step's output; this standalone version is a pass over memory.)"""
+    if chunks < 1 or e.shape[-1] % chunks or h.shape[-1] % chunks:
+        widths = f"{e.shape[-1]} and {h.shape[-1]}"
+        raise ValueError(f"define_ops.split_mix: chunks={chunks} must be >= 1 and divide both widths ({widths})")
     return reference.split_mix_ref(e, h, chunks)

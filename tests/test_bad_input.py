@@ -148,3 +148,27 @@ def test_reference_agrees_on_what_is_valid():
         define_ops.ops.embedding_lookup(weight, torch.tensor([5, 1]), -1, 1.0, backend="cpu"),
         reference.lookup_ref(weight, torch.tensor([5, 1]), -1, 1.0),
     )
+
+
+def test_stack_step_arguments_are_named_before_sizes_are_derived():
+    x, weight = torch.randn(3, 8), torch.randn(2, 4, 6)
+    with pytest.raises(ValueError, match="step 0 has e_width=-88.*none may be negative"):
+        OPS.hgt_stack(x, [weight], [None], [None], [None], [None], [-88], [1], [1], [False], ["none"], [0.0], [1e-5],
+                      False)  # fmt: skip
+
+
+def test_a_seed_of_64_bits_gives_the_references_mask():
+    seed = 2**64 - 1  # the reference takes any 64-bit key; the wrapper overflowed int64 on it
+    x, weight = torch.randn(5, 8, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64)
+    ours = define_ops.ops.hgt_step(x, weight, seed=seed, dropout_p=0.5, backend="cpu")
+    ref = define_ops.ops.hgt_step(x, weight, seed=seed, dropout_p=0.5, backend="reference")
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_standalone_layout_helpers_name_a_bad_count():
+    with pytest.raises(ValueError, match="groups=0 must be >= 1"):
+        define_ops.ops.feature_shuffle(torch.randn(2, 8), 0)
+    with pytest.raises(ValueError, match="groups=3 must be >= 1 and divide the width 8"):
+        define_ops.ops.feature_shuffle(torch.randn(2, 8), 3)
+    with pytest.raises(ValueError, match="chunks=0 must be >= 1"):
+        define_ops.ops.split_mix(torch.randn(2, 4), torch.randn(2, 8), 0)

@@ -206,6 +206,10 @@ inline StackLayout make_stack_layout(const StackArgs& a, int64_t tokens, int64_t
     const at::Tensor& w = a.weights[i];
     TORCH_CHECK_VALUE(w.dim() == 3, "define_ops::hgt_stack: weight ", i, " must be 3-D [g, a/g, b/g], got shape ",
                       w.sizes());
+    // Before any size is derived from them (the step's own checks come later, at its call).
+    TORCH_CHECK_VALUE(a.e_widths[i] >= 0 && a.e_in_chunks[i] >= 0 && a.e_out_chunks[i] >= 0,
+                      "define_ops::hgt_stack: step ", i, " has e_width=", a.e_widths[i], ", e_in_chunks=",
+                      a.e_in_chunks[i], ", e_out_chunks=", a.e_out_chunks[i], "; none may be negative");
     PlannedStep s;
     s.groups = w.size(0);
     s.in_width = w.size(0) * w.size(1);
