@@ -101,7 +101,6 @@ class AdaptiveMap(nn.Module):
 
     def __init__(self, config: DeFINEConfig, device=None, dtype=None) -> None:
         super().__init__()
-        self.num_embeddings = config.num_embeddings
         self.bounds = [(lo, hi) for lo, hi, _ in config.bands()]
         self.scales = [math.sqrt(width) if config.scale_embedding else 1.0 for _, _, width in config.bands()]
         self.bands = nn.ModuleList(
@@ -520,9 +519,9 @@ class DeFINE(nn.Module):
         new data (`p.data = t`) changes the storage; new parameters or submodules anywhere bump the
         registration epoch (the only time the dict slots are collected again); tensors swapped into
         the dicts without registration (``torch.func.functional_call``) are other objects; steps of
-        the optimizers that may bump no version are counted (see _count_optimizer_step); autocast changes the values
-        and dtype of the output, so its state is part of the key. Runs on every cached call (a few
-        µs for awd_ptb's 31 parameters on a 2-core VM)."""
+        the optimizers that may bump no version are counted (see _count_optimizer_step); autocast
+        changes the values and dtype of the output, so its state is part of the key. Runs on every
+        cached call (a few µs for awd_ptb's 31 parameters on a 2-core VM)."""
         epoch = _registration_epoch[0]
         if self._cache_slots_epoch != epoch:
             modules = self.modules()
@@ -573,11 +572,10 @@ class DeFINE(nn.Module):
         return super().train(mode)
 
     def __getstate__(self) -> dict[str, Any]:
-        # pickle and copy.deepcopy (e.g. an EMA copy of the model) leave the table behind.
+        # pickle and copy.deepcopy (e.g. an EMA copy of the model) leave the table and its
+        # bookkeeping (the _cache_* attributes of _drop_cache_state) behind; __setstate__ resets them.
         state = super().__getstate__()  # a copy, without what nn.Module leaves out (a compiled call)
-        for name in ("_cache_table", "_cache_key", "_cache_sources", "_cache_slots", "_cache_slots_epoch"):
-            del state[name]
-        return state
+        return {name: value for name, value in state.items() if not name.startswith("_cache_")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -79,14 +79,21 @@ def dropout_keep_mask(seed: Tensor | int, rows: int, cols: int, p: float, device
 
 
 # ----------------------------------------------------------------------------- the steps
+def normalized_padding_idx(padding_idx: int | None, num_embeddings: int) -> int | None:
+    """padding_idx as nn.Embedding takes it (none, or a row in [-V, V), a negative one counted from
+    the end) → its row in [0, V), or None; out of range is an error (csrc/common/embedding_args.h
+    does the same for the C++ ops)."""
+    if padding_idx is None:
+        return None
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise ValueError(f"define_ops: padding_idx={padding_idx} is out of range for num_embeddings={num_embeddings}")
+    return padding_idx % num_embeddings
+
+
 def lookup_ref(weight: Tensor, ids: Tensor, padding_idx: int | None = None, scale: float = 1.0) -> Tensor:
     """Map: e = weight[ids] · scale; padding ids give zero vectors.  weight [V, n], ids [T] → [T, n].
     ``padding_idx`` as nn.Embedding takes it: in [-V, V), a negative one counted from the end."""
-    rows = weight.shape[0]
-    if padding_idx is not None:
-        if not -rows <= padding_idx < rows:
-            raise ValueError(f"lookup_ref: padding_idx={padding_idx} is out of range for num_embeddings={rows}")
-        padding_idx %= rows
+    padding_idx = normalized_padding_idx(padding_idx, weight.shape[0])
     e = F.embedding(ids, weight, padding_idx=padding_idx)
     if scale != 1.0:
         e = e * scale

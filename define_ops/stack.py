@@ -54,8 +54,6 @@ class StepSpec:
 
     def __post_init__(self) -> None:  # the ops' own names; a clear error for an unknown one
         object.__setattr__(self, "activation", _activation_name(self.activation))
-        if min(self.e_width, self.e_in_chunks, self.e_out_chunks) < 0:
-            raise ValueError(f"StepSpec: e_width, e_in_chunks and e_out_chunks must not be negative, got {self}")
 
     def args(self) -> tuple:
         return (self.e_width, self.e_in_chunks, self.e_out_chunks, self.shuffle, self.activation,

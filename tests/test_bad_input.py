@@ -172,3 +172,14 @@ def test_standalone_layout_helpers_name_a_bad_count():
         define_ops.ops.feature_shuffle(torch.randn(2, 8), 3)
     with pytest.raises(ValueError, match="chunks=0 must be >= 1"):
         define_ops.ops.split_mix(torch.randn(2, 4), torch.randn(2, 8), 0)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in define_ops.available_backends("cpu")])
+def test_every_stack_backend_refuses_a_negative_chunk_count(backend):
+    # The kernels' own argument checks (C++ make_step_params / hgt_stack, Triton's _Step) catch it.
+    from define_ops.stack import StepSpec, hgt_stack
+
+    spec = StepSpec(e_width=8, e_in_chunks=1, e_out_chunks=-1, shuffle=False, activation=None, dropout_p=0.0,
+                    norm_eps=1e-5)  # fmt: skip
+    with pytest.raises(ValueError, match="e_out_chunks=-1.* negative"):
+        hgt_stack(torch.randn(3, 8), [(torch.randn(2, 4, 3), None, None, None, None, spec)], backend=backend)

@@ -61,4 +61,11 @@ inline uint32_t dropout_threshold(double p) {
   return scaled >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(scaled);
 }
 
+// What a kept element is multiplied by, 1 / (1 - p), taken in double (in float it is 1.3 % off at
+// p = 0.999999) and 1 without dropout.
+template <typename acc_t>
+acc_t dropout_keep_scale(double p) {
+  return p > 0.0 ? static_cast<acc_t>(1.0 / (1.0 - p)) : acc_t(1);
+}
+
 }  // namespace define_ops

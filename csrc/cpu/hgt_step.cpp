@@ -213,7 +213,7 @@ DEFINE_OPS_INLINE void forward_rows(const ForwardArgs<scalar_t>& A, int64_t begi
   const int64_t b = p.out_h, s = p.out_group, g = p.groups, quads = (b + 3) / 4;
   const bool dropout = p.dropout_p > 0.0;
   const uint32_t threshold = dropout_threshold(p.dropout_p);
-  const acc_t keep_scale = dropout ? static_cast<acc_t>(1.0 / (1.0 - p.dropout_p)) : acc_t(1);  // in double: p near 1
+  const acc_t keep_scale = dropout_keep_scale<acc_t>(p.dropout_p);
   std::vector<acc_t> gemm_order(b), shuffled(p.shuffle ? b : 0);
   std::vector<uint32_t> words(dropout ? 4 * quads : 0);
   std::vector<scalar_t> e_buf(p.carry_e ? p.e_width : 0);
@@ -280,7 +280,7 @@ DEFINE_OPS_INLINE void backward_chunks(const BackwardArgs<scalar_t>& A, int64_t 
   const int64_t partial_width = b + 2 * s;
   const bool dropout = p.dropout_p > 0.0;
   const uint32_t threshold = dropout_threshold(p.dropout_p);
-  const acc_t keep_scale = dropout ? static_cast<acc_t>(1.0 / (1.0 - p.dropout_p)) : acc_t(1);  // in double: p near 1
+  const acc_t keep_scale = dropout_keep_scale<acc_t>(p.dropout_p);
   std::vector<acc_t> grad(b), pre(b), x_hat(b), gemm_order(p.shuffle ? b : 0);
   std::vector<uint32_t> words(dropout ? 4 * quads : 0);
   acc_t* __restrict d = grad.data();

@@ -1407,11 +1407,6 @@ void grouped_gemm(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, 
   at::bmm_out(y3, group_view(x, groups), weight);
 }
 
-template <typename acc_t>
-acc_t keep_scale_of(double dropout_p) {
-  return dropout_p > 0.0 ? static_cast<acc_t>(1.0 / (1.0 - dropout_p)) : acc_t(1);  // in double: p near 1
-}
-
 // The step bodies, writing into tensors the caller allocated (the single-step ops and the stack).
 struct CudaStep {
   static void forward(const StepParams& p, const StepTensors& t, const StepOutputs& o) {
@@ -1456,7 +1451,7 @@ struct CudaStep {
       args.rstd = p.norm ? o.rstd.data_ptr<acc_t>() : nullptr;
       bind_seed(t.seed, p, t.x, &args.seed_ptr, &args.seed);
       args.threshold = p.dropout_p > 0.0 ? dropout_threshold(p.dropout_p) : 0u;
-      args.keep_scale = keep_scale_of<acc_t>(p.dropout_p);
+      args.keep_scale = dropout_keep_scale<acc_t>(p.dropout_p);
       args.eps = acc_t(p.norm_eps);
       args.workspace = nullptr;
       args.keep_saved = p.needs_saved();
@@ -1519,7 +1514,7 @@ struct CudaStep {
         args.rstd = p.norm ? rstd_c.const_data_ptr<acc_t>() : nullptr;
         bind_seed(t.seed, p, t.x, &args.seed_ptr, &args.seed);
         args.threshold = p.dropout_p > 0.0 ? dropout_threshold(p.dropout_p) : 0u;
-        args.keep_scale = keep_scale_of<acc_t>(p.dropout_p);
+        args.keep_scale = dropout_keep_scale<acc_t>(p.dropout_p);
         args.dy = dy.data_ptr<scalar_t>();
         args.grad_x = p.carry_e ? g.grad_x.data_ptr<scalar_t>() : nullptr;
         args.partials = nullptr;

@@ -22,6 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._autograd import embedding_autograd
+from ..reference import normalized_padding_idx
 from ._common import INTERPRET, cdiv, launch, next_pow2, register_op, split_float
 
 # Interpreter blocks: ids per program and (largest) feature tile.
@@ -149,13 +150,9 @@ def _check(weight: Tensor, ids: Tensor) -> None:
 
 
 def _padding_row(padding_idx: int | None, num_embeddings: int) -> int:
-    """padding_idx as nn.Embedding takes it (none, or in [-V, V)) → the kernels' row, -1 for none."""
-    if padding_idx is None:
-        return -1
-    if not -num_embeddings <= padding_idx < num_embeddings:
-        where = "define_ops::embedding_lookup"
-        raise ValueError(f"{where}: padding_idx={padding_idx} is out of range for num_embeddings={num_embeddings}")
-    return padding_idx % num_embeddings
+    """The kernels' padding row: padding_idx normalised as nn.Embedding does, -1 for none."""
+    row = normalized_padding_idx(padding_idx, num_embeddings)
+    return -1 if row is None else row
 
 
 def _lookup(weight: Tensor, ids: Tensor, padding_idx: int | None, scale: float, run: bool) -> Tensor:

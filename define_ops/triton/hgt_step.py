@@ -642,6 +642,11 @@ class _Step:
             raise ValueError(f"{where}: dropout_p={dropout_p} needs a one-element int64 seed tensor")
         if norm_eps <= 0:
             raise ValueError(f"{where}: norm_eps must be > 0, got {norm_eps}")
+        if min(e_width, e_in_chunks, e_out_chunks) < 0:  # (a negative e_out_chunks would read as "no e")
+            raise ValueError(
+                f"{where}: e_width={e_width}, e_in_chunks={e_in_chunks} and e_out_chunks={e_out_chunks} "
+                "must not be negative"
+            )
         self.norm = norm_weight is not None
         self.bias = bias is not None
         self.shuffle = bool(shuffle) and self.g > 1
