@@ -42,7 +42,7 @@
 # sanitizer.log, host-costs.json, profile.json, profile-warp-rows.json, profile-step-loop.json, profile-dense-groups.json, traces/trace-<preset>-cuda.json, profile-bwd-blocks-*.json, profile-max-threads-256.json,
 # profile-small-batch-sorted.json, ncu-epilogue.txt, bench-bf16.json, bench-compiled.json,
 # bench-compiled-ours.json, bench-triton-<preset>.json, host-profile-*.txt, bench-issue8-bf16.json,
-# bench-fp32.json.
+# bench-fp32.json, lm/ (issue 6 evidence) and nmt/ (issue 7 evidence).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -152,6 +152,16 @@ stage bench-bf16 150 "$PY" -m pytest benchmarks/test_bench_layer.py benchmarks/t
   --benchmark-json "$RES/bench-bf16.json" --benchmark-columns=median,min,rounds $TIMING
 stage tests 110 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m "not slow" -rfE --maxfail=40 \
   --junitxml="$RES/tests.xml"
+# GPU evidence of issues 6 and 7 (the model runs; never run before 2026-11-27): LSTM LM on WikiText-2,
+# DeFINE vs standard embeddings of width 256 and m, plus the end-to-end step benchmark at the
+# lstm_wt103 shapes; Transformer base on Multi30k, DeFINE vs standard, beam-4 BLEU on test_2016_flickr.
+# Both need the corpora carried in .gpu-data. A stage cut by its timeout sends SIGINT: the trainers
+# save a checkpoint and stop, and what each run finished is already in $RES.
+stage evidence-lm 240 env PYTHON="$PY" STEPS="${LM_STEPS:-1200}" RUNS_DIR=/tmp/define-runs/lm \
+  bash scripts/gpu_lm_evidence.sh "$RES/lm"
+mkdir -p "$RES/nmt"
+stage evidence-nmt 300 env PYTHON="$PY" STEPS="${NMT_STEPS:-1000}" OUT="$RES/nmt" RUNS_DIR=/tmp/define-runs/nmt \
+  bash scripts/gpu_nmt_evidence.sh
 # torch.compile(mode="reduce-overhead") of our layer: the one line a user adds to remove the host
 # time (CUDA graphs under the hood); never measured yet
 stage bench-compiled-ours 120 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider -k fwd_bwd \
