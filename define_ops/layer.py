@@ -16,6 +16,7 @@ Parameter names and shapes are part of the API (checkpoints and tied output laye
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -291,6 +292,18 @@ class DeFINE(nn.Module):
             layer.reset_parameters()
         nn.init.xavier_uniform_(self.reduce.weight)
         nn.init.zeros_(self.reduce.bias)
+
+    def map_parameters(self) -> Iterator[nn.Parameter]:
+        """The Map's parameters: the [V, n] table, or the adaptive bands' tables and projections.
+        These are what an output layer ties to."""
+        return self.map.parameters() if self.config.map == "adaptive" else iter([self.weight])
+
+    def transform_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters of the expansion (the HGT layers with their biases and norms) and of the
+        Reduce: everything but the Map. Optimizer groups split on this, e.g. a lower learning rate
+        for the transform under SGD at the rates LSTM language models use (lr 20: see README)."""
+        for module in (*self.layers, self.reduce):
+            yield from module.parameters()
 
     # ------------------------------------------------------------------ properties
     @property

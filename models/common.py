@@ -90,6 +90,22 @@ class DeFINEInput(nn.Module):
         return functional_call(self.define, dict(zip(names, tables, strict=True)), (ids,))
 
 
+def optimizer_groups(model: nn.Module, lr: float, define_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """The model's parameters as optimizer groups: one at ``lr``, and where ``define_lr_scale`` is not 1
+    a second, after it, with the DeFINE transforms' parameters (``DeFINE.transform_parameters``: the
+    HGT layers and the Reduce, not the Map) at ``lr * define_lr_scale``. Plain SGD at an LSTM's rate
+    (lr 20) wrecks the transform's LayerNorm/GELU stack within a few hundred steps while the LSTM
+    needs that rate: see the README's language-model section for the measurements."""
+    params = list(model.parameters())
+    transform = {id(p) for m in model.modules() if isinstance(m, define_ops.DeFINE) for p in m.transform_parameters()}
+    if define_lr_scale == 1.0 or not transform:
+        return [{"params": params}]
+    return [
+        {"params": [p for p in params if id(p) not in transform]},
+        {"params": [p for p in params if id(p) in transform], "lr": lr * define_lr_scale},
+    ]
+
+
 def check_define_backend(backend: str, device: torch.device) -> None:
     """ValueError naming ``--define-backend`` where that backend cannot run on ``device``: found
     before anything is built or trained, not at the first forward."""

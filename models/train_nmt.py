@@ -34,7 +34,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
 
-from .common import check_define_backend
+from .common import check_define_backend, optimizer_groups
 from .data import DataError
 from .nmt import INPUTS, NMTConfig, Transformer, count_parameters
 from .nmt_data import (
@@ -72,8 +72,8 @@ BASE: dict[str, Any] = {
     "embedding": "define", "src_embedding": None, "tgt_embedding": None, "shared_vocab": True,
     "share_embeddings": True, "bpe_vocab_size": 8000, "table_dim": 128, "define_max_dim": 1024, "define_depth": 3,
     "define_max_groups": 4, "define_dropout": 0.1, "define_backend": "auto", "define_dedup": False,
-    "d_model": 512, "n_heads": 8, "ffn_dim": 2048, "encoder_layers": 6, "decoder_layers": 6, "dropout": 0.1,
-    "attention_dropout": 0.1, "activation_dropout": 0.1, "norm_first": True, "max_positions": 1024,
+    "define_lr_scale": 1.0, "d_model": 512, "n_heads": 8, "ffn_dim": 2048, "encoder_layers": 6, "decoder_layers": 6,
+    "dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.1, "norm_first": True, "max_positions": 1024,
     "label_smoothing": 0.1, "lr": 2 * 512**-0.5 * 8000**-0.5, "warmup_steps": 8000, "adam_betas": [0.9, 0.998],
     "adam_eps": 1e-9, "weight_decay": 0.0, "clip": 0.0, "max_tokens": 8192, "accum_steps": 1, "max_len": 256,
     "epochs": 10_000, "max_steps": 200_000, "eval_every": 10_000, "save_every": 0, "log_every": 100, "seed": 1,
@@ -247,7 +247,9 @@ class InverseSqrt:
 
 
 def build_optimizer(cfg: dict[str, Any], model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
+    # absent from a checkpoint's settings from before the option: one group, as it was then
+    groups = optimizer_groups(model, cfg["lr"], cfg.get("define_lr_scale", 1.0))
+    optimizer = torch.optim.Adam(groups, lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
                                  eps=cfg["adam_eps"], weight_decay=cfg["weight_decay"])  # fmt: skip
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, InverseSqrt(cfg["warmup_steps"]))
 
@@ -338,6 +340,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--define-dropout", type=float, default=S)
     g.add_argument("--define-backend", default=S, help="auto | reference | cpu | cuda | triton")
     g.add_argument("--define-dedup", type=int, choices=(0, 1), default=S, help="DeFINE once per distinct token")
+    g.add_argument(
+        "--define-lr-scale",
+        type=float,
+        default=S,
+        help="learning rate of the DeFINE transform (HGT layers, Reduce) as a multiple of --lr (default 1)",
+    )
     for name in ("d-model", "n-heads", "ffn-dim", "encoder-layers", "decoder-layers", "max-positions", "max-len"):
         g.add_argument(f"--{name}", type=int, default=S)
     for name in ("dropout", "attention-dropout", "activation-dropout", "label-smoothing"):
@@ -392,6 +400,8 @@ def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None = None)
         raise ValueError("--share-embeddings 1 needs the same embedding on both sides (or --share-embeddings 0)")
     if cfg["metric"] == "bleu" and cfg["eval_bleu_lines"] == 0:
         raise ValueError("--metric bleu needs BLEU at validation: drop --eval-bleu-lines 0 or use --metric loss")
+    if not cfg["define_lr_scale"] >= 0:  # 0: the transform stays at its initialization
+        raise ValueError(f"--define-lr-scale must be >= 0, got {cfg['define_lr_scale']}")
     return cfg
 
 

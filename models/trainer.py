@@ -850,6 +850,10 @@ class Trainer:
             if self.dist.is_main and self.metrics_path.exists():
                 self.metrics_path.unlink()  # a fresh run starts a fresh log
             self.log({"event": "config", "step": 0, "config": self.run_config, "train": asdict(cfg)})
+        if cfg.max_steps and cfg.eval_every and cfg.max_steps % cfg.eval_every:
+            self.print(f"note: the last step ({cfg.max_steps}) is not a validation step (every {cfg.eval_every}): "
+                       f"its validation is reported but best.pt (and the test) keep the best scheduled one; "
+                       f"make --max-steps a multiple of --eval-every to let the final weights compete")  # fmt: skip
         bar = None
         if tqdm is not None and cfg.progress and self.dist.is_main:
             bar = tqdm(total=self._progress_total(), initial=self.step, unit="step", dynamic_ncols=True, leave=False)

@@ -11,7 +11,7 @@
 #   bash scripts/gpu_lm_evidence.sh /tmp/lm && tar -czf "$OUT/lm_evidence.tgz" -C /tmp lm
 #
 # Environment: PYTHON (default .venv/bin/python where it exists, else python3), DEFINE_OPS_DATA
-# (default ../shared/data), STEPS (default 2000), EVAL_EVERY (default 250), M (default 512),
+# (default ../shared/data), STEPS (default 2000), EVAL_EVERY (default STEPS/8; must divide STEPS), M (default 512),
 # EXTRA (more train_lm flags, e.g. "--max-eval-tokens 5000" for a smoke run), BENCH_ARGS (e.g. --quick),
 # RUNS_DIR (where the runs' checkpoints go; default runs/evidence, git-ignored).
 # Writes RESULTS_DIR/lm_wt2_<card>/{define,standard_256,standard_m}/{metrics.jsonl,summary.json},
@@ -30,7 +30,11 @@ DATA_ROOT=${DEFINE_OPS_DATA:-../shared/data}
 [ -f "$DATA_ROOT/wikitext-2/train.txt" ] || DATA_ROOT=.gpu-data  # carried by scripts/gpu_data.sh
 [ -f "$DATA_ROOT/wikitext-2/train.txt" ] || { echo "error: WikiText-2 not found (set DEFINE_OPS_DATA)" >&2; exit 2; }
 STEPS=${STEPS:-2000}
-EVAL_EVERY=${EVAL_EVERY:-250}
+EVAL_EVERY=${EVAL_EVERY:-$((STEPS / 8))}
+# the trainer lets only scheduled validations pick best.pt: the last step must be one of them
+if [ "$EVAL_EVERY" -le 0 ] || [ $((STEPS % EVAL_EVERY)) -ne 0 ]; then
+  echo "error: EVAL_EVERY=$EVAL_EVERY must divide STEPS=$STEPS" >&2; exit 2
+fi
 M=${M:-512}
 CARD=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_') if torch.cuda.is_available() else 'cpu')")
 LM_DIR="$RESULTS/lm_wt2_$CARD"

@@ -16,7 +16,8 @@
 #   PYTHON     interpreter with torch (CUDA), sentencepiece and sacrebleu (default: python3)
 #   STEPS      optimizer steps per run (default 1800: ~25 epochs of 8192-token batches)
 #   WARMUP     warm-up steps (default 1000; the base preset's 8000 suits WMT-sized runs, not this budget)
-#   EVAL_EVERY validation (greedy BLEU on val, picks best.pt) every N steps (default 600)
+#   EVAL_EVERY validation (greedy BLEU on val, picks best.pt) every N steps (default STEPS/2;
+#              must divide STEPS, so the final weights compete for best.pt)
 #   RUNS_DIR   where the runs go (default runs/nmt/evidence; runs/ is git-ignored)
 #   OUT        if set, the results JSON and logs are copied there too
 #   SMOKE=1    check the plumbing on a CPU in a minute: small preset, 2000 pairs, 20 steps; the results
@@ -28,7 +29,11 @@ DATA=${NMT_DATA:-${DEFINE_OPS_DATA:-../shared/data}/multi30k}
 [ -f "$DATA/train.en" ] || [ -n "${NMT_DATA:-}" ] || DATA=.gpu-data/multi30k  # carried by scripts/gpu_data.sh
 STEPS=${STEPS:-1800}
 WARMUP=${WARMUP:-1000}
-EVAL_EVERY=${EVAL_EVERY:-600}
+EVAL_EVERY=${EVAL_EVERY:-$((STEPS / 2))}
+# the trainer lets only scheduled validations pick best.pt: the last step must be one of them
+if [ "$EVAL_EVERY" -le 0 ] || [ $((STEPS % EVAL_EVERY)) -ne 0 ]; then
+  echo "error: EVAL_EVERY=$EVAL_EVERY must divide STEPS=$STEPS" >&2; exit 2
+fi
 RUNS=${RUNS_DIR:-runs/nmt/evidence}
 PRECISION=bf16
 EXTRA=()

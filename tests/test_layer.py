@@ -348,3 +348,16 @@ def test_graph_providers_need_a_gpu_backend():
 
     with pytest.raises(ValueError, match="CUDA graph of the cuda or triton backend"):
         make_workload("awd_ptb", "cpu_graph", "fwd_bwd", quick=True, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("map_kind", ["table", "adaptive"])
+def test_map_and_transform_parameters_split_the_layer(map_kind):
+    extra = {"map": "adaptive", "cutoffs": (20, 60)} if map_kind == "adaptive" else {}
+    layer = define_ops.DeFINE(100, 24, input_dim=16, max_dim=64, depth=3, **extra)
+    map_ids = [id(p) for p in layer.map_parameters()]
+    transform_ids = [id(p) for p in layer.transform_parameters()]
+    assert set(map_ids).isdisjoint(transform_ids)
+    assert sorted(map_ids + transform_ids) == sorted(id(p) for p in layer.parameters())
+    names = {id(p): n for n, p in layer.named_parameters()}
+    assert all(names[i].startswith(("layers.", "reduce.")) for i in transform_ids)
+    assert all(names[i] == "weight" or names[i].startswith("map.") for i in map_ids)

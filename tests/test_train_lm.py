@@ -150,6 +150,39 @@ def test_output_bias_and_band_scale_are_recorded_and_old_checkpoints_keep_their_
     assert build_model(old, 50).embed.define.map.scales == [1.0, 1.0, 1.0]
 
 
+def test_define_transform_gets_its_own_rate_under_sgd_and_old_checkpoints_keep_one_group():
+    from models.train_lm import build_model, build_optimizer
+
+    def groups(cfg):
+        cfg = dict(cfg, cutoffs=[], hidden=16, layers=1, input_dim=16, table_dim=8, define_max_dim=32)
+        model = build_model(cfg, 50)
+        optimizer = build_optimizer(cfg, model)[0]
+        return model, optimizer.param_groups
+
+    sgd = resolve_config(parse_args(["--arch", "lstm", "--optimizer", "sgd", "--lr", "20", "--data", "x"]))
+    assert sgd["define_lr_scale"] == train_lm.SGD_DEFINE_LR_SCALE
+    model, (rest, transform) = groups(sgd)
+    assert rest["lr"] == 20 and transform["lr"] == pytest.approx(20 * train_lm.SGD_DEFINE_LR_SCALE)
+    define = model.embed.define
+    assert {id(p) for p in transform["params"]} == {id(p) for p in define.transform_parameters()}
+    assert define.weight in rest["params"]  # the table (tied to the softmax) keeps the full rate
+    assert len(rest["params"]) + len(transform["params"]) == len(list(model.parameters()))
+    awd = resolve_config(parse_args(["--preset", "awd_ptb", "--data", "x", "--define-depth", "2"]))
+    assert awd["define_lr_scale"] == train_lm.SGD_DEFINE_LR_SCALE  # NT-ASGD is SGD until it averages
+    adam = resolve_config(parse_args(["--arch", "lstm", "--data", "x"]))
+    assert adam["optimizer"] == "adam" and adam["define_lr_scale"] == 1.0 and len(groups(adam)[1]) == 1
+    chosen = resolve_config(
+        parse_args(["--arch", "lstm", "--data", "x", "--optimizer", "sgd", "--define-lr-scale", "1"])
+    )
+    assert len(groups(chosen)[1]) == 1
+    standard = dict(sgd, embedding="standard")
+    assert len(groups(standard)[1]) == 1  # nothing to split
+    before = {k: v for k, v in sgd.items() if k != "define_lr_scale"}  # a checkpoint's settings from before
+    assert len(groups(before)[1]) == 1  # its optimizer state has one group: it still loads
+    with pytest.raises(ValueError, match="--define-lr-scale must be >= 0, got -1"):
+        resolve_config(parse_args(["--arch", "lstm", "--data", "x", "--define-lr-scale", "-1"]))
+
+
 def test_command_line_errors_are_clear(corpus_dir, cache_dir, tmp_path, capsys):
     def error(*args):
         assert main(list(args)) == 2
