@@ -19,7 +19,8 @@
 #   EVAL_EVERY validation (greedy BLEU on val, picks best.pt) every N steps (default STEPS/2;
 #              must divide STEPS, so the final weights compete for best.pt)
 #   RUNS_DIR   where the runs go (default runs/nmt/evidence; runs/ is git-ignored)
-#   OUT        if set, the results JSON and logs are copied there too
+#   OUT        if set, each run's log, metrics and BLEU JSON are copied there as it ends, and the
+#              results JSON at the end
 #   SMOKE=1    check the plumbing on a CPU in a minute: small preset, 2000 pairs, 20 steps; the results
 #              go to RUNS_DIR only, never to benchmarks/results
 set -euo pipefail
@@ -64,6 +65,11 @@ for emb in define standard; do
     --reference "$DATA/test.de" --bleu-json "$RUNS/$emb/test.beam4.bleu.json" \
     < "$DATA/test.en" > "$RUNS/$emb/test.beam4.de" 2> >(tee "$RUNS/$emb.translate.log" >&2)
   echo "$(( $(date +%s) - start ))" > "$RUNS/$emb.seconds"
+  if [ -n "${OUT:-}" ]; then  # each run as it ends, so a session cut during the next one keeps it
+    cp "$RUNS/$emb.train.log" "$OUT/nmt_$emb.train.log"
+    cp "$RUNS/$emb/metrics.jsonl" "$OUT/nmt_$emb.metrics.jsonl"
+    cp "$RUNS/$emb/test.beam4.bleu.json" "$OUT/nmt_$emb.test.beam4.bleu.json"
+  fi
 done
 "$PYTHON" - "$RUNS" "$STEPS" "$WARMUP" "$RESULTS" <<'PY'
 import json, sys
@@ -113,5 +119,4 @@ print(f"\nsacrebleu: {results['runs']['define']['bleu_signature']}; {steps} step
 PY
 if [ -n "${OUT:-}" ]; then
   cp "$RESULTS"/nmt_multi30k_*.json "$OUT"/ 2>/dev/null || true
-  for emb in define standard; do cp "$RUNS/$emb.train.log" "$OUT/nmt_$emb.train.log"; done
 fi

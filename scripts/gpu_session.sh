@@ -156,9 +156,8 @@ stage tests 110 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m "no
 # DeFINE vs standard embeddings of width 256 and m, plus the end-to-end step benchmark at the
 # lstm_wt103 shapes; Transformer base on Multi30k, DeFINE vs standard, beam-4 BLEU on test_2016_flickr.
 # Both need the corpora carried in .gpu-data. A stage cut by its timeout sends SIGINT: the trainers
-# save a checkpoint and stop. The LM script copies each run's log and summary into $RES as it ends;
-# the NMT script copies nothing before both runs and their beam search are done (H200, 1000 steps:
-# 162 s for the DeFINE run, 107 s for the standard one), so leave it the whole of its limit.
+# save a checkpoint and stop. Both scripts copy each run's log and results into $RES as it ends
+# (H200, NMT at 1000 steps: 162 s for the DeFINE run with its beam search, 107 s for the standard one).
 stage evidence-lm 240 env PYTHON="$PY" STEPS="${LM_STEPS:-1200}" RUNS_DIR=/tmp/define-runs/lm \
   bash scripts/gpu_lm_evidence.sh "$RES/lm"
 mkdir -p "$RES/nmt"
