@@ -75,6 +75,16 @@ def test_training_on_a_ptb_slice_lowers_the_loss(arch, corpus_dir, cache_dir, tm
     assert records(tmp_path, "test")[0]["ppl"] < math.exp(valid[0])
 
 
+def test_a_budget_that_ends_off_the_validation_schedule_is_named(corpus_dir, cache_dir, tmp_path, capsys):
+    def run(out, steps):
+        assert main(argv("lstm", corpus_dir, cache_dir, tmp_path / out, "--max-steps", str(steps), "--eval-every", "2",
+                         "--max-eval-tokens", "2000")) == 0  # fmt: skip
+        return capsys.readouterr().out
+
+    assert "note: the last step (3) is not a validation step (every 2)" in run("off", 3)
+    assert "is not a validation step" not in run("on", 4)
+
+
 def test_overfits_a_tiny_slice(tmp_path, cache_dir):
     lines = (REPO / "README.md").read_text().split()[:300]  # any text: 300 words, learnt by heart
     text = [" ".join(lines[i : i + 15]) + "\n" for i in range(0, 300, 15)]
