@@ -42,7 +42,7 @@
 # sanitizer.log, host-costs.json, profile.json, profile-warp-rows.json, profile-step-loop.json, profile-dense-groups.json, traces/trace-<preset>-cuda.json, profile-bwd-blocks-*.json, profile-max-threads-256.json,
 # profile-small-batch-sorted.json, ncu-epilogue.txt, bench-bf16.json, bench-compiled.json,
 # bench-compiled-ours.json, bench-triton-<preset>.json, host-profile-*.txt, bench-issue8-bf16.json,
-# bench-fp32.json, lm/ (issue 6 evidence) and nmt/ (issue 7 evidence).
+# bench-fp32.json, lm/ (issue 6 evidence), nmt/ (issue 7 evidence), nmt-step-profile.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -163,6 +163,9 @@ stage evidence-lm 240 env PYTHON="$PY" STEPS="${LM_STEPS:-1200}" RUNS_DIR=/tmp/d
 mkdir -p "$RES/nmt"
 stage evidence-nmt 300 env PYTHON="$PY" STEPS="${NMT_STEPS:-1000}" OUT="$RES/nmt" RUNS_DIR=/tmp/define-runs/nmt \
   bash scripts/gpu_nmt_evidence.sh
+# the NMT step 26% slower in tokens/s with DeFINE on the H200 (f51cbd1), no slower on the CPU: where
+# its time goes, DeFINE vs standard inputs (wall, host time behind a GPU sleep, syncs, top kernels)
+stage nmt-step-profile 60 env PYTHONPATH="$PWD" "$PY" scripts/nmt_step_profile.py --json "$RES/nmt-step-profile.json"
 # torch.compile(mode="reduce-overhead") of our layer: the one line a user adds to remove the host
 # time (CUDA graphs under the hood); never measured yet
 stage bench-compiled-ours 120 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider -k fwd_bwd \

@@ -110,3 +110,14 @@ def test_profile_diff_compares_two_profiles(tmp_path):
     assert "hgt_step_backward_kernel<bf16>:    222.0 ->      0.0 us" in out
     assert "hgt_step_backward_warp_kernel<bf16>:      0.0 ->    100.0 us" in out
     assert "matching kernels in all:    222.0 ->    100.0 us" in out and "nvjet" not in out
+
+
+def test_nmt_step_profile_script_runs_and_writes_its_json(tmp_path):
+    out = tmp_path / "nmt-step-profile.json"
+    done = subprocess.run([sys.executable, "scripts/nmt_step_profile.py", "--quick", "--tokens", "64", "--steps", "2",
+                           "--json", str(out)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"define", "standard"}
+    assert all(r["step_ms"] > 0 and r["top_ops"] for r in runs.values())
