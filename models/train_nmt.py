@@ -165,14 +165,7 @@ class NMTTask:
         return source.to(device), tgt_in.to(device), tgt_out.to(device), int((tgt_out != PAD).sum())
 
     def losses(self, model: nn.Module, src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> tuple[Tensor, Tensor]:
-        """(label-smoothed loss, NLL), both summed over the target tokens. The smoothed target puts
-        1 - ε on the reference and ε spread evenly over the vocabulary."""
-        lprobs = model(src, tgt_in).float().log_softmax(-1)  # [B, T, V]
-        real = (tgt_out != PAD).to(lprobs.dtype)
-        nll = -lprobs.gather(-1, tgt_out[..., None]).squeeze(-1)  # [B, T]
-        eps = self.cfg["label_smoothing"]
-        smoothed = (1 - eps) * nll - eps * lprobs.mean(-1) if eps else nll
-        return (smoothed * real).sum(), (nll * real).sum()
+        return smoothed_losses(model, src, tgt_in, tgt_out, self.cfg["label_smoothing"])
 
     def train_step(self, model: nn.Module, batch: tuple[Tensor, Tensor, Tensor, int]) -> StepResult:
         src, tgt_in, tgt_out, tokens = batch
@@ -233,6 +226,19 @@ def build_model(cfg: dict[str, Any]) -> Transformer:
             **{k: cfg[k] for k in fields},
         )  # fmt: skip
     )
+
+
+def smoothed_losses(
+    model: nn.Module, src: Tensor, tgt_in: Tensor, tgt_out: Tensor, label_smoothing: float
+) -> tuple[Tensor, Tensor]:
+    """(label-smoothed loss, NLL), both summed over the target tokens. The smoothed target puts
+    1 - ε on the reference and ε spread evenly over the vocabulary. src [B, S], tgt_in/out [B, T]."""
+    lprobs = model(src, tgt_in).float().log_softmax(-1)  # [B, T, V]
+    real = (tgt_out != PAD).to(lprobs.dtype)
+    nll = -lprobs.gather(-1, tgt_out[..., None]).squeeze(-1)  # [B, T]
+    eps = label_smoothing
+    smoothed = (1 - eps) * nll - eps * lprobs.mean(-1) if eps else nll
+    return (smoothed * real).sum(), (nll * real).sum()
 
 
 class InverseSqrt:

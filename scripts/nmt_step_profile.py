@@ -23,7 +23,7 @@ import torch
 
 from define_ops.bench import device, device_name, enqueue_ms, median_ms, synchronize
 from models.nmt_data import PAD
-from models.train_nmt import BASE, build_model
+from models.train_nmt import BASE, build_model, smoothed_losses
 
 VOCAB = 8000  # the evidence runs' joint BPE
 
@@ -45,13 +45,9 @@ def make_step(embedding: str, tokens: int, dev: torch.device, quick: bool):
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
 
     def step() -> None:
-        with autocast:
-            lprobs = model(src, tgt[:, :-1]).float().log_softmax(-1)  # [B, T, V]
-        target = tgt[:, 1:]
-        real = (target != PAD).to(lprobs.dtype)
-        nll = -lprobs.gather(-1, target[..., None]).squeeze(-1)
-        loss = ((0.9 * nll - 0.1 * lprobs.mean(-1)) * real).sum() / real.numel()
-        loss.backward()
+        with autocast:  # as the trainer's step: the loss in autocast too, its log-softmax in fp32
+            loss, _ = smoothed_losses(model, src, tgt[:, :-1], tgt[:, 1:], cfg["label_smoothing"])
+        (loss / tgt[:, 1:].numel()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
