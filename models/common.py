@@ -97,8 +97,10 @@ def optimizer_groups(model: nn.Module, lr: float, define_lr_scale: float = 1.0) 
     (lr 20) wrecks the transform's LayerNorm/GELU stack within a few hundred steps while the LSTM
     needs that rate: see the README's language-model section for the measurements."""
     params = list(model.parameters())
+    if define_lr_scale == 1.0:
+        return [{"params": params}]
     transform = {id(p) for m in model.modules() if isinstance(m, define_ops.DeFINE) for p in m.transform_parameters()}
-    if define_lr_scale == 1.0 or not transform:
+    if not transform:
         return [{"params": params}]
     return [
         {"params": [p for p in params if id(p) not in transform]},
