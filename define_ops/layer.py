@@ -16,6 +16,7 @@ Parameter names and shapes are part of the API (checkpoints and tied output laye
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -143,6 +144,12 @@ def _in_func_transform() -> bool:
 # Constructor options that are not part of DeFINEConfig (how the layer runs, not what it computes).
 _MODULE_OPTIONS = ("backend", "dedup", "cache", "validate_ids", "sparse", "device", "dtype")
 
+# Backends whose table lookups give an out-of-range id a row of NaN (and no gradient) instead of
+# reading out of bounds: with them an id check may run behind the computation (validate_ids="deferred").
+_NAN_ROW_BACKENDS = ("cuda", "triton")
+# Deferred checks still in flight before a call waits for the oldest: bounds their pinned buffers.
+_MAX_PENDING_ID_CHECKS = 16
+
 
 def distinct_ids(flat_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Sorted distinct ids without a host synchronisation: static shapes only.
@@ -200,6 +207,10 @@ class DeFINE(nn.Module):
     Reduce, no shuffle, bias); where it is silent we follow the authors' code for the per-group
     LayerNorm, GELU and √n scaling, and keep ``dropout=0.0`` so that, like ``nn.Embedding``, the
     layer is deterministic unless asked otherwise (the benchmark presets use 0.1).
+
+    ``validate_ids``: True checks the id range before the call (one host read: a synchronisation
+    on CUDA); "deferred" queues the check and reads its verdict at a later call or in
+    ``check_pending_ids()``, while the bad id's row is NaN (no synchronisation); False skips it.
     """
 
     def __init__(
@@ -244,9 +255,11 @@ class DeFINE(nn.Module):
         )  # fmt: skip
         if cache not in ("auto", "off"):
             raise ValueError(f"DeFINE: cache={cache!r} is invalid; choose 'auto' or 'off'")
-        for name, flag in (("dedup", dedup), ("validate_ids", validate_ids), ("sparse", sparse)):
+        for name, flag in (("dedup", dedup), ("sparse", sparse)):
             if not isinstance(flag, bool):
                 raise ValueError(f"DeFINE: {name}={flag!r} is invalid; it must be True or False")
+        if not (isinstance(validate_ids, bool) or (isinstance(validate_ids, str) and validate_ids == "deferred")):
+            raise ValueError(f"DeFINE: validate_ids={validate_ids!r} is invalid; choose True, False or 'deferred'")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"DeFINE: dtype={dtype!r} is invalid; the parameters need a floating-point dtype")
         self.config = config
@@ -256,6 +269,7 @@ class DeFINE(nn.Module):
         self.cache = cache
         self.sparse = sparse
         self._drop_cache_state()
+        self._pending_id_checks: deque[tuple[Tensor, torch.cuda.Event | None]] = deque()  # see _defer_id_check
         plans = config.layer_plans()
         self.plans = plans
         if config.map == "table":
@@ -335,19 +349,33 @@ class DeFINE(nn.Module):
         return resolve_backend(self.backend, self.device)
 
     # ------------------------------------------------------------------ checks
-    def _check_ids(self, ids: Tensor) -> None:
+    def _check_id_tensor(self, ids: Tensor) -> None:
         if not isinstance(ids, Tensor):
             raise TypeError(f"DeFINE expects a tensor of token ids, got {type(ids).__name__}")
         if ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"DeFINE expects integer token ids (torch.int64 or torch.int32), got dtype {ids.dtype}")
         if ids.device != self.device:
             raise ValueError(f"DeFINE: ids are on {ids.device} but the layer's parameters are on {self.device}")
-        if not self.validate_ids or ids.numel() == 0 or ids.is_meta or torch.compiler.is_compiling():
-            return  # under compile the ops check ids themselves; meta tensors have no values
+
+    def _check_id_values(self, ids: Tensor, nan_rows: bool) -> bool:
+        """Range-check ``ids`` as ``validate_ids`` asks; True where they were verified now. With
+        ``nan_rows`` (this call's path gives a bad id a NaN row) "deferred" queues the check instead;
+        on any other path it checks now."""
+        mode = self.validate_ids
+        if not mode or ids.is_meta or torch.compiler.is_compiling():
+            return False  # under compile the ops check ids themselves; meta tensors have no values
         if _in_func_transform():
-            return  # vmap's ids have no host values; the reference backend's lookup checks them
+            return False  # vmap's ids have no host values; the reference backend's lookup checks them
         if ids.is_cuda and torch.cuda.is_current_stream_capturing():
-            return  # a host read is illegal in a CUDA graph capture; the ops flag bad ids (NaN rows)
+            return False  # a host read is illegal in a CUDA graph capture; the ops flag bad ids (NaN rows)
+        if mode == "deferred":
+            self.check_pending_ids(wait=False)  # what earlier calls' checks found, where it has arrived
+            if nan_rows:
+                if ids.numel() > 0:
+                    self._defer_id_check(ids)
+                return False
+        if ids.numel() == 0:
+            return True
         low, high = torch.stack(torch.aminmax(ids.reshape(-1))).tolist()  # one host read, not two
         if low < 0 or high >= self.num_embeddings:
             bad = ((ids < 0) | (ids >= self.num_embeddings)).reshape(-1).nonzero()[0, 0].item()
@@ -355,6 +383,52 @@ class DeFINE(nn.Module):
             raise IndexError(
                 f"DeFINE: token id {value} at flat position {bad} is out of range for num_embeddings="
                 f"{self.num_embeddings} (valid ids are 0..{self.num_embeddings - 1})"
+            )
+        return True
+
+    def _defer_id_check(self, ids: Tensor) -> None:
+        """Queue the range check of ``ids`` without waiting for it: their smallest and largest id go
+        to pinned host memory by an asynchronous copy, read by a later call or ``check_pending_ids``
+        once the device has written them. Three launches, no host synchronisation."""
+        low_high = torch.stack(torch.aminmax(ids.reshape(-1)))  # [2] on ids' device
+        event = None
+        if low_high.is_cuda:
+            host = torch.empty(2, dtype=low_high.dtype, pin_memory=True)
+            host.copy_(low_high, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            low_high = host
+        self._pending_id_checks.append((low_high, event))
+        if len(self._pending_id_checks) > _MAX_PENDING_ID_CHECKS:
+            oldest, oldest_event = self._pending_id_checks.popleft()
+            if oldest_event is not None:
+                oldest_event.synchronize()
+            self._resolve_id_check(oldest)
+
+    def check_pending_ids(self, wait: bool = True) -> None:
+        """Raise the ``IndexError`` of an out-of-range id that an earlier call met under
+        ``validate_ids="deferred"`` (that call's rows for it were NaN). Every deferred call checks
+        what has arrived without waiting; this waits for the rest (``wait=False``: only what has
+        arrived). Training loops call it after the step's own host read, when it costs nothing."""
+        while self._pending_id_checks:
+            low_high, event = self._pending_id_checks[0]
+            if event is not None and not event.query():  # a query never waits
+                if not wait:
+                    return
+                event.synchronize()
+            self._pending_id_checks.popleft()
+            self._resolve_id_check(low_high)
+
+    def _resolve_id_check(self, low_high: Tensor) -> None:
+        """Raise for a deferred check's (smallest, largest) id [2], read on the host once it has landed."""
+        low, high = low_high.tolist()
+        if low < 0 or high >= self.num_embeddings:
+            self._pending_id_checks.clear()  # reported once; later calls' checks start afresh
+            value = low if low < 0 else high
+            raise IndexError(
+                f"DeFINE: token id {value} is out of range for num_embeddings={self.num_embeddings} (valid ids are "
+                f"0..{self.num_embeddings - 1}); found by validate_ids='deferred' after the call that received it "
+                f"had returned: that call's output rows for it are NaN"
             )
 
     # ------------------------------------------------------------------ forward
@@ -464,10 +538,23 @@ class DeFINE(nn.Module):
         use ``torch.unique``, which needs the count on the host (one synchronisation on CUDA);
         under ``torch.compile`` they run the plain path instead.
         """
-        self._check_ids(ids)
+        self._check_id_tensor(ids)
         table = self._cached_table() if self._cache_usable(ids) else None
-        if table is not None:  # the eval-mode table: one lookup, any ids shape, no reshapes
-            return F.embedding(ids, table)
+        lookup_backend = resolve_backend(self.backend, self.device)
+        # Whether this call's lookup gives an out-of-range id a NaN row (then its check may be deferred):
+        # the backend's own lookup op does, the Map's adaptive bands do, F.embedding does not.
+        backend_rows = lookup_backend in _NAN_ROW_BACKENDS
+        if table is None:
+            nan_rows = self.config.map == "adaptive" or (backend_rows and not self.sparse)
+        else:
+            nan_rows = backend_rows
+        verified = self._check_id_values(ids, nan_rows)
+        if table is not None:  # the eval-mode table: one lookup, any ids shape
+            if verified or not backend_rows:
+                return F.embedding(ids, table)
+            # Unchecked ids: the backend's lookup gives a bad one a NaN row; F.embedding asserts on CUDA.
+            rows = ops.embedding_lookup(table, ids.reshape(-1), None, 1.0, backend=lookup_backend)
+            return rows.reshape(*ids.shape, table.shape[1])
         flat = ids.reshape(-1)
         use_dedup = (self.dedup if dedup is None else dedup) and flat.numel() > 0 and not _in_func_transform()
         backend = self.active_backend() if use_dedup else None
@@ -588,11 +675,13 @@ class DeFINE(nn.Module):
         # pickle and copy.deepcopy (e.g. an EMA copy of the model) leave the table and its
         # bookkeeping (the _cache_* attributes of _drop_cache_state) behind; __setstate__ resets them.
         state = super().__getstate__()  # a copy, without what nn.Module leaves out (a compiled call)
-        return {name: value for name, value in state.items() if not name.startswith("_cache_")}
+        left_out = ("_cache_", "_pending_id_checks")  # the pending checks hold CUDA events, which do not copy
+        return {name: value for name, value in state.items() if not name.startswith(left_out)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._drop_cache_state()
+        self._pending_id_checks = deque()
 
     def extra_repr(self) -> str:
         c = self.config
@@ -609,3 +698,10 @@ class DeFINE(nn.Module):
                    ("validate_ids", self.validate_ids, True))  # fmt: skip
         changed += [f"{name}={value!r}" for name, value, default in options if value != default]
         return ", ".join([text, *changed])
+
+
+def check_pending_ids(module: nn.Module, wait: bool = True) -> None:
+    """``DeFINE.check_pending_ids`` of every DeFINE layer in ``module`` (itself included)."""
+    for layer in module.modules():
+        if isinstance(layer, DeFINE):
+            layer.check_pending_ids(wait)

@@ -64,10 +64,10 @@ class DeFINEInput(nn.Module):
         super().__init__()
         if define_kwargs.get("map") == "adaptive":
             define_kwargs.update(cutoffs=tuple(cutoffs or ()), adaptive_factor=div_val)
-        # The ids come from the vocabulary this model was built for (the readers map every token
-        # into it), and on a GPU the host-side range check is one synchronisation per step. The CPU
-        # op still raises on a bad id, CUDA and Triton give it NaN rows: the trainers' NaN stop.
-        define_kwargs.setdefault("validate_ids", False)
+        # A host-side range check would cost a synchronisation per call on a GPU; the deferred one
+        # costs none: a bad id gets a NaN row, and the trainer reads the verdict after the step's own
+        # host read, naming the id before its NaN loss stops the run (Trainer._check_ids).
+        define_kwargs.setdefault("validate_ids", "deferred")
         self.define = define_ops.DeFINE(vocab_size, out_dim, input_dim=table_dim, **define_kwargs)
         self.adaptive = self.define.config.map == "adaptive"
         self.dims = [width for _, _, width in self.define.config.bands()]

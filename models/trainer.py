@@ -57,6 +57,11 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss or gradient; the message names the step and the last good checkpoint."""
 
 
+class BadTokenIdError(IndexError):
+    """A batch held a token id outside a DeFINE layer's vocabulary (found by its deferred id check);
+    the message names the id, the step and the last good checkpoint."""
+
+
 @dataclass
 class StepResult:
     loss: Tensor  # what backward() sees (may include regularisers): a mean over ``tokens``
@@ -301,7 +306,7 @@ def run_command(device: str | None, body: Callable[[Dist], int], user_errors: tu
     message for a non-finite loss, 2 for ``user_errors`` (bad data, checkpoints or settings)."""
     try:
         return body(init_distributed(device))
-    except NonFiniteLossError as exc:
+    except (NonFiniteLossError, BadTokenIdError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except user_errors as exc:
@@ -471,6 +476,9 @@ class Trainer:
             # their keys are the same with or without compilation and a run resumes either way.
             mode = None if config.compile == "default" else config.compile
             self.ddp_model = torch.compile(self.ddp_model, mode=mode)
+        # DeFINE layers with validate_ids="deferred" check ids without a host synchronisation; their
+        # verdicts are read after the step's one host read, when they have arrived (see _check_ids).
+        self._deferred_id_layers = [m for m in model.modules() if callable(getattr(m, "check_pending_ids", None))]
         self.step = 0
         self.epoch = 0
         self.best: dict[str, Any] = {"value": None, "step": None}
@@ -642,7 +650,9 @@ class Trainer:
         self.model.eval()
         try:
             with averaged() if averaged is not None else contextlib.nullcontext(), torch.no_grad(), self.autocast():
-                return self.task.evaluate(self.model, split)
+                metrics = self.task.evaluate(self.model, split)
+            self._check_ids(f"evaluation on {split} after step {self.step}", all_ranks=True)
+            return metrics
         finally:
             self.model.train(was_training)
 
@@ -751,6 +761,7 @@ class Trainer:
             nn.utils.clip_grads_with_norm_(params, self.cfg.clip, norm)
         readout = torch.cat([check, norm.detach().to(device, torch.float64).reshape(1)])
         loss_total, total_tokens, nonfinite_count, stop, grad_norm = readout.tolist()
+        self._check_ids(f"training step {self.step + 1}")  # before the NaN checks: name the cause of the NaN
         self._stop = stop > 0
         total_tokens = max(total_tokens, 1.0)
         if nonfinite_count > 0:
@@ -773,11 +784,36 @@ class Trainer:
             self.scheduler.step()
         return loss_total / total_tokens, int(total_tokens), grad_norm
 
-    def _raise_nonfinite(self, what: str, value: float, *, after_step: bool = False) -> None:
+    def _kept_checkpoint(self) -> str:
         if self.last_saved_step is not None:
-            kept = f"the last good checkpoint, {self.last_path} (step {self.last_saved_step}), is left as it was"
-        else:
-            kept = "no checkpoint had been written yet"
+            return f"the last good checkpoint, {self.last_path} (step {self.last_saved_step}), is left as it was"
+        return "no checkpoint had been written yet"
+
+    def _check_ids(self, during: str, *, all_ranks: bool = False) -> None:
+        """Raise BadTokenIdError where a DeFINE layer's deferred id check found a bad id. Called after
+        a host read of the results, so the checks have arrived: no wait. ``all_ranks``: every rank
+        raises when one found a bad id (one small collective; training steps need none, as the bad
+        id's NaN loss stops every rank in the step's NaN check)."""
+        found = None
+        try:
+            for layer in self._deferred_id_layers:
+                layer.check_pending_ids()
+        except IndexError as exc:
+            found = exc
+        if all_ranks and self.dist.active:
+            flag = torch.tensor([float(found is not None)], device=self.dist.device)
+            torch_dist.all_reduce(flag)
+            if found is None and flag.item() > 0:
+                found = IndexError("another rank's batch held a token id out of the model's vocabulary")
+        if found is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise BadTokenIdError(
+                f"{found}. During {during}, epoch {self.epoch}: training stopped without saving; "
+                f"{self._kept_checkpoint()}. The data holds ids that the model's vocabulary does not."
+            ) from found
+
+    def _raise_nonfinite(self, what: str, value: float, *, after_step: bool = False) -> None:
+        kept = self._kept_checkpoint()
         step = self.step if after_step else self.step + 1
         raise NonFiniteLossError(
             f"non-finite training {what} ({value}) at step {step}, epoch {self.epoch}: training stopped "

@@ -166,6 +166,10 @@ stage evidence-nmt 300 env PYTHON="$PY" STEPS="${NMT_STEPS:-1000}" OUT="$RES/nmt
 # the NMT step 26% slower in tokens/s with DeFINE on the H200 (f51cbd1), no slower on the CPU: where
 # its time goes, DeFINE vs standard inputs (wall, host time behind a GPU sleep, syncs, top kernels)
 stage nmt-step-profile 60 env PYTHONPATH="$PWD" "$PY" scripts/nmt_step_profile.py --json "$RES/nmt-step-profile.json"
+# validate_ids True vs "deferred" vs False in a loop of 8 fwd+bwd steps with one sync (lstm_wt103,
+# auto backend): what the per-call host read costs and whether the deferred check removes it
+stage bench-id-check 40 "$PY" -m pytest benchmarks/test_bench_id_check.py -q -p no:cacheprovider --benchmark-only \
+  --dtype bfloat16 --benchmark-json "$RES/bench-id-check.json" --benchmark-columns=median,min,rounds $TIMING
 # torch.compile(mode="reduce-overhead") of our layer: the one line a user adds to remove the host
 # time (CUDA graphs under the hood); never measured yet
 stage bench-compiled-ours 120 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider -k fwd_bwd \

@@ -120,6 +120,42 @@ def test_no_host_synchronisation_in_the_step():
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.parametrize("backend", [b for b in ("cuda", "triton") if b in define_ops.available_backends(DEVICE)])
+@pytest.mark.parametrize("cached", [False, True])
+def test_deferred_id_check_never_waits_for_the_gpu(backend, cached):
+    """validate_ids="deferred": training steps (and eval-table lookups) with no host synchronisation;
+    a bad id gets a NaN row and the next call raises naming it."""
+    layer = DeFINE(500, 64, input_dim=32, max_dim=128, depth=2, backend=backend, device=DEVICE,
+                   validate_ids="deferred").train(not cached)  # fmt: skip
+    ids = torch.randint(0, 500, (4, 33), device=DEVICE)
+    bad = ids.clone()
+    bad[2, 5] = 500
+
+    def step(token_ids):
+        if cached:
+            with torch.no_grad():
+                return layer(token_ids)
+        out = layer(token_ids)
+        out.float().sum().backward()
+        return out
+
+    step(ids)  # warm-up: kernels loaded, the table built, the pinned-memory pool primed
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step(ids)
+        out = step(bad)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    nan_rows = out.isnan().all(-1)
+    assert nan_rows[2, 5] and nan_rows.sum() == 1 and torch.isfinite(out[~nan_rows]).all()
+    with pytest.raises(IndexError, match="token id 500 is out of range"):
+        layer.check_pending_ids()
+    step(ids)
+    layer.check_pending_ids()
+
+
 def test_backward_is_bitwise_deterministic():
     tensors, params = make_step_inputs("first-layer", OPTIONS[2], 20000, torch.bfloat16, DEVICE)
     first = run_step("cuda", tensors, params)

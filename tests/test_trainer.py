@@ -18,9 +18,11 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+import define_ops
 from models import trainer as trainer_mod
 from models.train_lm import build_trainer, parse_args, resolve_config
 from models.trainer import (
+    BadTokenIdError,
     CheckpointError,
     Dist,
     NonFiniteLossError,
@@ -123,6 +125,37 @@ def test_nan_loss_stops_and_leaves_the_last_good_checkpoint(corpus_dir, cache_di
     state = trainer_mod.load_checkpoint(last)
     assert state["trainer"]["step"] == 3
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.skipif("triton" not in define_ops.available_backends("cpu"), reason="triton not installed")
+def test_bad_token_id_stops_training_naming_the_id(corpus_dir, cache_dir, tmp_path, monkeypatch):
+    # The models' DeFINE checks ids with validate_ids="deferred" (no host synchronisation on a GPU):
+    # on the Triton backend a bad id gets a NaN row, and the trainer names the id before the NaN
+    # loss it causes would stop the run.
+    cfg = config(corpus_dir, cache_dir, tmp_path, "lstm", "--save-every", "3", "--eval-every", "0",
+                 "--define-backend", "triton")  # fmt: skip
+    trainer = build_trainer(dict(cfg), Dist(), progress=False)
+    vocab = next(m for m in trainer.model.modules() if isinstance(m, define_ops.DeFINE)).num_embeddings
+    train_step = trainer.task.train_step
+
+    def poisoned(model, batch):
+        if trainer.step == 4:
+            inputs, targets, seq_len = batch
+            inputs = inputs.clone()
+            inputs[1, 2] = vocab
+            batch = (inputs, targets, seq_len)
+        return train_step(model, batch)
+
+    monkeypatch.setattr(trainer.task, "train_step", poisoned)
+    expected = rf"token id {vocab} is out of range.*training step 5.*last\.pt \(step 3\)"
+    with pytest.raises(BadTokenIdError, match=expected):
+        trainer.fit()
+    assert max(train_losses(tmp_path)) == 4
+
+    def body(dist):
+        raise BadTokenIdError("token id 7 is out of range")
+
+    assert trainer_mod.run_command("cpu", body, ()) == 1  # the commands print it as one line and exit 1
 
 
 def _checkpoints_are_finite(out: Path) -> bool:
