@@ -396,7 +396,7 @@ class DeFINE(nn.Module):
             host = torch.empty(2, dtype=low_high.dtype, pin_memory=True)
             host.copy_(low_high, non_blocking=True)
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(low_high.device))  # the copy's stream, whatever the current device
             low_high = host
         self._pending_id_checks.append((low_high, event))
         if len(self._pending_id_checks) > _MAX_PENDING_ID_CHECKS:
