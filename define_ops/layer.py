@@ -28,7 +28,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from . import ops, reference
 from ._backend import requested_backend, resolve_backend
 from .config import DeFINEConfig, LayerPlan
-from .stack import StepSpec, hgt_stack
+from .stack import StepSpec, gather_rows, hgt_stack
 
 
 class GroupLayerNorm(nn.Module):
@@ -553,8 +553,7 @@ class DeFINE(nn.Module):
             if verified or not backend_rows:
                 return F.embedding(ids, table)
             # Unchecked ids: the backend's lookup gives a bad one a NaN row; F.embedding asserts on CUDA.
-            rows = ops.embedding_lookup(table, ids.reshape(-1), None, 1.0, backend=lookup_backend)
-            return rows.reshape(*ids.shape, table.shape[1])
+            return gather_rows(table, ids.reshape(-1), lookup_backend).reshape(*ids.shape, table.shape[1])
         flat = ids.reshape(-1)
         use_dedup = (self.dedup if dedup is None else dedup) and flat.numel() > 0 and not _in_func_transform()
         backend = self.active_backend() if use_dedup else None
