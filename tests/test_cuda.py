@@ -477,17 +477,17 @@ def test_one_fused_kernel_per_step_and_pass(layout):
 
 
 # ----------------------------------------------------------------------------- CUDA graphs
-def check_graph_replay(backend: str) -> None:
+def check_graph_replay(backend: str, dedup: bool = False) -> None:
     """The benchmarks' graph providers (and users' make_graphed_callables / reduce-overhead) rely
     on the step being capturable: no host synchronisation, no allocation outside the graph's pool.
     Without dropout a replay must give the eager step's gradients (to fp32 rounding: cuBLAS may
     pick another algorithm under capture). Shared with tests/test_triton_gpu.py."""
     from define_ops.bench import graph_replay, make_workload
 
-    make_workload("nmt_wmt14", f"{backend}_graph", "fwd_bwd", quick=True, dtype=torch.float32).step()  # a replay
+    make_workload("nmt_wmt14", f"{backend}_graph", "fwd_bwd", quick=True, dtype=torch.float32, dedup=dedup).step()
     config = DeFINEConfig.from_preset("nmt_wmt14", num_embeddings=2000, dropout=0.0)
-    module = DeFINE.from_config(config, backend=backend, device=DEVICE)
-    ids = torch.randint(0, 2000, (300,), device=DEVICE)
+    module = DeFINE.from_config(config, backend=backend, device=DEVICE, dedup=dedup)
+    ids = torch.randint(0, 2000 if not dedup else 150, (300,), device=DEVICE)  # with dedup: repeated ids
     grad = torch.randn(300, config.embedding_dim, device=DEVICE)
     module(ids).backward(grad)
     eager = _parameter_grads(module)

@@ -135,6 +135,14 @@ def test_training_step_replays_as_a_cuda_graph_on_gpu():
     check_graph_replay("triton")
 
 
+def test_dedup_training_step_replays_as_a_cuda_graph_on_gpu():
+    """Triton's dedup has static shapes and no host read: the step captures, and a replay gives
+    the eager dedup step's gradients."""
+    from .test_cuda import check_graph_replay
+
+    check_graph_replay("triton", dedup=True)
+
+
 def test_reduce_overhead_compile_trains_like_eager_on_gpu():
     from .test_cuda import check_reduce_overhead
 
