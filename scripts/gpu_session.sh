@@ -42,7 +42,9 @@
 # sanitizer.log, host-costs.json, profile.json, profile-warp-rows.json, profile-step-loop.json, profile-dense-groups.json, traces/trace-<preset>-cuda.json, profile-bwd-blocks-*.json, profile-max-threads-256.json,
 # profile-small-batch-sorted.json, ncu-epilogue.txt, bench-bf16.json, bench-compiled.json,
 # bench-compiled-ours.json, bench-triton-<preset>.json, host-profile-*.txt, bench-issue8-bf16.json,
-# bench-fp32.json, lm/ (issue 6 evidence), nmt/ (issue 7 evidence), nmt-step-profile.json.
+# bench-fp32.json, lm/ (issue 6 evidence), nmt/ (issue 7 evidence), nmt-step-profile.json,
+# bench-id-check.json (validate_ids True / deferred / off in a loop), bench-dedup-graph-bf16.json
+# (issue 8: Triton dedup replayed as a CUDA graph).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
