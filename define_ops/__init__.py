@@ -10,7 +10,7 @@ from __future__ import annotations
 from . import _build, reference
 from ._backend import BACKENDS, BackendUnavailableError, available_backends, resolve_backend
 from .config import PRESET_TOKENS, PRESETS, DeFINEConfig, LayerPlan
-from .layer import DeFINE, GroupLayerNorm, HGTLayer, check_pending_ids
+from .layer import DeFINE, GroupLayerNorm, HGTLayer, TokenIdError, check_pending_ids
 from .ops import embedding_lookup, feature_shuffle, grouped_linear, hgt_step, split_mix
 
 __version__ = "0.1.0"
@@ -27,6 +27,7 @@ __all__ = [
     "LayerPlan",
     "PRESETS",
     "PRESET_TOKENS",
+    "TokenIdError",
     "available_backends",
     "check_pending_ids",
     "embedding_lookup",

@@ -145,6 +145,11 @@ def _in_func_transform() -> bool:
 # Constructor options that are not part of DeFINEConfig (how the layer runs, not what it computes).
 _MODULE_OPTIONS = ("backend", "dedup", "cache", "validate_ids", "sparse", "device", "dtype")
 
+class TokenIdError(IndexError):
+    """A token id outside [0, num_embeddings), found by ``DeFINE``'s id check (``validate_ids``);
+    an ``IndexError``, so code that catches those catches it."""
+
+
 _version_of = operator.attrgetter("_version")  # a tensor's in-place update counter, read at C speed by map()
 
 # Backends whose table lookups give an out-of-range id a row of NaN (and no gradient) instead of
@@ -384,7 +389,7 @@ class DeFINE(nn.Module):
         if low < 0 or high >= self.num_embeddings:
             bad = ((ids < 0) | (ids >= self.num_embeddings)).reshape(-1).nonzero()[0, 0].item()
             value = ids.reshape(-1)[bad].item()
-            raise IndexError(
+            raise TokenIdError(
                 f"DeFINE: token id {value} at flat position {bad} is out of range for num_embeddings="
                 f"{self.num_embeddings} (valid ids are 0..{self.num_embeddings - 1})"
             )
@@ -429,7 +434,7 @@ class DeFINE(nn.Module):
         if low < 0 or high >= self.num_embeddings:
             self._pending_id_checks.clear()  # reported once; later calls' checks start afresh
             value = low if low < 0 else high
-            raise IndexError(
+            raise TokenIdError(
                 f"DeFINE: token id {value} is out of range for num_embeddings={self.num_embeddings} (valid ids are "
                 f"0..{self.num_embeddings - 1}); found by validate_ids='deferred' after the call that received it "
                 f"had returned: that call's output rows for it are NaN"

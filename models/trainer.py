@@ -41,6 +41,8 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
 
+from define_ops import TokenIdError
+
 try:
     from tqdm import tqdm
 except ImportError:  # progress bars are optional
@@ -798,19 +800,22 @@ class Trainer:
         try:
             for layer in self._deferred_id_layers:
                 layer.check_pending_ids()
-        except IndexError as exc:
+        except TokenIdError as exc:
             found = exc
         if all_ranks and self.dist.active:
             flag = torch.tensor([float(found is not None)], device=self.dist.device)
             torch_dist.all_reduce(flag)
             if found is None and flag.item() > 0:
-                found = IndexError("another rank's batch held a token id out of the model's vocabulary")
+                found = TokenIdError("another rank's batch held a token id out of the model's vocabulary")
         if found is not None:
-            self.optimizer.zero_grad(set_to_none=True)
-            raise BadTokenIdError(
-                f"{found}. During {during}, epoch {self.epoch}: training stopped without saving; "
-                f"{self._kept_checkpoint()}. The data holds ids that the model's vocabulary does not."
-            ) from found
+            self._raise_bad_id(found, during)
+
+    def _raise_bad_id(self, found: TokenIdError, during: str) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        raise BadTokenIdError(
+            f"{found}. During {during}, epoch {self.epoch}: training stopped without saving; "
+            f"{self._kept_checkpoint()}. The data holds ids that the model's vocabulary does not."
+        ) from found
 
     def _raise_nonfinite(self, what: str, value: float, *, after_step: bool = False) -> None:
         kept = self._kept_checkpoint()
@@ -906,7 +911,10 @@ class Trainer:
                         micro_batches = list(itertools.islice(batches, cfg.accum_steps))
                         if not micro_batches:
                             break
-                        loss, tokens, grad_norm = self._train_step(micro_batches)
+                        try:
+                            loss, tokens, grad_norm = self._train_step(micro_batches)
+                        except TokenIdError as bad_id:  # a check before a DeFINE call (or a deferred one, read there)
+                            self._raise_bad_id(bad_id, f"training step {self.step + 1}")
                         self.step += 1
                         elapsed = time.perf_counter() - started
                         self.train_time += elapsed

@@ -37,7 +37,7 @@ def test_bad_id_gives_nan_rows_now_and_an_error_at_the_next_call(backend, option
     nan_rows = out.isnan().all(-1)
     assert nan_rows.tolist() == [[False, False], [True, False], [False, True]]
     assert torch.isfinite(out[~nan_rows]).all()
-    with pytest.raises(IndexError, match=rf"token id {bad} is out of range for num_embeddings={V}.*deferred"):
+    with pytest.raises(define_ops.TokenIdError, match=rf"token id {bad} is out of range for num_embeddings={V}.*deferred"):
         layer(torch.tensor([1, 2]))
     out = layer(torch.tensor([1, 2]))  # reported once; the queue starts afresh
     layer.check_pending_ids()
@@ -95,7 +95,7 @@ def test_paths_without_nan_rows_check_before_the_call():
     # checks them as True does, with the position.
     for kwargs in ({}, {"sparse": True}):
         layer = make("cpu", "deferred", **kwargs)
-        with pytest.raises(IndexError, match=f"token id {V} at flat position 1"):
+        with pytest.raises(define_ops.TokenIdError, match=f"token id {V} at flat position 1"):  # an IndexError
             layer(torch.tensor([0, V]))
         assert len(layer._pending_id_checks) == 0
 
