@@ -37,7 +37,8 @@ def test_bad_id_gives_nan_rows_now_and_an_error_at_the_next_call(backend, option
     nan_rows = out.isnan().all(-1)
     assert nan_rows.tolist() == [[False, False], [True, False], [False, True]]
     assert torch.isfinite(out[~nan_rows]).all()
-    with pytest.raises(define_ops.TokenIdError, match=rf"token id {bad} is out of range for num_embeddings={V}.*deferred"):
+    expected = rf"token id {bad} is out of range for num_embeddings={V}.*deferred"
+    with pytest.raises(define_ops.TokenIdError, match=expected):
         layer(torch.tensor([1, 2]))
     out = layer(torch.tensor([1, 2]))  # reported once; the queue starts afresh
     layer.check_pending_ids()
