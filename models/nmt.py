@@ -8,6 +8,9 @@ positions are added to the input layer's output. Each side's input is ``define``
 with ``share_embeddings`` one input layer serves source, target and output (one vocabulary). The
 output layer is tied to the target's lookup table: decoder state [*, m] → bias-free Linear(m → n)
 → · table[V, n]ᵀ (for a standard input n = m and the projection is left out: Vaswani's tied softmax).
+With ``output_layer="untied"`` it is a [V, m] matrix of its own instead, as in a Transformer that
+does not share its softmax with an embedding: the paper leaves DeFINE's tying open (§5.4), and its
+68M parameters against the base model's 92M fit DeFINE inputs with an untied m-wide softmax.
 
 Shapes are batch-first: ids [B, T], states [B, T, m]; attention runs on [B, H, T, d_head].
 ``decode_step`` runs the decoder one position at a time with cached keys/values (beam search).
@@ -26,6 +29,7 @@ from torch import Tensor, nn
 from .common import build_input
 
 INPUTS = ("define", "standard")
+OUTPUT_LAYERS = ("tied", "untied")
 
 
 @dataclass
@@ -48,6 +52,7 @@ class NMTConfig:
     max_positions: int = 1024
     pad_id: int = 0
     define: dict[str, Any] = field(default_factory=dict)  # DeFINE settings (max_dim, depth, max_groups, dropout, ...)
+    output_layer: str = "tied"  # tied (to the target's [V, n] table, through m → n) | untied (its own [V, m])
 
 
 def sinusoid_table(length: int, dim: int) -> Tensor:
@@ -141,6 +146,8 @@ class Transformer(nn.Module):
                 raise ValueError(f"unknown embedding {kind!r}; choose one of {INPUTS}")
         if c.d_model % c.n_heads:
             raise ValueError(f"d_model {c.d_model} is not divisible by {c.n_heads} heads")
+        if c.output_layer not in OUTPUT_LAYERS:
+            raise ValueError(f"unknown output_layer {c.output_layer!r}; choose one of {OUTPUT_LAYERS}")
         if c.share_embeddings and (c.src_vocab_size != c.tgt_vocab_size or c.src_embedding != c.tgt_embedding):
             raise ValueError("shared embeddings need one vocabulary and the same embedding on both sides")
         self.encoder = nn.ModuleList(Block(c, cross=False) for _ in range(c.encoder_layers))
@@ -152,7 +159,11 @@ class Transformer(nn.Module):
         self.decoder_norm = nn.LayerNorm(c.d_model) if c.norm_first else nn.Identity()
         self.src_embed = self._input(c.src_embedding, c.src_vocab_size)
         self.tgt_embed = self.src_embed if c.share_embeddings else self._input(c.tgt_embedding, c.tgt_vocab_size)
-        table_width = self.output_table().size(1)  # n
+        self.output = None  # the untied softmax matrix, [V, m] as an nn.Linear(m → V)
+        if c.output_layer == "untied":
+            self.output = nn.Linear(c.d_model, c.tgt_vocab_size, bias=False)
+            nn.init.normal_(self.output.weight, std=c.d_model**-0.5)  # as a standard input's table
+        table_width = self.output_table().size(1) if self.output is None else c.d_model  # n where tied
         self.out_proj = nn.Linear(c.d_model, table_width, bias=False) if table_width != c.d_model else None
         if self.out_proj is not None:
             nn.init.xavier_uniform_(self.out_proj.weight)
@@ -195,7 +206,9 @@ class Transformer(nn.Module):
         return self.decoder_norm(x)
 
     def logits(self, h: Tensor) -> Tensor:
-        """States [*, m] → scores [*, V] through the tied table (projected m → n first)."""
+        """States [*, m] → scores [*, V] through the tied table (projected m → n first) or the untied matrix."""
+        if self.output is not None:
+            return self.output(h)
         if self.out_proj is not None:
             h = self.out_proj(h)
         return F.linear(h, self.output_table())
@@ -241,6 +254,7 @@ def count_parameters(model: Transformer) -> dict[str, int]:
 
     parts = {
         "src_embed": total(model.src_embed), "tgt_embed": total(model.tgt_embed), "out_proj": total(model.out_proj),
+        "output": total(model.output),
         "encoder": total(model.encoder, model.encoder_norm), "decoder": total(model.decoder, model.decoder_norm),
     }  # fmt: skip
     parts["total"] = sum(parts.values())

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .common import check_define_backend, optimizer_groups
 from .data import DataError
-from .nmt import INPUTS, NMTConfig, Transformer, count_parameters
+from .nmt import INPUTS, OUTPUT_LAYERS, NMTConfig, Transformer, count_parameters
 from .nmt_data import (
     PAD,
     Subwords,
@@ -70,8 +70,8 @@ from .translate import corpus_bleu, translate_ids, truncate_sources
 # 8192-token batch here. The BPE size is ours (the paper does not state it): 8000 joint pieces.
 BASE: dict[str, Any] = {
     "embedding": "define", "src_embedding": None, "tgt_embedding": None, "shared_vocab": True,
-    "share_embeddings": True, "bpe_vocab_size": 8000, "table_dim": 128, "define_max_dim": 1024, "define_depth": 3,
-    "define_max_groups": 4, "define_dropout": 0.1, "define_backend": "auto", "define_dedup": False,
+    "share_embeddings": True, "output_layer": "tied", "bpe_vocab_size": 8000, "table_dim": 128, "define_max_dim": 1024,
+    "define_depth": 3, "define_max_groups": 4, "define_dropout": 0.1, "define_backend": "auto", "define_dedup": False,
     "define_lr_scale": 1.0, "d_model": 512, "n_heads": 8, "ffn_dim": 2048, "encoder_layers": 6, "decoder_layers": 6,
     "dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.1, "norm_first": True, "max_positions": 1024,
     "label_smoothing": 0.1, "lr": 2 * 512**-0.5 * 8000**-0.5, "warmup_steps": 8000, "adam_betas": [0.9, 0.998],
@@ -215,6 +215,7 @@ def build_model(cfg: dict[str, Any]) -> Transformer:
     }  # fmt: skip
     fields = ("table_dim", "d_model", "n_heads", "ffn_dim", "encoder_layers", "decoder_layers", "dropout",
               "attention_dropout", "activation_dropout", "norm_first", "max_positions", "share_embeddings")  # fmt: skip
+    output_layer = cfg.get("output_layer", "tied")  # checkpoints from before the option: tied
     return Transformer(
         NMTConfig(
             src_vocab_size=cfg["src_vocab_size"],
@@ -223,6 +224,7 @@ def build_model(cfg: dict[str, Any]) -> Transformer:
             tgt_embedding=cfg["tgt_embedding"],
             pad_id=PAD,
             define=define,
+            output_layer=output_layer,
             **{k: cfg[k] for k in fields},
         )  # fmt: skip
     )
@@ -340,6 +342,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--src-embedding", choices=INPUTS, default=S)
     g.add_argument("--tgt-embedding", choices=INPUTS, default=S)
     g.add_argument("--table-dim", type=int, default=S, help="n: DeFINE's table width, the tied output space")
+    g.add_argument("--output-layer", choices=OUTPUT_LAYERS, default=S,
+                   help="tied: scores against the target's table (through m -> n for DeFINE); untied: a [V, m] "
+                        "matrix of its own")  # fmt: skip
     g.add_argument("--define-max-dim", type=int, default=S, help="k")
     g.add_argument("--define-depth", type=int, default=S, help="N")
     g.add_argument("--define-max-groups", type=int, default=S)

@@ -21,6 +21,9 @@
 #   RUNS_DIR   where the runs go (default runs/nmt/evidence; runs/ is git-ignored)
 #   OUT        if set, each run's log, metrics and BLEU JSON are copied there as it ends, and the
 #              results JSON at the end
+#   NMT_RUNS   which runs, in order (default "define standard"): define (DeFINE inputs, output tied to
+#              the n-dim table through m -> n), define_untied (DeFINE inputs, an untied m-wide softmax:
+#              --output-layer untied), standard (nn.Embedding inputs, Vaswani's tied softmax)
 #   SMOKE=1    check the plumbing on a CPU in a minute: small preset, 2000 pairs, 20 steps; the results
 #              go to RUNS_DIR only, never to benchmarks/results
 set -euo pipefail
@@ -55,10 +58,16 @@ name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
 print("torch", torch.__version__, "|", name, "| sentencepiece", sentencepiece.__version__, "| sacrebleu",
       sacrebleu.__version__, f"| DeFINE backends on {device}:", define_ops.available_backends(device))
 PY
+NMT_RUNS=${NMT_RUNS:-define standard}
+for emb in $NMT_RUNS; do
+  case $emb in define | define_untied | standard) ;; *) echo "error: unknown run $emb in NMT_RUNS" >&2; exit 2 ;; esac
+done
 mkdir -p "$RUNS" "$RESULTS"
-for emb in define standard; do
+for emb in $NMT_RUNS; do
   start=$(date +%s)
-  "$PYTHON" -m models.train_nmt --data "$DATA" --src en --tgt de --embedding "$emb" --out "$RUNS/$emb" --overwrite \
+  run_args=(--embedding "${emb%_untied}")
+  [ "$emb" = define_untied ] && run_args+=(--output-layer untied)
+  "$PYTHON" -m models.train_nmt --data "$DATA" --src en --tgt de "${run_args[@]}" --out "$RUNS/$emb" --overwrite \
     --max-steps "$STEPS" --warmup-steps "$WARMUP" --eval-every "$EVAL_EVERY" --eval-beam 1 --log-every 100 \
     --no-progress --precision "$PRECISION" "${EXTRA[@]}" 2>&1 | tee "$RUNS/$emb.train.log"
   "$PYTHON" -m models.translate "$RUNS/$emb/best.pt" --beam 4 --lenpen 0.6 --precision "$PRECISION" \
@@ -71,7 +80,7 @@ for emb in define standard; do
     cp "$RUNS/$emb/test.beam4.bleu.json" "$OUT/nmt_$emb.test.beam4.bleu.json"
   fi
 done
-"$PYTHON" - "$RUNS" "$STEPS" "$WARMUP" "$RESULTS" <<'PY'
+"$PYTHON" - "$RUNS" "$STEPS" "$WARMUP" "$RESULTS" $NMT_RUNS <<'PY'
 import json, sys
 from pathlib import Path
 import torch
@@ -80,11 +89,12 @@ from models.train_nmt import build_model
 from models.trainer import load_checkpoint
 
 runs, steps, warmup, where = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+names = sys.argv[5:]
 device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 results = {"what": "Transformer base, Multi30k En-De, DeFINE vs standard input, same step budget and BPE",
            "device": device, "torch": torch.__version__, "steps": steps, "warmup": warmup, "runs": {}}
 digests = set()
-for emb in ("define", "standard"):
+for emb in names:
     state = load_checkpoint(runs / emb / "best.pt")
     cfg = state["config"]
     digests.add(cfg["bpe_digest"])
@@ -100,8 +110,9 @@ for emb in ("define", "standard"):
         "test_loss": greedy["loss"], "test_bleu_beam4": beam["score"], "bleu_signature": beam["signature"],
         "bleu_verbose": beam["verbose"], "train_tokens_per_s": end["tokens_per_s"],
         "wall_s": int((runs / f"{emb}.seconds").read_text()),
+        "output_layer": cfg.get("output_layer", "tied"),
     }
-assert len(digests) == 1, "the two runs must share one BPE model"
+assert len(digests) == 1, "the runs must share one BPE model"
 out = where / f"nmt_multi30k_{device.replace(' ', '_')}.json"
 out.write_text(json.dumps(results, indent=1) + "\n")
 print(f"\nwrote {out}\n")
@@ -113,8 +124,8 @@ for emb, r in results["runs"].items():
     print(f"| {emb} | {p['total'] / 1e6:.2f}M / {p['src_embed'] / 1e6:.2f}M | {r['test_bleu_beam4']:.2f} | "
           f"{r['test_bleu_greedy']:.2f} | {r['best_valid_bleu_greedy']:.2f} (step {r['best_step']}) | "
           f"{r['train_tokens_per_s']:,.0f} |")
-cfg = load_checkpoint(runs / "define" / "best.pt")["config"]
-print(f"\nsacrebleu: {results['runs']['define']['bleu_signature']}; {steps} steps of {cfg['max_tokens']}-token "
+cfg = load_checkpoint(runs / names[0] / "best.pt")["config"]
+print(f"\nsacrebleu: {results['runs'][names[0]]['bleu_signature']}; {steps} steps of {cfg['max_tokens']}-token "
       f"batches, warm-up {warmup}, {cfg['precision']} autocast, {results['device']}")
 PY
 if [ -n "${OUT:-}" ]; then

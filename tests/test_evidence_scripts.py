@@ -45,11 +45,14 @@ def test_lm_evidence_script_smoke(tmp_path):
 def test_nmt_evidence_script_smoke(tmp_path):
     out = run_script("gpu_nmt_evidence.sh", {
         "SMOKE": "1", "NMT_DATA": str(DATA / "multi30k"), "RUNS_DIR": str(tmp_path / "runs"),
+        "NMT_RUNS": "define define_untied standard",
     })  # fmt: skip
-    assert "| define |" in out and "| standard |" in out and "sacrebleu: nrefs:1" in out
+    assert "| define |" in out and "| define_untied |" in out and "| standard |" in out and "sacrebleu: nrefs:1" in out
     results = json.loads((tmp_path / "runs" / "nmt_multi30k_cpu.json").read_text())
-    assert set(results["runs"]) == {"define", "standard"}
-    assert results["runs"]["define"]["parameters"]["total"] > 0
+    assert list(results["runs"]) == ["define", "define_untied", "standard"]
+    runs = results["runs"]
+    assert runs["define"]["parameters"]["total"] > 0 and runs["define"]["output_layer"] == "tied"
+    assert runs["define_untied"]["output_layer"] == "untied" and runs["define_untied"]["parameters"]["output"] > 0
 
 
 def test_gpu_profile_script_runs_and_writes_its_json(tmp_path):

@@ -49,6 +49,21 @@ def test_output_layer_is_tied_to_the_n_dim_table_through_a_projection():
     assert standard.out_proj is None and standard.output_table().shape == (40, 16)
 
 
+@pytest.mark.parametrize("embedding", ["define", "standard"])
+def test_untied_output_layer_is_its_own_m_wide_matrix(embedding):
+    model = tiny(embedding=embedding, output_layer="untied")
+    assert model.out_proj is None and model.output.weight.shape == (40, 16)  # [V, m], no projection
+    assert all(model.output.weight is not p for p in model.tgt_embed.parameters())
+    h = torch.randn(3, 16)
+    torch.testing.assert_close(model.logits(h), h @ model.output.weight.t())
+    parts = count_parameters(model)
+    assert parts["output"] == 40 * 16 and parts["out_proj"] == 0
+    assert count_parameters(tiny(embedding=embedding))["output"] == 0  # tied: the table counts once, as the input
+    src, tgt = random_source(2, 5, 40), torch.randint(4, 40, (2, 4))
+    model(src, tgt).sum().backward()
+    assert model.output.weight.grad is not None
+
+
 def test_invalid_settings_are_refused():
     with pytest.raises(ValueError, match="one vocabulary"):
         Transformer(NMTConfig(10, 12, share_embeddings=True))
@@ -56,6 +71,8 @@ def test_invalid_settings_are_refused():
         Transformer(NMTConfig(10, 10, src_embedding="adaptive"))
     with pytest.raises(ValueError, match="divisible"):
         Transformer(NMTConfig(10, 10, d_model=30, n_heads=4))
+    with pytest.raises(ValueError, match="unknown output_layer 'shared'"):
+        Transformer(NMTConfig(10, 10, output_layer="shared"))
 
 
 def test_base_parameter_counts():

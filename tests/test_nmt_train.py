@@ -55,8 +55,9 @@ def trained(slice_dir, tmp_path_factory):
         ["--embedding", "standard"],
         ["--shared-vocab", "0", "--share-embeddings", "0"],
         ["--src-embedding", "define", "--tgt-embedding", "standard", "--share-embeddings", "0"],
+        ["--embedding", "define", "--output-layer", "untied"],
     ],
-    ids=["define-shared", "standard-shared", "define-separate-vocab", "define-to-standard"],
+    ids=["define-shared", "standard-shared", "define-separate-vocab", "define-to-standard", "define-untied"],
 )
 def test_dry_run_every_input_layout(layout, slice_dir, tmp_path, capsys):
     assert train_nmt.main(argv(slice_dir, tmp_path, "--dry-run", *layout)) == 0
@@ -66,6 +67,15 @@ def test_dry_run_every_input_layout(layout, slice_dir, tmp_path, capsys):
     for name in ("last.pt", "best.pt", "spm.model", "vocab.json", "test.hyp.de", "test.bleu.json"):
         assert (tmp_path / name).is_file(), name
     assert len((tmp_path / "test.hyp.de").read_text(encoding="utf-8").splitlines()) == 20
+
+
+def test_a_checkpoint_from_before_the_output_layer_option_loads_as_tied(trained):
+    state = torch.load(trained / "last.pt", weights_only=True)
+    assert state["config"]["output_layer"] == "tied"
+    legacy = {k: v for k, v in state["config"].items() if k != "output_layer"}
+    model = train_nmt.build_model(legacy)
+    assert model.output is None and model.out_proj is not None
+    model.load_state_dict(state["model"])  # the same parameters, strictly
 
 
 def test_small_preset_learns_on_a_multi30k_slice(slice_dir, tmp_path):
