@@ -159,11 +159,12 @@ stage tests 110 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m "no
 # lstm_wt103 shapes; Transformer base on Multi30k, DeFINE vs standard, beam-4 BLEU on test_2016_flickr.
 # Both need the corpora carried in .gpu-data. A stage cut by its timeout sends SIGINT: the trainers
 # save a checkpoint and stop. Both scripts copy each run's log and results into $RES as it ends
-# (H200, NMT at 1000 steps: 162 s for the DeFINE run with its beam search, 107 s for the standard one).
+# (H200, NMT at 1000 steps: 162 s for the DeFINE run with its beam search, 107 s for the standard one;
+# NMT_RUNS="define define_untied standard" adds the untied-softmax run: give it NMT_STAGE_S=450).
 stage evidence-lm 240 env PYTHON="$PY" STEPS="${LM_STEPS:-1200}" RUNS_DIR=/tmp/define-runs/lm \
   bash scripts/gpu_lm_evidence.sh "$RES/lm"
 mkdir -p "$RES/nmt"
-stage evidence-nmt 300 env PYTHON="$PY" STEPS="${NMT_STEPS:-1000}" OUT="$RES/nmt" RUNS_DIR=/tmp/define-runs/nmt \
+stage evidence-nmt "${NMT_STAGE_S:-300}" env PYTHON="$PY" STEPS="${NMT_STEPS:-1000}" OUT="$RES/nmt" RUNS_DIR=/tmp/define-runs/nmt \
   bash scripts/gpu_nmt_evidence.sh
 # the NMT step 26% slower in tokens/s with DeFINE on the H200 (f51cbd1), no slower on the CPU: where
 # its time goes, DeFINE vs standard inputs (wall, host time behind a GPU sleep, syncs, top kernels)
