@@ -22,8 +22,9 @@
 #   OUT        if set, each run's log, metrics and BLEU JSON are copied there as it ends, and the
 #              results JSON at the end
 #   NMT_RUNS   which runs, in order (default "define standard"): define (DeFINE inputs, output tied to
-#              the n-dim table through m -> n), define_untied (DeFINE inputs, an untied m-wide softmax:
-#              --output-layer untied), standard (nn.Embedding inputs, Vaswani's tied softmax)
+#              the n-dim table through m -> n), standard (nn.Embedding inputs, Vaswani's tied softmax),
+#              and define_untied / standard_untied (the same inputs with an untied m-wide softmax:
+#              --output-layer untied)
 #   SMOKE=1    check the plumbing on a CPU in a minute: small preset, 2000 pairs, 20 steps; the results
 #              go to RUNS_DIR only, never to benchmarks/results
 set -euo pipefail
@@ -60,13 +61,15 @@ print("torch", torch.__version__, "|", name, "| sentencepiece", sentencepiece.__
 PY
 NMT_RUNS=${NMT_RUNS:-define standard}
 for emb in $NMT_RUNS; do
-  case $emb in define | define_untied | standard) ;; *) echo "error: unknown run $emb in NMT_RUNS" >&2; exit 2 ;; esac
+  case $emb in define | define_untied | standard | standard_untied) ;;
+    *) echo "error: unknown run $emb in NMT_RUNS" >&2; exit 2 ;;
+  esac
 done
 mkdir -p "$RUNS" "$RESULTS"
 for emb in $NMT_RUNS; do
   start=$(date +%s)
   run_args=(--embedding "${emb%_untied}")
-  [ "$emb" = define_untied ] && run_args+=(--output-layer untied)
+  [ "$emb" != "${emb%_untied}" ] && run_args+=(--output-layer untied)
   "$PYTHON" -m models.train_nmt --data "$DATA" --src en --tgt de "${run_args[@]}" --out "$RUNS/$emb" --overwrite \
     --max-steps "$STEPS" --warmup-steps "$WARMUP" --eval-every "$EVAL_EVERY" --eval-beam 1 --log-every 100 \
     --no-progress --precision "$PRECISION" "${EXTRA[@]}" 2>&1 | tee "$RUNS/$emb.train.log"
