@@ -408,18 +408,19 @@ class DeFINE(nn.Module):
             event.record(torch.cuda.current_stream(low_high.device))  # the copy's stream, whatever the current device
             low_high = host
         self._pending_id_checks.append((low_high, event))
-        if len(self._pending_id_checks) > _MAX_PENDING_ID_CHECKS:
-            oldest, oldest_event = self._pending_id_checks.popleft()
-            if oldest_event is not None:
-                oldest_event.synchronize()
-            self._resolve_id_check(oldest)
+        self._resolve_pending_ids(wait=True, keep=_MAX_PENDING_ID_CHECKS)  # waits only past the bound
 
     def check_pending_ids(self, wait: bool = True) -> None:
-        """Raise the ``IndexError`` of an out-of-range id that an earlier call met under
+        """Raise the ``TokenIdError`` of an out-of-range id that an earlier call met under
         ``validate_ids="deferred"`` (that call's rows for it were NaN). Every deferred call checks
         what has arrived without waiting; this waits for the rest (``wait=False``: only what has
         arrived). Training loops call it after the step's own host read, when it costs nothing."""
-        while self._pending_id_checks:
+        self._resolve_pending_ids(wait, keep=0)
+
+    def _resolve_pending_ids(self, wait: bool, keep: int) -> None:
+        """Read the oldest pending checks, in order, until ``keep`` are left (or, without ``wait``,
+        until one has not landed)."""
+        while len(self._pending_id_checks) > keep:
             low_high, event = self._pending_id_checks[0]
             if event is not None and not event.query():  # a query never waits
                 if not wait:

@@ -66,7 +66,7 @@ class DeFINEInput(nn.Module):
             define_kwargs.update(cutoffs=tuple(cutoffs or ()), adaptive_factor=div_val)
         # A host-side range check would cost a synchronisation per call on a GPU; the deferred one
         # costs none: a bad id gets a NaN row, and the trainer reads the verdict after the step's own
-        # host read, naming the id before its NaN loss stops the run (Trainer._check_ids).
+        # host read, naming the id before its NaN loss stops the run (Trainer._check_pending_ids).
         define_kwargs.setdefault("validate_ids", "deferred")
         self.define = define_ops.DeFINE(vocab_size, out_dim, input_dim=table_dim, **define_kwargs)
         self.adaptive = self.define.config.map == "adaptive"

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
 
-from define_ops import TokenIdError
+from define_ops import DeFINE, TokenIdError
 
 try:
     from tqdm import tqdm
@@ -60,8 +60,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 class BadTokenIdError(IndexError):
-    """A batch held a token id outside a DeFINE layer's vocabulary (found by its deferred id check);
-    the message names the id, the step and the last good checkpoint."""
+    """A batch held a token id outside a DeFINE layer's vocabulary (found by its id check, before
+    the call or deferred); the message names the id, the step and the last good checkpoint."""
 
 
 @dataclass
@@ -479,8 +479,9 @@ class Trainer:
             mode = None if config.compile == "default" else config.compile
             self.ddp_model = torch.compile(self.ddp_model, mode=mode)
         # DeFINE layers with validate_ids="deferred" check ids without a host synchronisation; their
-        # verdicts are read after the step's one host read, when they have arrived (see _check_ids).
-        self._deferred_id_layers = [m for m in model.modules() if callable(getattr(m, "check_pending_ids", None))]
+        # verdicts are read after the step's one host read, when they have arrived (collected once:
+        # a module walk per step would cost more than the checks).
+        self._define_layers = [m for m in model.modules() if isinstance(m, DeFINE)]
         self.step = 0
         self.epoch = 0
         self.best: dict[str, Any] = {"value": None, "step": None}
@@ -653,7 +654,7 @@ class Trainer:
         try:
             with averaged() if averaged is not None else contextlib.nullcontext(), torch.no_grad(), self.autocast():
                 metrics = self.task.evaluate(self.model, split)
-            self._check_ids(f"evaluation on {split} after step {self.step}", all_ranks=True)
+            self._check_eval_ids(split)
             return metrics
         finally:
             self.model.train(was_training)
@@ -763,7 +764,8 @@ class Trainer:
             nn.utils.clip_grads_with_norm_(params, self.cfg.clip, norm)
         readout = torch.cat([check, norm.detach().to(device, torch.float64).reshape(1)])
         loss_total, total_tokens, nonfinite_count, stop, grad_norm = readout.tolist()
-        self._check_ids(f"training step {self.step + 1}")  # before the NaN checks: name the cause of the NaN
+        # before the NaN checks, so a bad id's NaN is reported as its cause (fit names the step)
+        self._check_pending_ids()
         self._stop = stop > 0
         total_tokens = max(total_tokens, 1.0)
         if nonfinite_count > 0:
@@ -791,24 +793,27 @@ class Trainer:
             return f"the last good checkpoint, {self.last_path} (step {self.last_saved_step}), is left as it was"
         return "no checkpoint had been written yet"
 
-    def _check_ids(self, during: str, *, all_ranks: bool = False) -> None:
-        """Raise BadTokenIdError where a DeFINE layer's deferred id check found a bad id. Called after
-        a host read of the results, so the checks have arrived: no wait. ``all_ranks``: every rank
-        raises when one found a bad id (one small collective; training steps need none, as the bad
-        id's NaN loss stops every rank in the step's NaN check)."""
+    def _check_pending_ids(self) -> None:
+        """Raise the TokenIdError of a bad id that a DeFINE layer's deferred check found. Called after
+        a host read of the results, so the checks have arrived: no wait."""
+        for layer in self._define_layers:
+            layer.check_pending_ids()
+
+    def _check_eval_ids(self, split: str) -> None:
+        """_check_pending_ids after an evaluation, on every rank: all raise when one found a bad id
+        (one small collective; training steps need none, as the bad id's NaN loss stops every rank)."""
         found = None
         try:
-            for layer in self._deferred_id_layers:
-                layer.check_pending_ids()
+            self._check_pending_ids()
         except TokenIdError as exc:
             found = exc
-        if all_ranks and self.dist.active:
+        if self.dist.active:
             flag = torch.tensor([float(found is not None)], device=self.dist.device)
             torch_dist.all_reduce(flag)
             if found is None and flag.item() > 0:
                 found = TokenIdError("another rank's batch held a token id out of the model's vocabulary")
         if found is not None:
-            self._raise_bad_id(found, during)
+            self._raise_bad_id(found, f"evaluation on {split} after step {self.step}")
 
     def _raise_bad_id(self, found: TokenIdError, during: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -913,7 +918,7 @@ class Trainer:
                             break
                         try:
                             loss, tokens, grad_norm = self._train_step(micro_batches)
-                        except TokenIdError as bad_id:  # a check before a DeFINE call (or a deferred one, read there)
+                        except TokenIdError as bad_id:  # from a check before a DeFINE call or a deferred one
                             self._raise_bad_id(bad_id, f"training step {self.step + 1}")
                         self.step += 1
                         elapsed = time.perf_counter() - started
