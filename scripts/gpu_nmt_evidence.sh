@@ -25,6 +25,10 @@
 #              the n-dim table through m -> n), standard (nn.Embedding inputs, Vaswani's tied softmax),
 #              and define_untied / standard_untied (the same inputs with an untied m-wide softmax:
 #              --output-layer untied)
+#   PARALLEL=1 all runs at once on the one card, each its own process (one CPU thread each), logs in
+#              RUNS_DIR/<run>.train.log: a GPU session has minutes and one run leaves the card mostly
+#              idle. BLEU and losses do not change; tokens/s and wall times do, so the results JSON
+#              records "runs_sharing_the_card" and the table says so (compare speeds from sequential runs)
 #   SMOKE=1    check the plumbing on a CPU in a minute: small preset, 2000 pairs, 20 steps; the results
 #              go to RUNS_DIR only, never to benchmarks/results
 set -euo pipefail
@@ -66,24 +70,55 @@ for emb in $NMT_RUNS; do
   esac
 done
 mkdir -p "$RUNS" "$RESULTS"
-for emb in $NMT_RUNS; do
+one_run() {  # one_run NAME: train, beam-search the test set, copy the results out
+  local emb=$1 start
   start=$(date +%s)
   run_args=(--embedding "${emb%_untied}")
   [ "$emb" != "${emb%_untied}" ] && run_args+=(--output-layer untied)
   "$PYTHON" -m models.train_nmt --data "$DATA" --src en --tgt de "${run_args[@]}" --out "$RUNS/$emb" --overwrite \
     --max-steps "$STEPS" --warmup-steps "$WARMUP" --eval-every "$EVAL_EVERY" --eval-beam 1 --log-every 100 \
-    --no-progress --precision "$PRECISION" "${EXTRA[@]}" 2>&1 | tee "$RUNS/$emb.train.log"
+    --no-progress --precision "$PRECISION" "${EXTRA[@]}" 2>&1 | tee "$RUNS/$emb.train.log" || return 1
   "$PYTHON" -m models.translate "$RUNS/$emb/best.pt" --beam 4 --lenpen 0.6 --precision "$PRECISION" \
     --reference "$DATA/test.de" --bleu-json "$RUNS/$emb/test.beam4.bleu.json" \
-    < "$DATA/test.en" > "$RUNS/$emb/test.beam4.de" 2> >(tee "$RUNS/$emb.translate.log" >&2)
+    < "$DATA/test.en" > "$RUNS/$emb/test.beam4.de" 2> >(tee "$RUNS/$emb.translate.log" >&2) || return 1
   echo "$(( $(date +%s) - start ))" > "$RUNS/$emb.seconds"
   if [ -n "${OUT:-}" ]; then  # each run as it ends, so a session cut during the next one keeps it
     cp "$RUNS/$emb.train.log" "$OUT/nmt_$emb.train.log"
     cp "$RUNS/$emb/metrics.jsonl" "$OUT/nmt_$emb.metrics.jsonl"
     cp "$RUNS/$emb/test.beam4.bleu.json" "$OUT/nmt_$emb.test.beam4.bleu.json"
   fi
-done
-"$PYTHON" - "$RUNS" "$STEPS" "$WARMUP" "$RESULTS" $NMT_RUNS <<'PY'
+}
+SHARING=1
+# wait_run PID: its exit status; a wait cut short by a signal is resumed until the run has exited
+wait_run() {
+  while kill -0 "$1" 2>/dev/null; do wait "$1" && return 0; done
+  wait "$1"
+}
+if [ "${PARALLEL:-0}" = 1 ]; then
+  pids=()
+  for emb in $NMT_RUNS; do
+    # one CPU thread each: the runs must not fight over the host's cores
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} one_run "$emb" > "$RUNS/$emb.run.log" 2>&1 &
+    pids+=($!)
+  done
+  SHARING=${#pids[@]}
+  # A stop (Ctrl-C, the session's `timeout`) signals the whole process group: each run saves a
+  # checkpoint and exits on its own (a second signal would make it abort without saving), so this
+  # shell only keeps waiting for them.
+  trap 'echo "stopping: each run saves a checkpoint and exits"' INT TERM
+  failed=0 i=0
+  for emb in $NMT_RUNS; do
+    if wait_run "${pids[$i]}"; then status=ok; else status="FAILED ($?)"; failed=1; fi
+    i=$((i + 1))
+    echo "--- $emb: $status; last lines of $RUNS/$emb.run.log"
+    tail -n 3 "$RUNS/$emb.run.log"
+  done
+  trap - INT TERM
+  [ "$failed" = 0 ] || { echo "error: a run failed (logs in $RUNS)" >&2; exit 1; }
+else
+  for emb in $NMT_RUNS; do one_run "$emb"; done
+fi
+"$PYTHON" - "$RUNS" "$STEPS" "$WARMUP" "$RESULTS" "$SHARING" $NMT_RUNS <<'PY'
 import json, sys
 from pathlib import Path
 import torch
@@ -92,10 +127,11 @@ from models.train_nmt import build_model
 from models.trainer import load_checkpoint
 
 runs, steps, warmup, where = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
-names = sys.argv[5:]
+sharing, names = int(sys.argv[5]), sys.argv[6:]
 device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 results = {"what": "Transformer base, Multi30k En-De, DeFINE vs standard input, same step budget and BPE",
-           "device": device, "torch": torch.__version__, "steps": steps, "warmup": warmup, "runs": {}}
+           "device": device, "torch": torch.__version__, "steps": steps, "warmup": warmup,
+           "runs_sharing_the_card": sharing, "runs": {}}
 digests = set()
 for emb in names:
     state = load_checkpoint(runs / emb / "best.pt")
@@ -119,8 +155,9 @@ assert len(digests) == 1, "the runs must share one BPE model"
 out = where / f"nmt_multi30k_{device.replace(' ', '_')}.json"
 out.write_text(json.dumps(results, indent=1) + "\n")
 print(f"\nwrote {out}\n")
+speed = f"train tokens/s ({sharing} runs sharing the card)" if sharing > 1 else "train tokens/s"
 print("| input | parameters (total / input layer) | test_2016_flickr BLEU, beam 4 | greedy | best valid (greedy) | "
-      "train tokens/s |")
+      f"{speed} |")
 print("|---|---|---|---|---|---|")
 for emb, r in results["runs"].items():
     p = r["parameters"]

@@ -24,15 +24,22 @@ def run_script(script: str, env: dict[str, str]) -> str:
     return done.stdout
 
 
+# PARALLEL=1: the runs at once on one card (a GPU session's minutes); their results must be the same
+# files and tables, with the speed column saying the card was shared.
 @pytest.mark.skipif(not (DATA / "wikitext-2" / "train.txt").exists(), reason="needs ../shared/data/wikitext-2")
-def test_lm_evidence_script_smoke(tmp_path):
+@pytest.mark.parametrize("parallel", ["0", "1"])
+def test_lm_evidence_script_smoke(tmp_path, parallel):
     results = tmp_path / "results"
     out = run_script("gpu_lm_evidence.sh", {
         "ARGS": str(results), "DEFINE_OPS_DATA": str(DATA), "RUNS_DIR": str(tmp_path / "runs"), "STEPS": "2",
-        "EVAL_EVERY": "1", "M": "32", "BENCH_ARGS": "--quick",
+        "EVAL_EVERY": "1", "M": "32", "BENCH_ARGS": "--quick", "PARALLEL": parallel,
         "EXTRA": "--max-eval-tokens 500 --hidden 32 --layers 1 --batch-size 2 --bptt 4",
     })  # fmt: skip
     assert "| define |" in out and "| standard_256 |" in out and "| standard_m |" in out
+    assert ("3 runs sharing the card" in out) == (parallel == "1")
+    if parallel == "1":  # each run's own log, ending with its perplexities
+        for name in ("define", "standard_256", "standard_m"):
+            assert "test ppl" in (tmp_path / "runs" / "lm_wt2_cpu" / f"{name}.log").read_text()
     for name in ("define", "standard_256", "standard_m"):
         summary = json.loads((results / "lm_wt2_cpu" / name / "summary.json").read_text())
         assert summary["valid_ppl"] > 1 and summary["parameters"]["total"] > 0
@@ -42,14 +49,17 @@ def test_lm_evidence_script_smoke(tmp_path):
 
 
 @pytest.mark.skipif(not (DATA / "multi30k" / "train.en").exists(), reason="needs ../shared/data/multi30k")
-def test_nmt_evidence_script_smoke(tmp_path):
+@pytest.mark.parametrize("parallel", ["0", "1"])
+def test_nmt_evidence_script_smoke(tmp_path, parallel):
     out = run_script("gpu_nmt_evidence.sh", {
         "SMOKE": "1", "NMT_DATA": str(DATA / "multi30k"), "RUNS_DIR": str(tmp_path / "runs"),
-        "NMT_RUNS": "define define_untied standard",
+        "NMT_RUNS": "define define_untied standard", "PARALLEL": parallel,
     })  # fmt: skip
     assert "| define |" in out and "| define_untied |" in out and "| standard |" in out and "sacrebleu: nrefs:1" in out
     results = json.loads((tmp_path / "runs" / "nmt_multi30k_cpu.json").read_text())
     assert list(results["runs"]) == ["define", "define_untied", "standard"]
+    assert results["runs_sharing_the_card"] == (3 if parallel == "1" else 1)
+    assert ("3 runs sharing the card" in out) == (parallel == "1")
     runs = results["runs"]
     assert runs["define"]["parameters"]["total"] > 0 and runs["define"]["output_layer"] == "tied"
     assert runs["define_untied"]["output_layer"] == "untied" and runs["define_untied"]["parameters"]["output"] > 0
