@@ -182,25 +182,42 @@ class Transformer(nn.Module):
         return self.tgt_embed.band_tables()[0]
 
     # ------------------------------------------------------------------ pieces
-    def _embed(self, embed: nn.Module, ids: Tensor, start: int = 0) -> Tensor:
-        t = ids.size(1)
+    def _positioned(self, vectors: Tensor, start: int = 0) -> Tensor:
+        """Input vectors [B, T, m] of the positions start… → plus their sinusoids, then dropout."""
+        t = vectors.size(1)
         if start + t > self.config.max_positions:
             raise ValueError(f"sequence of {start + t} tokens exceeds max_positions={self.config.max_positions}")
-        x = embed(ids) + self.positions[start : start + t].to(ids.device)  # [B, T, m]
-        return self.drop(x)
+        return self.drop(vectors + self.positions[start : start + t].to(vectors.device))
 
-    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
-        """src [B, S] → (memory [B, S, m], key mask [B, 1, 1, S]: True on real tokens)."""
+    def _embed(self, embed: nn.Module, ids: Tensor, start: int = 0) -> Tensor:
+        return self._positioned(embed(ids), start)  # ids [B, T] → [B, T, m]
+
+    def embed_pair(self, src: Tensor, tgt_in: Tensor) -> tuple[Tensor, Tensor]:
+        """Both sides' inputs, src [B, S] and tgt_in [B, T] → [B, S, m], [B, T, m]. With one shared
+        input layer it runs once on both sides' ids: a DeFINE call costs a fixed number of kernel
+        launches and of host work whatever its token count (the eager GPU step is host-bound), so
+        one call on S + T tokens costs about half of two calls."""
+        if self.src_embed is not self.tgt_embed:
+            return self._embed(self.src_embed, src), self._embed(self.tgt_embed, tgt_in)
+        vectors = self.src_embed(torch.cat([src.reshape(-1), tgt_in.reshape(-1)]))  # [B·S + B·T, m]
+        src_vectors, tgt_vectors = vectors.split([src.numel(), tgt_in.numel()])
+        return (self._positioned(src_vectors.view(*src.shape, -1)),
+                self._positioned(tgt_vectors.view(*tgt_in.shape, -1)))  # fmt: skip
+
+    def encode(self, src: Tensor, inputs: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """src [B, S] → (memory [B, S, m], key mask [B, 1, 1, S]: True on real tokens). ``inputs``:
+        src's input vectors where the caller has them (``embed_pair``)."""
         mask = (src != self.config.pad_id)[:, None, None, :]
-        x = self._embed(self.src_embed, src)
+        x = self._embed(self.src_embed, src) if inputs is None else inputs
         for block in self.encoder:
             x = block(x, self_mask=mask)
         return self.encoder_norm(x), mask
 
-    def decode(self, tgt_in: Tensor, memory: Tensor, memory_mask: Tensor) -> Tensor:
+    def decode(self, tgt_in: Tensor, memory: Tensor, memory_mask: Tensor, inputs: Tensor | None = None) -> Tensor:
         """Teacher-forced decoder: tgt_in [B, T] → states [B, T, m]. Padding sits after the real
-        tokens, so the causal mask alone keeps real positions from reading it."""
-        x = self._embed(self.tgt_embed, tgt_in)
+        tokens, so the causal mask alone keeps real positions from reading it. ``inputs``: tgt_in's
+        input vectors where the caller has them."""
+        x = self._embed(self.tgt_embed, tgt_in) if inputs is None else inputs
         for block in self.decoder:
             x = block(x, causal=True, memory=memory, memory_mask=memory_mask)
         return self.decoder_norm(x)
@@ -215,8 +232,9 @@ class Transformer(nn.Module):
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """src [B, S], tgt_in [B, T] → logits [B, T, V_tgt]."""
-        memory, mask = self.encode(src)
-        return self.logits(self.decode(tgt_in, memory, mask))
+        src_inputs, tgt_inputs = self.embed_pair(src, tgt_in)
+        memory, mask = self.encode(src, src_inputs)
+        return self.logits(self.decode(tgt_in, memory, mask, tgt_inputs))
 
     # ------------------------------------------------------------------ incremental decoding
     def init_cache(self) -> list[dict[str, dict[str, Tensor]]]:

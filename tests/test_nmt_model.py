@@ -107,6 +107,30 @@ def test_incremental_decoding_equals_the_teacher_forced_pass(embedding, share, n
     torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("embedding", ["define", "standard"])
+def test_shared_input_layer_runs_once_on_both_sides(embedding):
+    # The training forward embeds source and target in one call of the shared input layer
+    # (embed_pair): same outputs and gradients as one call per side, with dropout off.
+    model = tiny(embedding=embedding, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0).train()
+    src, tgt = random_source(3, 7, 40), torch.randint(4, 40, (3, 5))
+    calls = []
+    model.src_embed.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+
+    def loss_and_grads(logits):
+        model.zero_grad(set_to_none=True)
+        logits.square().mean().backward()
+        return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    merged, merged_grads = loss_and_grads(model(src, tgt))
+    assert calls == [torch.Size([3 * 7 + 3 * 5])]
+    memory, mask = model.encode(src)
+    separate, separate_grads = loss_and_grads(model.logits(model.decode(tgt, memory, mask)))
+    assert calls[1:] == [src.shape, tgt.shape]
+    torch.testing.assert_close(merged, separate, atol=1e-6, rtol=1e-5)
+    for name, grad in merged_grads.items():
+        torch.testing.assert_close(grad, separate_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_padding_does_not_change_the_encoding():
     model = tiny()
     src = torch.tensor([[5, 6, 7, EOS]])
