@@ -119,7 +119,7 @@ else
   for emb in $NMT_RUNS; do one_run "$emb"; done
 fi
 "$PYTHON" - "$RUNS" "$STEPS" "$WARMUP" "$RESULTS" "$SHARING" $NMT_RUNS <<'PY'
-import json, sys
+import json, statistics, sys
 from pathlib import Path
 import torch
 from models.nmt import count_parameters
@@ -141,6 +141,8 @@ for emb in names:
         params = count_parameters(build_model(cfg))
     metrics = [json.loads(line) for line in (runs / emb / "metrics.jsonl").read_text().splitlines()]
     end = [m for m in metrics if m["event"] == "end"][-1]  # the last record of a kind is the one that counts
+    # tokens/s of each logged window after the first (start-up: new batch shapes, allocator growth)
+    windows = [m["tokens_per_s"] for m in metrics if m["event"] == "train"][1:]
     greedy = [m for m in metrics if m["event"] == "test"][-1]
     beam = json.loads((runs / emb / "test.beam4.bleu.json").read_text())
     results["runs"][emb] = {
@@ -148,6 +150,7 @@ for emb in names:
         "best_valid_bleu_greedy": state["trainer"]["best"]["value"], "test_bleu_greedy": greedy["bleu"],
         "test_loss": greedy["loss"], "test_bleu_beam4": beam["score"], "bleu_signature": beam["signature"],
         "bleu_verbose": beam["verbose"], "train_tokens_per_s": end["tokens_per_s"],
+        "train_tokens_per_s_median_window": statistics.median(windows) if windows else None,
         "wall_s": int((runs / f"{emb}.seconds").read_text()),
         "output_layer": cfg.get("output_layer", "tied"),
     }

@@ -10,12 +10,21 @@ For each input this prints and records, at a batch of --tokens source and as man
 host time behind a GPU sleep (define_ops.bench.enqueue_ms: a step that waited for the device
 synchronised somewhere), whether torch's sync debug mode saw a synchronisation, and the profiler's
 top operators by device time (by host time on the CPU), DeFINE's own ops included.
+
+The trainer's token-count batches change shape at almost every step, which the fixed batch above
+never does: ``--new-shapes K`` also times K steps whose batches have shapes this process has not
+run yet (sentence lengths of their own per input, so neither run warms the other's GEMM plans),
+then the same K shapes again, seen. Their difference is what each new shape costs (cuBLAS plan
+and heuristic choice, allocator growth), DeFINE's extra GEMM shapes included.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import statistics
+import time
 import warnings
 from typing import Any
 
@@ -29,6 +38,7 @@ VOCAB = 8000  # the evidence runs' joint BPE
 
 
 def make_step(embedding: str, tokens: int, dev: torch.device, quick: bool):
+    """(step(src, tgt), fixed (src, tgt) batch of ``tokens`` source tokens, parameter count)."""
     cfg = dict(BASE, src_embedding=embedding, tgt_embedding=embedding, src_vocab_size=VOCAB, tgt_vocab_size=VOCAB)
     if quick:  # a CPU smoke run: the small model, a few tokens
         cfg.update(d_model=64, n_heads=4, ffn_dim=128, encoder_layers=1, decoder_layers=1, table_dim=16,
@@ -36,22 +46,43 @@ def make_step(embedding: str, tokens: int, dev: torch.device, quick: bool):
     torch.manual_seed(0)
     model = build_model(cfg).to(dev).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    length = 28  # Multi30k's sentences are ~13 words, ~28 BPE pieces with the end token at most
-    rows = max(1, tokens // length)
-    src = torch.randint(4, VOCAB, (rows, length), device=dev)
-    tgt = torch.randint(4, VOCAB, (rows, length + 1), device=dev)
-    src[:, -3:] = PAD  # some padding, as token-count batches have
-    tgt[:, -3:] = PAD
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
 
-    def step() -> None:
+    def step(src: torch.Tensor, tgt: torch.Tensor) -> None:
         with autocast:  # as the trainer's step: the loss in autocast too, its log-softmax in fp32
             loss, _ = smoothed_losses(model, src, tgt[:, :-1], tgt[:, 1:], cfg["label_smoothing"])
         (loss / tgt[:, 1:].numel()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step, sum(p.numel() for p in model.parameters())
+    # Multi30k's sentences are ~13 words, ~28 BPE pieces with the end token at most
+    return step, make_batch(tokens, 28, dev), sum(p.numel() for p in model.parameters())
+
+
+def make_batch(tokens: int, length: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source [rows, length] and target [rows, length + 1] with ``rows * length`` ≈ ``tokens``."""
+    rows = max(1, tokens // length)
+    src = torch.randint(4, VOCAB, (rows, length), device=dev)
+    tgt = torch.randint(4, VOCAB, (rows, length + 1), device=dev)
+    src[:, -3:] = PAD  # some padding, as token-count batches have
+    tgt[:, -3:] = PAD
+    return src, tgt
+
+
+def new_shape_ms(step, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    """Median ms of one synchronised step over ``batches`` (shapes not run before), then over the
+    same batches again (shapes seen)."""
+
+    def timed(batch) -> float:
+        synchronize()
+        start = time.perf_counter()
+        step(*batch)
+        synchronize()
+        return (time.perf_counter() - start) * 1e3
+
+    first = [timed(batch) for batch in batches]
+    again = [timed(batch) for batch in batches]
+    return statistics.median(first), statistics.median(again)
 
 
 def saw_a_sync(step) -> bool:
@@ -86,12 +117,14 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="a tiny model: a smoke run of the script on a CPU")
+    p.add_argument("--new-shapes", type=int, default=0, help="also time K steps on batch shapes not run before")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     dev = device()
     results: dict[str, Any] = {"device": device_name(), "torch": torch.__version__, "tokens": args.tokens, "runs": {}}
-    for embedding in ("define", "standard"):
-        step, parameters = make_step(embedding, args.tokens, dev, args.quick)
+    for index, embedding in enumerate(("define", "standard")):
+        step_on, batch, parameters = make_step(embedding, args.tokens, dev, args.quick)
+        step = functools.partial(step_on, *batch)
         for _ in range(3):  # warm-up: allocator, cuBLAS plans
             step()
 
@@ -103,10 +136,17 @@ def main() -> None:
         host, waited = enqueue_ms(step, rounds=max(3, args.steps // 4))
         run = {"parameters": parameters, "step_ms": wall, "host_ms": host, "host_waited_for_device": waited,
                "sync_debug_saw_sync": saw_a_sync(step), "top_ops": top_ops(step)}  # fmt: skip
+        new_note = ""
+        if args.new_shapes:
+            # each input its own lengths (interleaved, none 28), so that no shape is seen twice
+            lengths = [length for length in range(12 + index, 80, 2) if length != 28][: args.new_shapes]
+            first, again = new_shape_ms(step_on, [make_batch(args.tokens, length, dev) for length in lengths])
+            run.update(new_shape_step_ms=first, seen_shape_step_ms=again, new_shape_lengths=lengths)
+            new_note = f" | new shapes {first:8.2f} ms, seen {again:8.2f} ms"
         results["runs"][embedding] = run
         waited_note = " (WAITED: a synchronisation)" if waited else ""
         print(f"{embedding:9s} step {wall:8.2f} ms | host {host:8.2f} ms{waited_note} | sync seen: "
-              f"{run['sync_debug_saw_sync']} | {parameters / 1e6:.2f}M parameters")  # fmt: skip
+              f"{run['sync_debug_saw_sync']} | {parameters / 1e6:.2f}M parameters{new_note}")  # fmt: skip
         for op in run["top_ops"][:10]:
             print(f"    {op['name'][:60]:60s} x{op['calls']:<4d} device {op['self_device_ms']:8.3f} ms "
                   f"host {op['self_host_ms']:8.3f} ms")  # fmt: skip

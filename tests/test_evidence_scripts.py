@@ -128,9 +128,13 @@ def test_profile_diff_compares_two_profiles(tmp_path):
 def test_nmt_step_profile_script_runs_and_writes_its_json(tmp_path):
     out = tmp_path / "nmt-step-profile.json"
     done = subprocess.run([sys.executable, "scripts/nmt_step_profile.py", "--quick", "--tokens", "64", "--steps", "2",
-                           "--json", str(out)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+                           "--new-shapes", "3", "--json", str(out)],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     runs = json.loads(out.read_text())["runs"]
     assert set(runs) == {"define", "standard"}
     assert all(r["step_ms"] > 0 and r["top_ops"] for r in runs.values())
+    assert all(r["new_shape_step_ms"] > 0 and r["seen_shape_step_ms"] > 0 for r in runs.values())
+    lengths = [runs[name]["new_shape_lengths"] for name in ("define", "standard")]
+    assert len(lengths[0]) == 3 and not set(lengths[0]) & set(lengths[1])  # no shape shared between the inputs
