@@ -27,8 +27,8 @@ OURS = ("cuda", "triton", "cpu", "cuda_graph", "triton_graph", "cuda_compiled", 
 
 def load(paths: list[Path]) -> tuple[dict, dict, dict, dict, dict]:
     """(times[dtype][mode][preset][provider] ms, floors[dtype][preset], launches[backend][preset], machine,
-    extra: {"dedup": [dtype][provider] {plain, dedup ms, distinct_fraction}, "inference": [dtype][preset][provider,
-    mode] ms})."""
+    extra: {"dedup": [dtype, preset][provider] {plain, dedup ms, distinct_fraction}, "inference":
+    [dtype][preset][provider, mode] ms})."""
     times: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
     floors: dict = defaultdict(dict)
     launches: dict = {}
@@ -52,7 +52,7 @@ def load(paths: list[Path]) -> tuple[dict, dict, dict, dict, dict]:
             elif name.startswith("test_layer[") and bench.get("stats"):
                 times[info["dtype"]][info["mode"]][info["preset"]][info["provider"]] = bench["stats"]["median"] * 1e3
             elif name.startswith("test_dedup[") and bench.get("stats"):
-                row = extra["dedup"][info["dtype"]][info["provider"]]
+                row = extra["dedup"][info["dtype"], info["preset"]][info["provider"]]
                 row["dedup" if info["dedup"] else "plain"] = bench["stats"]["median"] * 1e3
                 row["distinct_fraction"] = info.get("distinct_fraction")
             elif name.startswith("test_inference[") and bench.get("stats"):
@@ -174,8 +174,8 @@ def render(times: dict, floors: dict, launches: dict, machine: dict, extra: dict
     if launches:
         parts += ["\n**Kernel launches**\n", launch_table(launches)]
     extra = extra or {}
-    for dtype, rows in sorted(extra.get("dedup", {}).items()):
-        parts += [f"\n**{dtype}, distinct tokens once (dedup): lstm_wt103 shapes, a WikiText-2 window, "
+    for (dtype, preset), rows in sorted(extra.get("dedup", {}).items()):
+        parts += [f"\n**{dtype}, distinct tokens once (dedup): {preset} shapes, a WikiText-2 window, "
                   "forward + backward**\n", dedup_table(rows)]  # fmt: skip
     for dtype, rows in sorted(extra.get("inference", {}).items()):
         parts += [f"\n**{dtype}, inference: eval forward with and without the cached table**\n",

@@ -44,7 +44,8 @@
 # bench-compiled-ours.json, bench-triton-<preset>.json, host-profile-*.txt, bench-issue8-bf16.json,
 # bench-fp32.json, lm/ (issue 6 evidence), nmt/ (issue 7 evidence), nmt-step-profile.json,
 # bench-id-check.json (validate_ids True / deferred / off in a loop), bench-dedup-graph-bf16.json
-# (issue 8: Triton dedup replayed as a CUDA graph).
+# (issue 8: Triton dedup replayed as a CUDA graph), bench-dedup-txl-bf16.json (dedup at the compute-bound
+# txl_wt103 shapes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -233,7 +234,12 @@ stage bench-issue8 90 "$PY" -m pytest benchmarks/test_bench_dedup.py benchmarks/
 # issue 8's 2x: eager dedup cannot shrink the host time that bounds the eager step; Triton's dedup
 # (static shapes, no host read) captures as a CUDA graph, where only device time counts
 stage bench-dedup-graph 60 "$PY" -m pytest benchmarks/test_bench_dedup.py -q -p no:cacheprovider --benchmark-only \
-  --dtype bfloat16 --providers triton,triton_graph,cuda_graph --benchmark-json "$RES/bench-dedup-graph-bf16.json" \
+  --dtype bfloat16 --presets lstm_wt103 --providers triton,triton_graph,cuda_graph \
+  --benchmark-json "$RES/bench-dedup-graph-bf16.json" --benchmark-columns=median,min,rounds $TIMING
+# dedup where the step is compute-bound (txl_wt103's k = 4096 layers, 4.6 ms of kernels): there fewer
+# rows should pay in eager mode too, torch.unique's synchronisation included; never measured
+stage bench-dedup-txl 50 "$PY" -m pytest benchmarks/test_bench_dedup.py -q -p no:cacheprovider --benchmark-only \
+  --dtype bfloat16 --presets txl_wt103 --providers reference,cuda --benchmark-json "$RES/bench-dedup-txl-bf16.json" \
   --benchmark-columns=median,min,rounds $TIMING
 
 sanitize racecheck 70
