@@ -14,7 +14,7 @@
 # (default ../shared/data), STEPS (default 2000), EVAL_EVERY (default STEPS/8; must divide STEPS), M (default 512),
 # EXTRA (more train_lm flags, e.g. "--max-eval-tokens 5000" for a smoke run), BENCH_ARGS (e.g. --quick),
 # RUNS_DIR (where the runs' checkpoints go; default runs/evidence, git-ignored), PARALLEL (1: the three runs
-# at once on the one card, each its own process, log in RUNS_DIR/lm_wt2_<card>/<run>.log: a GPU session
+# at once on the one card, each its own process, log in RUNS_DIR/lm_wt2_<card>/<run>.run.log: a GPU session
 # has minutes and each run leaves the card mostly idle; the perplexities do not change, the tokens/s do:
 # the table then says they were measured sharing the card, and the step benchmark still runs alone).
 # Writes RESULTS_DIR/lm_wt2_<card>/{define,standard_256,standard_m}/{metrics.jsonl,summary.json},
@@ -58,37 +58,12 @@ RUNS="${RUNS_DIR:-runs/evidence}/lm_wt2_$CARD"
 mkdir -p "$RUNS"
 train() {  # train NAME: one run, its results copied next to the others
   # shellcheck disable=SC2086
-  "$PYTHON" -m models.train_lm "${COMMON[@]}" ${VARIANT[$1]} ${EXTRA:-} --out "$RUNS/$1" --overwrite
-  mkdir -p "$LM_DIR/$1"
-  cp "$RUNS/$1/metrics.jsonl" "$RUNS/$1/summary.json" "$LM_DIR/$1/"
+  "$PYTHON" -m models.train_lm "${COMMON[@]}" ${VARIANT[$1]} ${EXTRA:-} --out "$RUNS/$1" --overwrite || return 1
+  mkdir -p "$LM_DIR/$1" && cp "$RUNS/$1/metrics.jsonl" "$RUNS/$1/summary.json" "$LM_DIR/$1/"
 }
-# wait_run PID: its exit status; a wait cut short by a signal is resumed until the run has exited
-wait_run() {
-  while kill -0 "$1" 2>/dev/null; do wait "$1" && return 0; done
-  wait "$1"
-}
-if [ "${PARALLEL:-0}" = 1 ]; then
-  declare -A PIDS=()
-  for name in define standard_256 standard_m; do
-    # one CPU thread each: three processes must not fight over the host's cores
-    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} train "$name" > "$RUNS/$name.log" 2>&1 &
-    PIDS[$name]=$!
-  done
-  # A stop (Ctrl-C, the session's `timeout`) signals the whole process group: each run saves a
-  # checkpoint and exits on its own (a second signal would make it abort without saving), so this
-  # shell only keeps waiting for them.
-  trap 'echo "stopping: each run saves a checkpoint and exits"' INT TERM
-  failed=0
-  for name in define standard_256 standard_m; do
-    if wait_run "${PIDS[$name]}"; then status=ok; else status="FAILED ($?)"; failed=1; fi
-    echo "--- $name: $status; last lines of $RUNS/$name.log"
-    tail -n 4 "$RUNS/$name.log"
-  done
-  trap - INT TERM
-  [ "$failed" = 0 ] || { echo "error: a run failed (logs in $RUNS)" >&2; exit 1; }
-else
-  for name in define standard_256 standard_m; do train "$name"; done
-fi
+# shellcheck source=scripts/run_each.sh
+source scripts/run_each.sh
+run_each "${PARALLEL:-0}" "$RUNS" train define standard_256 standard_m
 
 "$PYTHON" - "$LM_DIR" "${PARALLEL:-0}" <<'EOF'
 import json, sys

@@ -26,7 +26,7 @@
 #              and define_untied / standard_untied (the same inputs with an untied m-wide softmax:
 #              --output-layer untied)
 #   PARALLEL=1 all runs at once on the one card, each its own process (one CPU thread each), logs in
-#              RUNS_DIR/<run>.train.log: a GPU session has minutes and one run leaves the card mostly
+#              RUNS_DIR/<run>.run.log: a GPU session has minutes and one run leaves the card mostly
 #              idle. BLEU and losses do not change; tokens/s and wall times do, so the results JSON
 #              records "runs_sharing_the_card" and the table says so (compare speeds from sequential runs)
 #   SMOKE=1    check the plumbing on a CPU in a minute: small preset, 2000 pairs, 20 steps; the results
@@ -88,35 +88,14 @@ one_run() {  # one_run NAME: train, beam-search the test set, copy the results o
     cp "$RUNS/$emb/test.beam4.bleu.json" "$OUT/nmt_$emb.test.beam4.bleu.json"
   fi
 }
-SHARING=1
-# wait_run PID: its exit status; a wait cut short by a signal is resumed until the run has exited
-wait_run() {
-  while kill -0 "$1" 2>/dev/null; do wait "$1" && return 0; done
-  wait "$1"
-}
+# shellcheck source=scripts/run_each.sh
+source scripts/run_each.sh
+# shellcheck disable=SC2086
+run_each "${PARALLEL:-0}" "$RUNS" one_run $NMT_RUNS || exit 1
+SHARING=1  # how many runs shared the card
 if [ "${PARALLEL:-0}" = 1 ]; then
-  pids=()
-  for emb in $NMT_RUNS; do
-    # one CPU thread each: the runs must not fight over the host's cores
-    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} one_run "$emb" > "$RUNS/$emb.run.log" 2>&1 &
-    pids+=($!)
-  done
-  SHARING=${#pids[@]}
-  # A stop (Ctrl-C, the session's `timeout`) signals the whole process group: each run saves a
-  # checkpoint and exits on its own (a second signal would make it abort without saving), so this
-  # shell only keeps waiting for them.
-  trap 'echo "stopping: each run saves a checkpoint and exits"' INT TERM
-  failed=0 i=0
-  for emb in $NMT_RUNS; do
-    if wait_run "${pids[$i]}"; then status=ok; else status="FAILED ($?)"; failed=1; fi
-    i=$((i + 1))
-    echo "--- $emb: $status; last lines of $RUNS/$emb.run.log"
-    tail -n 3 "$RUNS/$emb.run.log"
-  done
-  trap - INT TERM
-  [ "$failed" = 0 ] || { echo "error: a run failed (logs in $RUNS)" >&2; exit 1; }
-else
-  for emb in $NMT_RUNS; do one_run "$emb"; done
+  # shellcheck disable=SC2086
+  SHARING=$(set -- $NMT_RUNS; echo $#)
 fi
 "$PYTHON" - "$RUNS" "$STEPS" "$WARMUP" "$RESULTS" "$SHARING" $NMT_RUNS <<'PY'
 import json, statistics, sys

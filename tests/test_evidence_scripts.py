@@ -39,7 +39,7 @@ def test_lm_evidence_script_smoke(tmp_path, parallel):
     assert ("3 runs sharing the card" in out) == (parallel == "1")
     if parallel == "1":  # each run's own log, ending with its perplexities
         for name in ("define", "standard_256", "standard_m"):
-            assert "test ppl" in (tmp_path / "runs" / "lm_wt2_cpu" / f"{name}.log").read_text()
+            assert "test ppl" in (tmp_path / "runs" / "lm_wt2_cpu" / f"{name}.run.log").read_text()
     for name in ("define", "standard_256", "standard_m"):
         summary = json.loads((results / "lm_wt2_cpu" / name / "summary.json").read_text())
         assert summary["valid_ppl"] > 1 and summary["parameters"]["total"] > 0
