@@ -173,7 +173,7 @@ stage evidence-nmt "${NMT_STAGE_S:-300}" env PYTHON="$PY" STEPS="${NMT_STEPS:-10
   PARALLEL="${EVIDENCE_PARALLEL:-1}" bash scripts/gpu_nmt_evidence.sh
 # the NMT step 26% slower in tokens/s with DeFINE on the H200 (f51cbd1), no slower on the CPU: where
 # its time goes, DeFINE vs standard inputs (wall, host time behind a GPU sleep, syncs, top kernels)
-# (--new-shapes: the trainer's token-count batches change shape at almost every step; a fixed batch never does)
+# (--new-shapes: what a batch shape's first step costs; the evidence runs met 39 shapes in 1,000 steps)
 stage nmt-step-profile 90 env PYTHONPATH="$PWD" "$PY" scripts/nmt_step_profile.py --new-shapes 12 \
   --json "$RES/nmt-step-profile.json"
 # validate_ids True vs "deferred" vs False in a loop of 8 fwd+bwd steps with one sync (lstm_wt103,
