@@ -16,7 +16,8 @@
 # RUNS_DIR (where the runs' checkpoints go; default runs/evidence, git-ignored), PARALLEL (1: the three runs
 # at once on the one card, each its own process, log in RUNS_DIR/lm_wt2_<card>/<run>.run.log: a GPU session
 # has minutes and each run leaves the card mostly idle; the perplexities do not change, the tokens/s do:
-# the table then says they were measured sharing the card, and the step benchmark still runs alone).
+# the table then says they were measured sharing the card, and the step benchmark still runs alone),
+# SEEDS (default "1111": each run once; more seeds add <run>_seed<N> runs and a mean row per run).
 # Writes RESULTS_DIR/lm_wt2_<card>/{define,standard_256,standard_m}/{metrics.jsonl,summary.json},
 # RESULTS_DIR/lm_wt2_<card>/summary.md and RESULTS_DIR/lm_step_<card>.json. Checkpoints stay in
 # runs/ (not committed). Render the plot afterwards (needs matplotlib):
@@ -48,7 +49,7 @@ mkdir -p "$LM_DIR"
 COMMON=(--arch lstm --data "$DATA_ROOT/wikitext-2" --layers 2 --hidden 1024 --input-dim "$M" --tie proj
         --softmax adaptive --batch-size 60 --bptt 70 --optimizer sgd --lr 20 --clip 0.25 --dropout 0.25
         --dropouth 0.25 --dropouti 0.25 --epochs 1000 --max-steps "$STEPS" --eval-every "$EVAL_EVERY"
-        --log-every 50 --seed 1111 --precision auto --no-progress)
+        --log-every 50 --precision auto --no-progress)  # --seed: per run, from SEEDS
 declare -A VARIANT=(
   [define]="--embedding define --table-dim 256 --define-max-dim 1024 --define-depth 3 --define-max-groups 4 --define-dropout 0.1"
   [standard_256]="--embedding standard --table-dim 256"
@@ -56,26 +57,48 @@ declare -A VARIANT=(
 )
 RUNS="${RUNS_DIR:-runs/evidence}/lm_wt2_$CARD"
 mkdir -p "$RUNS"
+SEEDS=${SEEDS:-1111}
+FIRST_SEED=${SEEDS%% *}
+NAMES=()  # every (run, seed): <run> for the first seed, <run>_seed<N> for the others
+for seed in $SEEDS; do
+  [[ $seed =~ ^[0-9]+$ ]] || { echo "error: SEEDS must hold integers, got '$seed'" >&2; exit 2; }
+  for name in define standard_256 standard_m; do
+    if [ "$seed" = "$FIRST_SEED" ]; then NAMES+=("$name"); else NAMES+=("${name}_seed$seed"); fi
+  done
+done
 train() {  # train NAME: one run, its results copied next to the others
+  local variant=${1%_seed*} seed=$FIRST_SEED
+  [ "$variant" != "$1" ] && seed=${1##*_seed}
   # shellcheck disable=SC2086
-  "$PYTHON" -m models.train_lm "${COMMON[@]}" ${VARIANT[$1]} ${EXTRA:-} --out "$RUNS/$1" --overwrite || return 1
+  "$PYTHON" -m models.train_lm "${COMMON[@]}" ${VARIANT[$variant]} ${EXTRA:-} --seed "$seed" --out "$RUNS/$1" \
+    --overwrite || return 1
   mkdir -p "$LM_DIR/$1" && cp "$RUNS/$1/metrics.jsonl" "$RUNS/$1/summary.json" "$LM_DIR/$1/"
 }
 # shellcheck source=scripts/run_each.sh
 source scripts/run_each.sh
-run_each "${PARALLEL:-0}" "$RUNS" train define standard_256 standard_m
+run_each "${PARALLEL:-0}" "$RUNS" train "${NAMES[@]}"
 
-"$PYTHON" - "$LM_DIR" "${PARALLEL:-0}" <<'EOF'
-import json, sys
+SHARING=1  # how many runs shared the card
+if [ "${PARALLEL:-0}" = 1 ]; then SHARING=${#NAMES[@]}; fi
+"$PYTHON" - "$LM_DIR" "$SHARING" "${NAMES[@]}" <<'EOF'
+import json, re, statistics, sys
 from pathlib import Path
-out, shared = Path(sys.argv[1]), sys.argv[2] == "1"
-speed = "train tokens/s (3 runs sharing the card)" if shared else "train tokens/s"
+out, sharing, names = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+speed = f"train tokens/s ({sharing} runs sharing the card)" if sharing > 1 else "train tokens/s"
 rows = [f"| run | parameters (input / total) | valid ppl | test ppl | {speed} |", "|---|---|---|---|---|"]
-for name in ("define", "standard_256", "standard_m"):
+by_variant: dict[str, list[dict]] = {}
+for name in names:
     s = json.loads((out / name / "summary.json").read_text())
+    by_variant.setdefault(re.sub(r"_seed\d+$", "", name), []).append(s)
     p = s["parameters"]
     rows.append(f"| {name} | {p['input'] / 1e6:.2f}M / {p['total'] / 1e6:.2f}M | {s['valid_ppl']:.2f} | "
                 f"{s['test_ppl']:.2f} | {s['tokens_per_s']:,.0f} |")
+for variant, runs in by_variant.items():  # with several seeds: each run's mean and range
+    if len(runs) > 1:
+        valid, test = [r["valid_ppl"] for r in runs], [r["test_ppl"] for r in runs]
+        rows.append(f"| {variant}, mean of {len(runs)} seeds | | {statistics.mean(valid):.2f} "
+                    f"({min(valid):.2f}–{max(valid):.2f}) | {statistics.mean(test):.2f} "
+                    f"({min(test):.2f}–{max(test):.2f}) | |")
 (out / "summary.md").write_text("\n".join(rows) + "\n")
 print("\n".join(rows))
 EOF
@@ -84,5 +107,5 @@ EOF
 "$PYTHON" -m pytest benchmarks/test_bench_lm.py -q -p no:cacheprovider --benchmark-only ${BENCH_ARGS:-} \
   --benchmark-json "$RESULTS/lm_step_$CARD.json"
 if "$PYTHON" -c "import matplotlib" 2>/dev/null; then
-  "$PYTHON" scripts/plot_lm_curves.py "$LM_DIR/define" "$LM_DIR/standard_256" "$LM_DIR/standard_m" --out "$LM_DIR.png"
+  "$PYTHON" scripts/plot_lm_curves.py "${NAMES[@]/#/$LM_DIR/}" --out "$LM_DIR.png"
 fi

@@ -25,6 +25,9 @@
 #              the n-dim table through m -> n), standard (nn.Embedding inputs, Vaswani's tied softmax),
 #              and define_untied / standard_untied (the same inputs with an untied m-wide softmax:
 #              --output-layer untied)
+#   NMT_SEEDS  seeds of each run (default "1"): a run with seed N > 1 is named <run>_seed<N>, and the
+#              results JSON adds each run's mean over its seeds (single runs at this budget differ by
+#              up to ~2 BLEU between seeds, as the CPU runs showed)
 #   PARALLEL=1 all runs at once on the one card, each its own process (one CPU thread each), logs in
 #              RUNS_DIR/<run>.run.log: a GPU session has minutes and one run leaves the card mostly
 #              idle. BLEU and losses do not change; tokens/s and wall times do, so the results JSON
@@ -69,12 +72,20 @@ for emb in $NMT_RUNS; do
     *) echo "error: unknown run $emb in NMT_RUNS" >&2; exit 2 ;;
   esac
 done
+NAMES=""  # every (run, seed): <run> for seed 1, <run>_seed<N> for the others
+for seed in ${NMT_SEEDS:-1}; do
+  [[ $seed =~ ^[1-9][0-9]*$ ]] || { echo "error: NMT_SEEDS must hold positive integers, got '$seed'" >&2; exit 2; }
+  for emb in $NMT_RUNS; do
+    if [ "$seed" = 1 ]; then NAMES="$NAMES $emb"; else NAMES="$NAMES ${emb}_seed$seed"; fi
+  done
+done
 mkdir -p "$RUNS" "$RESULTS"
 one_run() {  # one_run NAME: train, beam-search the test set, copy the results out
-  local emb=$1 start
+  local emb=$1 start config=${1%_seed*} seed=1
+  [ "$config" != "$emb" ] && seed=${emb##*_seed}
   start=$(date +%s)
-  run_args=(--embedding "${emb%_untied}")
-  [ "$emb" != "${emb%_untied}" ] && run_args+=(--output-layer untied)
+  run_args=(--embedding "${config%_untied}" --seed "$seed")
+  [ "$config" != "${config%_untied}" ] && run_args+=(--output-layer untied)
   "$PYTHON" -m models.train_nmt --data "$DATA" --src en --tgt de "${run_args[@]}" --out "$RUNS/$emb" --overwrite \
     --max-steps "$STEPS" --warmup-steps "$WARMUP" --eval-every "$EVAL_EVERY" --eval-beam 1 --log-every 100 \
     --no-progress --precision "$PRECISION" "${EXTRA[@]}" 2>&1 | tee "$RUNS/$emb.train.log" || return 1
@@ -91,14 +102,15 @@ one_run() {  # one_run NAME: train, beam-search the test set, copy the results o
 # shellcheck source=scripts/run_each.sh
 source scripts/run_each.sh
 # shellcheck disable=SC2086
-run_each "${PARALLEL:-0}" "$RUNS" one_run $NMT_RUNS || exit 1
+run_each "${PARALLEL:-0}" "$RUNS" one_run $NAMES || exit 1
 SHARING=1  # how many runs shared the card
 if [ "${PARALLEL:-0}" = 1 ]; then
   # shellcheck disable=SC2086
-  SHARING=$(set -- $NMT_RUNS; echo $#)
+  SHARING=$(set -- $NAMES; echo $#)
 fi
-"$PYTHON" - "$RUNS" "$STEPS" "$WARMUP" "$RESULTS" "$SHARING" $NMT_RUNS <<'PY'
-import json, statistics, sys
+# shellcheck disable=SC2086
+"$PYTHON" - "$RUNS" "$STEPS" "$WARMUP" "$RESULTS" "$SHARING" $NAMES <<'PY'
+import json, re, statistics, sys
 from pathlib import Path
 import torch
 from models.nmt import count_parameters
@@ -131,9 +143,22 @@ for emb in names:
         "bleu_verbose": beam["verbose"], "train_tokens_per_s": end["tokens_per_s"],
         "train_tokens_per_s_median_window": statistics.median(windows) if windows else None,
         "wall_s": int((runs / f"{emb}.seconds").read_text()),
-        "output_layer": cfg.get("output_layer", "tied"),
+        "output_layer": cfg.get("output_layer", "tied"), "seed": cfg["seed"],
     }
 assert len(digests) == 1, "the runs must share one BPE model"
+# each configuration's mean over its seeds (where it has more than one)
+by_config: dict[str, list[dict]] = {}
+for emb, r in results["runs"].items():
+    by_config.setdefault(re.sub(r"_seed\d+$", "", emb), []).append(r)
+means = {}
+for config, rs in by_config.items():
+    if len(rs) > 1:
+        means[config] = {"seeds": [r["seed"] for r in rs], **{key: statistics.mean(r[key] for r in rs) for key in
+                         ("test_bleu_beam4", "test_bleu_greedy", "test_loss", "best_valid_bleu_greedy")}}  # fmt: skip
+        means[config]["test_bleu_beam4_spread"] = max(r["test_bleu_beam4"] for r in rs) - min(
+            r["test_bleu_beam4"] for r in rs)
+if means:
+    results["means_over_seeds"] = means
 out = where / f"nmt_multi30k_{device.replace(' ', '_')}.json"
 out.write_text(json.dumps(results, indent=1) + "\n")
 print(f"\nwrote {out}\n")
@@ -146,6 +171,12 @@ for emb, r in results["runs"].items():
     print(f"| {emb} | {p['total'] / 1e6:.2f}M / {p['src_embed'] / 1e6:.2f}M | {r['test_bleu_beam4']:.2f} | "
           f"{r['test_bleu_greedy']:.2f} | {r['best_valid_bleu_greedy']:.2f} (step {r['best_step']}) | "
           f"{r['train_tokens_per_s']:,.0f} |")
+if means:
+    print("\n| input (mean over seeds) | seeds | test BLEU, beam 4 (spread) | greedy | test loss |")
+    print("|---|---|---|---|---|")
+    for config, m in means.items():
+        print(f"| {config} | {', '.join(map(str, m['seeds']))} | {m['test_bleu_beam4']:.2f} "
+              f"({m['test_bleu_beam4_spread']:.2f}) | {m['test_bleu_greedy']:.2f} | {m['test_loss']:.3f} |")
 cfg = load_checkpoint(runs / names[0] / "best.pt")["config"]
 print(f"\nsacrebleu: {results['runs'][names[0]]['bleu_signature']}; {steps} steps of {cfg['max_tokens']}-token "
       f"batches, warm-up {warmup}, {cfg['precision']} autocast, {results['device']}")

@@ -166,11 +166,12 @@ stage tests 110 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m "no
 # leaves the card mostly idle (host-bound eager steps), so the session's minutes go ~3x further; the
 # perplexities and BLEU are unchanged, tokens/s are then marked as measured sharing the card (the
 # speed comparisons are the benchmarks' and nmt-step-profile's). EVIDENCE_PARALLEL=0: one at a time.
+# LM_SEEDS / NMT_SEEDS (e.g. "1111 2" / "1 2") add seeds of every run, at once with the others.
 stage evidence-lm 240 env PYTHON="$PY" STEPS="${LM_STEPS:-1200}" RUNS_DIR=/tmp/define-runs/lm \
-  PARALLEL="${EVIDENCE_PARALLEL:-1}" bash scripts/gpu_lm_evidence.sh "$RES/lm"
+  PARALLEL="${EVIDENCE_PARALLEL:-1}" SEEDS="${LM_SEEDS:-1111}" bash scripts/gpu_lm_evidence.sh "$RES/lm"
 mkdir -p "$RES/nmt"
 stage evidence-nmt "${NMT_STAGE_S:-300}" env PYTHON="$PY" STEPS="${NMT_STEPS:-1000}" OUT="$RES/nmt" RUNS_DIR=/tmp/define-runs/nmt \
-  PARALLEL="${EVIDENCE_PARALLEL:-1}" bash scripts/gpu_nmt_evidence.sh
+  PARALLEL="${EVIDENCE_PARALLEL:-1}" NMT_SEEDS="${NMT_SEEDS:-1}" bash scripts/gpu_nmt_evidence.sh
 # the NMT step 26% slower in tokens/s with DeFINE on the H200 (f51cbd1), no slower on the CPU: where
 # its time goes, DeFINE vs standard inputs (wall, host time behind a GPU sleep, syncs, top kernels)
 # (--new-shapes: what a batch shape's first step costs; the evidence runs met 39 shapes in 1,000 steps)

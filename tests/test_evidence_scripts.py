@@ -33,13 +33,18 @@ def test_lm_evidence_script_smoke(tmp_path, parallel):
     out = run_script("gpu_lm_evidence.sh", {
         "ARGS": str(results), "DEFINE_OPS_DATA": str(DATA), "RUNS_DIR": str(tmp_path / "runs"), "STEPS": "2",
         "EVAL_EVERY": "1", "M": "32", "BENCH_ARGS": "--quick", "PARALLEL": parallel,
+        "SEEDS": "1111 7" if parallel == "1" else "1111",
         "EXTRA": "--max-eval-tokens 500 --hidden 32 --layers 1 --batch-size 2 --bptt 4",
     })  # fmt: skip
     assert "| define |" in out and "| standard_256 |" in out and "| standard_m |" in out
-    assert ("3 runs sharing the card" in out) == (parallel == "1")
-    if parallel == "1":  # each run's own log, ending with its perplexities
-        for name in ("define", "standard_256", "standard_m"):
+    assert ("6 runs sharing the card" in out) == (parallel == "1")
+    if parallel == "1":  # a second seed of each run, its own log, and a mean row per run
+        for name in ("define", "standard_256", "standard_m", "define_seed7", "standard_256_seed7", "standard_m_seed7"):
             assert "test ppl" in (tmp_path / "runs" / "lm_wt2_cpu" / f"{name}.run.log").read_text()
+        for name, seed in (("define", 1111), ("define_seed7", 7)):
+            config = json.loads((results / "lm_wt2_cpu" / name / "metrics.jsonl").read_text().splitlines()[0])
+            assert config["event"] == "config" and config["config"]["seed"] == seed
+        assert "| define, mean of 2 seeds |" in out and "| standard_m, mean of 2 seeds |" in out
     for name in ("define", "standard_256", "standard_m"):
         summary = json.loads((results / "lm_wt2_cpu" / name / "summary.json").read_text())
         assert summary["valid_ppl"] > 1 and summary["parameters"]["total"] > 0
@@ -49,20 +54,39 @@ def test_lm_evidence_script_smoke(tmp_path, parallel):
 
 
 @pytest.mark.skipif(not (DATA / "multi30k" / "train.en").exists(), reason="needs ../shared/data/multi30k")
-@pytest.mark.parametrize("parallel", ["0", "1"])
-def test_nmt_evidence_script_smoke(tmp_path, parallel):
+def test_nmt_evidence_script_smoke(tmp_path):
     out = run_script("gpu_nmt_evidence.sh", {
         "SMOKE": "1", "NMT_DATA": str(DATA / "multi30k"), "RUNS_DIR": str(tmp_path / "runs"),
-        "NMT_RUNS": "define define_untied standard", "PARALLEL": parallel,
+        "NMT_RUNS": "define define_untied standard",
     })  # fmt: skip
     assert "| define |" in out and "| define_untied |" in out and "| standard |" in out and "sacrebleu: nrefs:1" in out
     results = json.loads((tmp_path / "runs" / "nmt_multi30k_cpu.json").read_text())
     assert list(results["runs"]) == ["define", "define_untied", "standard"]
-    assert results["runs_sharing_the_card"] == (3 if parallel == "1" else 1)
-    assert ("3 runs sharing the card" in out) == (parallel == "1")
+    assert results["runs_sharing_the_card"] == 1 and "sharing the card" not in out
+    assert "means_over_seeds" not in results
     runs = results["runs"]
     assert runs["define"]["parameters"]["total"] > 0 and runs["define"]["output_layer"] == "tied"
     assert runs["define_untied"]["output_layer"] == "untied" and runs["define_untied"]["parameters"]["output"] > 0
+
+
+@pytest.mark.skipif(not (DATA / "multi30k" / "train.en").exists(), reason="needs ../shared/data/multi30k")
+def test_nmt_evidence_script_runs_seeds_at_once(tmp_path):
+    out = run_script("gpu_nmt_evidence.sh", {
+        "SMOKE": "1", "NMT_DATA": str(DATA / "multi30k"), "RUNS_DIR": str(tmp_path / "runs"),
+        "NMT_RUNS": "define standard", "NMT_SEEDS": "1 2", "PARALLEL": "1",
+    })  # fmt: skip
+    results = json.loads((tmp_path / "runs" / "nmt_multi30k_cpu.json").read_text())
+    runs = results["runs"]
+    assert list(runs) == ["define", "standard", "define_seed2", "standard_seed2"]
+    assert [runs[name]["seed"] for name in runs] == [1, 1, 2, 2]
+    assert results["runs_sharing_the_card"] == 4 and "4 runs sharing the card" in out
+    means = results["means_over_seeds"]
+    assert set(means) == {"define", "standard"} and means["define"]["seeds"] == [1, 2]
+    expected = (runs["define"]["test_loss"] + runs["define_seed2"]["test_loss"]) / 2
+    assert means["define"]["test_loss"] == pytest.approx(expected)
+    assert "| define | 1, 2 |" in out
+    for name in runs:  # each run's own log
+        assert "test BLEU" in (tmp_path / "runs" / f"{name}.run.log").read_text()
 
 
 def test_gpu_profile_script_runs_and_writes_its_json(tmp_path):
