@@ -21,13 +21,16 @@ def pytest_addoption(parser):
     parser.addoption("--presets", default=None, help="comma-separated presets to run (default: all five)")
     parser.addoption("--providers", default=None, help="comma-separated providers to run (default: all available)")
     parser.addoption("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
+    parser.addoption("--group-width-multiple", type=int, default=1,
+                     help="DeFINEConfig.group_width_multiple for the presets (results as <preset>+gw<N>)")  # fmt: skip
 
 
 @pytest.fixture
 def bench_options(request):
     quick = request.config.getoption("--quick")
     dtype_name = request.config.getoption("--dtype") or ("bfloat16" if torch.cuda.is_available() else "float32")
-    return {"quick": quick, "dtype": getattr(torch, dtype_name)}
+    return {"quick": quick, "dtype": getattr(torch, dtype_name),
+            "group_width_multiple": request.config.getoption("--group-width-multiple")}  # fmt: skip
 
 
 def pytest_generate_tests(metafunc):

@@ -101,12 +101,16 @@ def make_workload(
     dtype: torch.dtype,
     ids: torch.Tensor | None = None,
     dedup: bool = False,
+    group_width_multiple: int = 1,
 ) -> Workload:
     """``mode``: "fwd_bwd" (training step), "fwd" (eval, no grad, no cache: inference without
-    the table) or "fwd_cached" (eval, no grad, with the inference table)."""
+    the table) or "fwd_cached" (eval, no grad, with the inference table). ``group_width_multiple``
+    > 1 runs the preset with that config option; the workload is then labelled
+    ``<preset>+gw<multiple>``, a configuration of its own in the results."""
     dev = device()
     overrides = {"num_embeddings": QUICK_VOCAB} if quick and ids is None else {}
-    config = DeFINEConfig.from_preset(preset, **overrides)
+    config = DeFINEConfig.from_preset(preset, group_width_multiple=group_width_multiple, **overrides)
+    label = preset if group_width_multiple == 1 else f"{preset}+gw{group_width_multiple}"
     if ids is None:
         tokens = QUICK_TOKENS if quick else PRESET_TOKENS[preset]
         gen = torch.Generator().manual_seed(0)
@@ -175,7 +179,7 @@ def make_workload(
         enqueue()
         synchronize()
 
-    return Workload(preset, provider, mode, tokens, config, dtype, step, enqueue)
+    return Workload(label, provider, mode, tokens, config, dtype, step, enqueue)
 
 
 def graph_replay(

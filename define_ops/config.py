@@ -137,6 +137,11 @@ class DeFINEConfig:
     max_groups: int = 4
     group_schedule: GroupSchedule = "halving"
     width_rule: WidthRule = "paper"
+    # 1: the layer widths as the plans of the paper's rule round them. m > 1: every layer width
+    # rounded up so that each group's share of it is a multiple of m features (8 puts every group of
+    # a bf16/fp16 activation on a 16-byte boundary, which tensor-core GEMMs on its strided group
+    # views need to run their aligned kernels). Widths grow by less than m·g features.
+    group_width_multiple: int = 1
     skip: Skip = "mix"
     skip_into_reduce: bool = True
     shuffle: bool = False
@@ -159,7 +164,8 @@ class DeFINEConfig:
 
     # ------------------------------------------------------------------ validation
     def _validate_fields(self) -> None:
-        for name in ("num_embeddings", "embedding_dim", "input_dim", "max_dim", "depth", "max_groups"):
+        for name in ("num_embeddings", "embedding_dim", "input_dim", "max_dim", "depth", "max_groups",
+                     "group_width_multiple"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"DeFINE config: {name} must be an int, got {type(value).__name__} {value!r}")
@@ -233,14 +239,18 @@ class DeFINEConfig:
         return cyclic_groups(self.depth, self.max_groups)
 
     def widths(self) -> list[int]:
-        """Output width k_l of every HGT layer: rounded up to a multiple of max(g_l, g_{l+1}, 8),
-        except the last, which is k."""
-        n, k, depth = self.input_dim, self.max_dim, self.depth
+        """Output width k_l of every HGT layer: rounded up to a multiple of max(g_l, g_{l+1}, 8)
+        (with ``group_width_multiple`` m > 1: of lcm(m·lcm(g_l, g_{l+1}), 8), so that both the
+        layer's groups and the next layer's have widths that are multiples of m), except the last,
+        which is k."""
+        n, k, depth, m = self.input_dim, self.max_dim, self.depth, self.group_width_multiple
         raw = paper_widths(n, k, depth) if self.width_rule == "paper" else linspace_widths(n, k, depth)
         groups = self.groups()
         widths = []
         for layer, value in enumerate(raw[:-1]):
-            widths.append(_round_up(value, max(groups[layer], groups[layer + 1], 8)))
+            g_here, g_next = groups[layer], groups[layer + 1]
+            unit = max(g_here, g_next, 8) if m == 1 else math.lcm(m * math.lcm(g_here, g_next), 8)
+            widths.append(_round_up(value, unit))
         widths.append(k)
         return widths
 
@@ -339,7 +349,8 @@ class DeFINEConfig:
     def describe(self) -> str:
         lines = [
             f"DeFINE V={self.num_embeddings} n={self.input_dim} k={self.max_dim} m={self.embedding_dim} "
-            f"N={self.depth} g_max={self.max_groups} ({self.group_schedule}, {self.width_rule}, skip={self.skip})"
+            f"N={self.depth} g_max={self.max_groups} ({self.group_schedule}, {self.width_rule}, skip={self.skip}"
+            + (f", group widths ×{self.group_width_multiple})" if self.group_width_multiple > 1 else ")")
         ]
         for i, p in enumerate(self.layer_plans()):
             name = "reduce" if i == self.depth else f"layer {i + 1}"

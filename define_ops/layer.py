@@ -232,6 +232,7 @@ class DeFINE(nn.Module):
         max_groups: int = 4,
         group_schedule: str = "halving",
         width_rule: str = "paper",
+        group_width_multiple: int = 1,
         skip: str = "mix",
         skip_into_reduce: bool = True,
         shuffle: bool = False,
@@ -256,10 +257,10 @@ class DeFINE(nn.Module):
         super().__init__()
         config = DeFINEConfig(
             num_embeddings=num_embeddings, embedding_dim=embedding_dim, input_dim=input_dim, max_dim=max_dim,
-            depth=depth, max_groups=max_groups, group_schedule=group_schedule, width_rule=width_rule, skip=skip,
-            skip_into_reduce=skip_into_reduce, shuffle=shuffle, norm=norm, activation=activation, dropout=dropout,
-            bias=bias, scale_embedding=scale_embedding, padding_idx=padding_idx, norm_eps=norm_eps, map=map,
-            cutoffs=cutoffs, adaptive_factor=adaptive_factor,
+            depth=depth, max_groups=max_groups, group_schedule=group_schedule, width_rule=width_rule,
+            group_width_multiple=group_width_multiple, skip=skip, skip_into_reduce=skip_into_reduce, shuffle=shuffle,
+            norm=norm, activation=activation, dropout=dropout, bias=bias, scale_embedding=scale_embedding,
+            padding_idx=padding_idx, norm_eps=norm_eps, map=map, cutoffs=cutoffs, adaptive_factor=adaptive_factor,
         )  # fmt: skip
         if cache not in ("auto", "off"):
             raise ValueError(f"DeFINE: cache={cache!r} is invalid; choose 'auto' or 'off'")
@@ -701,8 +702,9 @@ class DeFINE(nn.Module):
         )
         # Then, as nn.Embedding's repr does, whatever differs from the defaults.
         defaults = DeFINEConfig(c.num_embeddings, c.embedding_dim)
-        shown = ("group_schedule", "width_rule", "skip_into_reduce", "shuffle", "norm", "activation", "dropout",
-                 "bias", "scale_embedding", "padding_idx", "norm_eps", "map", "cutoffs", "adaptive_factor")  # fmt: skip
+        shown = ("group_schedule", "width_rule", "group_width_multiple", "skip_into_reduce", "shuffle", "norm",
+                 "activation", "dropout", "bias", "scale_embedding", "padding_idx", "norm_eps", "map", "cutoffs",
+                 "adaptive_factor")  # fmt: skip
         changed = [f"{name}={getattr(c, name)!r}" for name in shown if getattr(c, name) != getattr(defaults, name)]
         options = (("dedup", self.dedup, False), ("cache", self.cache, "auto"), ("sparse", self.sparse, False),
                    ("validate_ids", self.validate_ids, True))  # fmt: skip

@@ -61,13 +61,16 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--json", default=None)
     parser.add_argument("--trace", default=None, help="directory for one Chrome trace per preset x provider")
+    parser.add_argument("--group-width-multiple", type=int, default=1,
+                        help="DeFINEConfig.group_width_multiple (rows named <preset>+gw<N>)")  # fmt: skip
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     results = []
     for preset in args.presets.split(","):
         for provider in args.providers.split(","):
-            work = make_workload(preset, provider, "fwd_bwd", quick=False, dtype=dtype)
-            row = {"preset": preset, "provider": provider, "wall_ms": median_ms(work.step, rounds=20, warmup=3)}
+            work = make_workload(preset, provider, "fwd_bwd", quick=False, dtype=dtype,
+                                 group_width_multiple=args.group_width_multiple)  # fmt: skip
+            row = {"preset": work.preset, "provider": provider, "wall_ms": median_ms(work.step, rounds=20, warmup=3)}
             row.update(profile_step(work.step))
             row["enqueue_ms"], row["hidden_sync"] = enqueue_ms(work.enqueue)
             if args.trace:
@@ -78,7 +81,8 @@ def main() -> None:
                 prof.export_chrome_trace(str(Path(args.trace) / f"trace-{preset}-{provider}.json"))
             if provider in ("cuda", "triton"):
                 try:
-                    graphed = make_workload(preset, f"{provider}_graph", "fwd_bwd", quick=False, dtype=dtype)
+                    graphed = make_workload(preset, f"{provider}_graph", "fwd_bwd", quick=False, dtype=dtype,
+                                            group_width_multiple=args.group_width_multiple)  # fmt: skip
                     row["graph_ms"] = median_ms(graphed.step, rounds=20, warmup=3)
                 except Exception as error:  # report, keep profiling the rest
                     row["graph_error"] = f"{type(error).__name__}: {str(error)[:300]}"

@@ -39,7 +39,8 @@
 #      (DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM), the Triton benchmark at the other three presets;
 #   9. compute-sanitizer synccheck, the cuda cases of tests/test_ops.py, the slow int64 test.
 # Files in $OUT: session.log, report.md, bench.png and results.tgz, which holds tests.xml,
-# sanitizer.log, host-costs.json, profile.json, profile-warp-rows.json, profile-step-loop.json, profile-dense-groups.json, traces/trace-<preset>-cuda.json, profile-bwd-blocks-*.json, profile-max-threads-256.json,
+# sanitizer.log, host-costs.json, profile.json, profile-warp-rows.json, profile-step-loop.json, profile-dense-groups.json,
+# profile-gw8.json (group_width_multiple=8), traces/trace-<preset>-cuda.json, profile-bwd-blocks-*.json, profile-max-threads-256.json,
 # profile-small-batch-sorted.json, ncu-epilogue.txt, bench-bf16.json, bench-compiled.json,
 # bench-compiled-ours.json, bench-triton-<preset>.json, host-profile-*.txt, bench-issue8-bf16.json,
 # bench-fp32.json, lm/ (issue 6 evidence), nmt/ (issue 7 evidence), nmt-step-profile.json,
@@ -149,6 +150,12 @@ stage gemm-census 60 env PYTHONPATH="$PWD" "$PY" scripts/gemm_census.py
 stage dense-groups 60 env DEFINE_OPS_CUDA_DENSE_GROUPS=1 PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py \
   --presets nmt_wmt14,txl_wt103,lstm_wt103_n7 --providers cuda --json "$RES/profile-dense-groups.json"
 profile_diff profile-dense-groups.json --match .
+# the same presets with every group 8 features wide at least (DeFINEConfig.group_width_multiple=8:
+# layer widths +0.5-1% so that the strided group views are 16-byte aligned; a config option, the
+# architecture changes slightly): the aligned GEMM kernels against the align2 ones, all kernels shown
+stage group-width-8 60 env PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py --presets nmt_wmt14,txl_wt103,lstm_wt103_n7 \
+  --providers cuda --group-width-multiple 8 --json "$RES/profile-gw8.json"
+profile_diff profile-gw8.json --match .
 
 stage bench-bf16 150 "$PY" -m pytest benchmarks/test_bench_layer.py benchmarks/test_bench_floor.py -q -p no:cacheprovider \
   --benchmark-only --dtype bfloat16 --presets "$PRESETS" --providers reference,cuda,cuda_graph,embedding \

@@ -2,7 +2,8 @@
 
     python scripts/profile_diff.py BASE.json OTHER.json [--match REGEX]
 
-Per preset × provider found in both: the wall-clock step, the kernel time per step and their
+Per preset × provider found in both (a configuration variant ``<preset>+gw8`` of
+``--group-width-multiple`` pairs with its preset): the wall-clock step, the kernel time per step and their
 ratios (OTHER / BASE), then the per-step time of every kernel whose name matches REGEX (default
 our epilogue kernels, ``hgt_step_``), from each side's top kernels. E.g. the warp-row epilogues
 (scripts/gpu_session.sh writes profile.json and profile-warp-rows.json):
@@ -19,7 +20,7 @@ from pathlib import Path
 
 
 def load(path: Path) -> dict[tuple[str, str], dict]:
-    return {(row["preset"], row["provider"]): row for row in json.loads(path.read_text())["results"]}
+    return {(row["preset"].split("+")[0], row["provider"]): row for row in json.loads(path.read_text())["results"]}
 
 
 def kernel_times(row: dict, pattern: re.Pattern[str]) -> dict[str, float]:
@@ -32,8 +33,9 @@ def compare(base: dict, other: dict, pattern: re.Pattern[str]) -> list[str]:
     for key in (k for k in base if k in other):
         a, b = base[key], other[key]
         wall, kernels = (a["wall_ms"], b["wall_ms"]), (a["kernel_ms_per_step"], b["kernel_ms_per_step"])
+        name = a["preset"] if a["preset"] == b["preset"] else f"{a['preset']} -> {b['preset']}"
         lines.append(
-            f"{key[0]} {key[1]}: wall {wall[0]:.3f} -> {wall[1]:.3f} ms ({wall[1] / wall[0]:.2f}x), "
+            f"{name} {key[1]}: wall {wall[0]:.3f} -> {wall[1]:.3f} ms ({wall[1] / wall[0]:.2f}x), "
             f"kernels {kernels[0]:.3f} -> {kernels[1]:.3f} ms ({kernels[1] / kernels[0]:.2f}x)"
         )
         before, after = kernel_times(a, pattern), kernel_times(b, pattern)

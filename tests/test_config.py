@@ -144,6 +144,7 @@ def test_shuffle_only_on_grouped_layers():
         (dict(padding_idx=1000), "padding_idx"),
         (dict(max_groups=0), "max_groups"),
         (dict(embedding_dim=0), "embedding_dim"),
+        (dict(group_width_multiple=0), "group_width_multiple"),
         # flags: a string such as "no" would otherwise read as True
         (dict(bias="no"), "bias='no'"),
         (dict(skip_into_reduce=None), "skip_into_reduce=None"),
@@ -171,6 +172,28 @@ def test_impossible_configs_name_the_field(kwargs, field):
 def test_non_integer_dims_are_type_errors():
     with pytest.raises(TypeError, match="input_dim"):
         DeFINEConfig(100, 64, input_dim=64.0)
+    with pytest.raises(TypeError, match="group_width_multiple"):
+        DeFINEConfig(100, 64, group_width_multiple=True)
+
+
+@pytest.mark.parametrize("preset", ["lstm_wt103", "lstm_wt103_n7", "txl_wt103", "awd_ptb", "nmt_wmt14"])
+@pytest.mark.parametrize("schedule", ["halving", "cyclic"])
+def test_group_width_multiple_puts_every_group_on_its_multiple(preset, schedule):
+    # group_width_multiple=8: every group of every layer's input and output is a multiple of 8
+    # features (16 bytes in bf16), the layers only as much wider as that takes.
+    paper = PRESETS[preset].replace(group_schedule=schedule)
+    aligned = paper.replace(group_width_multiple=8)
+    assert paper.replace(group_width_multiple=1).layer_plans() == paper.layer_plans()
+    groups = aligned.groups()
+    for layer, (wide, narrow) in enumerate(zip(aligned.widths(), paper.widths(), strict=True)):
+        unit = 8 * max(groups[layer], groups[min(layer + 1, len(groups) - 1)])
+        assert narrow <= wide < narrow + unit
+    for plan in aligned.layer_plans():
+        assert (plan.in_features // plan.groups) % 8 == 0 and (plan.out_features // plan.groups) % 8 == 0, plan
+    assert 1.0 <= aligned.num_parameters() / paper.num_parameters() < 1.01
+    if preset in ("txl_wt103", "nmt_wmt14", "lstm_wt103_n7") and schedule == "halving":  # the unaligned presets
+        assert aligned.widths() != paper.widths()
+        assert "group widths ×8" in aligned.describe()
 
 
 def test_integer_like_cutoffs_are_accepted():

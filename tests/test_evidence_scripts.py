@@ -148,6 +148,14 @@ def test_profile_diff_compares_two_profiles(tmp_path):
     assert "hgt_step_backward_warp_kernel<bf16>:      0.0 ->    100.0 us" in out
     assert "matching kernels in all:    222.0 ->    100.0 us" in out and "nvjet" not in out
 
+    # a configuration variant (gpu_profile.py --group-width-multiple 8) pairs with its preset
+    variant = json.loads(other.read_text())
+    variant["results"][0]["preset"] = "awd_ptb+gw8"
+    other.write_text(json.dumps(variant))
+    done = subprocess.run([sys.executable, "scripts/profile_diff.py", str(base), str(other), "--match", "."],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert "awd_ptb -> awd_ptb+gw8 cuda: wall 2.000 -> 1.500 ms" in done.stdout and "nvjet" in done.stdout
+
 
 def test_nmt_step_profile_script_runs_and_writes_its_json(tmp_path):
     out = tmp_path / "nmt-step-profile.json"

@@ -84,6 +84,18 @@ def test_option_grid_float64_matches_reference(backend, schedule, width_rule, sk
         assert_same(forward_backward(ref, ids), forward_backward(fast, ids), tol=1e-10)
 
 
+@pytest.mark.parametrize("backend", FAST)
+def test_group_width_multiple_float64_matches_reference(backend):
+    # nmt_wmt14's widths with every group a multiple of 8 (448 and 736 instead of 432 and 728)
+    config = DeFINEConfig.from_preset("nmt_wmt14", num_embeddings=300, group_width_multiple=8)
+    assert [p.out_features for p in config.layer_plans()] == [448, 736, 1024, 512]
+    ref, fast = paired(config, backend)
+    ids = torch.randint(0, 300, (2, 7))
+    ref.train()
+    fast.train()
+    assert_same(forward_backward(ref, ids), forward_backward(fast, ids), tol=1e-10)
+
+
 @pytest.mark.parametrize("preset", ["awd_ptb", "nmt_wmt14"])
 @pytest.mark.parametrize("backend", FAST)
 def test_float32_within_reference_error(preset, backend):
