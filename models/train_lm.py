@@ -56,6 +56,7 @@ SGD_DEFINE_LR_SCALE = 0.05
 COMMON = {
     "embedding": "define", "table_dim": 128, "softmax": "adaptive", "cutoffs": None, "div_val": None,
     "define_max_dim": 1024, "define_depth": 3, "define_max_groups": 4, "define_dropout": 0.0,
+    "define_group_width_multiple": 1,
     "define_map": "table", "define_backend": "auto", "define_lr_scale": None, "optimizer": "sgd", "lr": 20.0,
     "weight_decay": 0.0, "clip": 0.25,
     "scheduler": "none", "lr_milestones": [], "lr_gamma": 0.1, "warmup_steps": 0, "lr_decay_steps": None, "nonmono": 5,
@@ -219,6 +220,8 @@ def auto_cutoffs(vocab_size: int) -> list[int]:
 def build_model(cfg: dict[str, Any], vocab_size: int) -> nn.Module:
     define = {
         "max_dim": cfg["define_max_dim"], "depth": cfg["define_depth"], "max_groups": cfg["define_max_groups"],
+        # absent from checkpoints written before the option: the paper's widths
+        "group_width_multiple": cfg.get("define_group_width_multiple", 1),
         "dropout": cfg["define_dropout"], "backend": cfg["define_backend"], "map": cfg["define_map"],
     }  # fmt: skip
     if cfg["define_map"] == "adaptive":  # absent: a checkpoint from before the bands were scaled by √width
@@ -334,6 +337,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--define-max-dim", type=int, default=S, help="k")
     g.add_argument("--define-depth", type=int, default=S, help="N")
     g.add_argument("--define-max-groups", type=int, default=S, help="g_max")
+    g.add_argument("--define-group-width-multiple", type=int, default=S,
+                   help="round DeFINE's layer widths so each group is a multiple of this many features (8: aligned "
+                        "bf16 GEMMs on a GPU; 1: the paper's widths)")  # fmt: skip
     g.add_argument("--define-dropout", type=float, default=S)
     g.add_argument(
         "--define-map",

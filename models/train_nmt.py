@@ -72,6 +72,7 @@ BASE: dict[str, Any] = {
     "embedding": "define", "src_embedding": None, "tgt_embedding": None, "shared_vocab": True,
     "share_embeddings": True, "output_layer": "tied", "bpe_vocab_size": 8000, "table_dim": 128, "define_max_dim": 1024,
     "define_depth": 3, "define_max_groups": 4, "define_dropout": 0.1, "define_backend": "auto", "define_dedup": False,
+    "define_group_width_multiple": 1,
     "define_lr_scale": 1.0, "d_model": 512, "n_heads": 8, "ffn_dim": 2048, "encoder_layers": 6, "decoder_layers": 6,
     "dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.1, "norm_first": True, "max_positions": 1024,
     "label_smoothing": 0.1, "lr": 2 * 512**-0.5 * 8000**-0.5, "warmup_steps": 8000, "adam_betas": [0.9, 0.998],
@@ -211,6 +212,8 @@ class NMTTask:
 def build_model(cfg: dict[str, Any]) -> Transformer:
     define = {
         "max_dim": cfg["define_max_dim"], "depth": cfg["define_depth"], "max_groups": cfg["define_max_groups"],
+        # absent from checkpoints written before the option: the paper's widths
+        "group_width_multiple": cfg.get("define_group_width_multiple", 1),
         "dropout": cfg["define_dropout"], "backend": cfg["define_backend"], "dedup": cfg["define_dedup"],
     }  # fmt: skip
     fields = ("table_dim", "d_model", "n_heads", "ffn_dim", "encoder_layers", "decoder_layers", "dropout",
@@ -348,6 +351,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--define-max-dim", type=int, default=S, help="k")
     g.add_argument("--define-depth", type=int, default=S, help="N")
     g.add_argument("--define-max-groups", type=int, default=S)
+    g.add_argument("--define-group-width-multiple", type=int, default=S,
+                   help="round DeFINE's layer widths so each group is a multiple of this many features (8: aligned "
+                        "bf16 GEMMs on a GPU; 1: the paper's widths)")  # fmt: skip
     g.add_argument("--define-dropout", type=float, default=S)
     g.add_argument("--define-backend", default=S, help="auto | reference | cpu | cuda | triton")
     g.add_argument("--define-dedup", type=int, choices=(0, 1), default=S, help="DeFINE once per distinct token")

@@ -318,3 +318,14 @@ def test_real_data_is_used_where_present():
     """Documents which corpus these tests ran on (skipped, not failed, without the shared data)."""
     if not HAS_MULTI30K:
         pytest.skip("Multi30k not found under $DEFINE_OPS_DATA: the tests above ran on synthetic pairs")
+
+
+def test_define_group_width_multiple_reaches_both_inputs():
+    from models.train_nmt import BASE, PRESETS, build_model
+
+    cfg = dict(BASE, **PRESETS["small"], src_embedding="define", tgt_embedding="define", src_vocab_size=60,
+               tgt_vocab_size=60, define_group_width_multiple=8)  # fmt: skip
+    model = build_model(cfg)
+    assert model.src_embed.define.config.group_width_multiple == 8
+    del cfg["define_group_width_multiple"]  # a checkpoint from before the option: the paper's widths
+    assert build_model(cfg).src_embed.define.config.group_width_multiple == 1

@@ -368,3 +368,21 @@ def test_compiled_training_matches_eager_and_resumes_either_way(corpus_dir, cach
     resumed = argv("lstm", corpus_dir, cache_dir, tmp_path / "compiled", *run)
     assert main([*resumed, "--resume", str(tmp_path / "compiled" / "last.pt"), "--max-steps", "6"]) == 0
     assert [r["step"] for r in records(tmp_path / "compiled", "train")][-2:] == [5, 6]
+
+
+def test_define_group_width_multiple_reaches_the_layer_and_old_checkpoints_resume(corpus_dir, cache_dir, tmp_path):
+    run = tmp_path / "run"
+    assert main(argv("lstm", corpus_dir, cache_dir, run, "--dry-run", "--define-group-width-multiple", "8")) == 0
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["config"]["define_group_width_multiple"] == 8
+    model = train_lm.build_model(state["config"], vocab_size=state["model"]["embed.define.weight"].shape[0])
+    plans = model.embed.define.config.layer_plans()
+    assert model.embed.define.config.group_width_multiple == 8
+    assert all((p.out_features // p.groups) % 8 == 0 for p in plans)
+    # a checkpoint from before the option (no such key) resumes with the paper's widths
+    old = tmp_path / "old"
+    assert main(argv("lstm", corpus_dir, cache_dir, old, "--dry-run")) == 0
+    state = torch.load(old / "last.pt", weights_only=True)
+    del state["config"]["define_group_width_multiple"]
+    torch.save(state, old / "before.pt")
+    assert main(["--resume", str(old / "before.pt"), "--max-steps", "3", "--no-progress"]) == 0
