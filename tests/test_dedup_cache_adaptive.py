@@ -141,6 +141,23 @@ def test_cache_is_rebuilt_after_an_optimizer_step_and_not_saved():
     assert max_err(after, fresh) < 1e-12
 
 
+def test_compiled_eval_never_serves_a_stale_table():
+    # Under torch.compile the layer runs uncached (its staleness checks are Python state a compiled
+    # graph would not re-run): an in-place edit between two compiled calls shows in the second.
+    layer = small_layer("cpu" if "cpu" in BACKENDS else "reference").eval()
+    ids = torch.arange(50)
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.no_grad():
+        first = compiled(ids)
+        torch.testing.assert_close(first, layer(ids), rtol=0, atol=1e-12)
+        layer.reduce.bias.add_(1.0)
+        second = compiled(ids)
+    assert layer._cache_table is not None  # the eager call above built one; compiled calls ignore it
+    expected = first + 1.0
+    expected[1] = 0.0  # the padding id's vector stays zero
+    torch.testing.assert_close(second, expected, rtol=0, atol=1e-12)
+
+
 def test_cache_detects_load_state_dict_and_is_skipped_in_training():
     layer = small_layer(BACKENDS[-1]).eval()
     other = small_layer(BACKENDS[-1]).eval()
