@@ -13,7 +13,9 @@
 #   2. scripts/host_costs.py: the host time of each piece of the eager step, one call at a time;
 #      scripts/gpu_profile.py: wall clock vs host time (each step enqueued behind a GPU sleep, which
 #      also exposes a hidden synchronisation) vs kernel time vs CUDA-graph replay, top kernels and
-#      host ops, per preset (reference, cuda); the same for cuda with the warp-per-row epilogue
+#      host ops, per preset (reference, cuda); scripts/ab_interleaved.py: each opt-in alternative
+#      (warp-per-row epilogues, dense groups, group widths x8, the stack op) against its default,
+#      interleaved in one process, eager and as a CUDA graph; the same for cuda with the warp-per-row epilogue
 #      kernels (DEFINE_OPS_CUDA_WARP_ROWS=1), their A/B; the same for cuda with the Python loop over the
 #      step ops instead of the C++ stack ops (DEFINE_OPS_STACK_OP=0), the host-time A/B; Chrome
 #      traces of the cuda step at awd_ptb and nmt_wmt14; cProfile of the Triton step at awd_ptb;
@@ -40,7 +42,8 @@
 #   9. compute-sanitizer synccheck, the cuda cases of tests/test_ops.py, the slow int64 test.
 # Files in $OUT: session.log, report.md, bench.png and results.tgz, which holds tests.xml,
 # sanitizer.log, host-costs.json, profile.json, profile-warp-rows.json, profile-step-loop.json, profile-dense-groups.json,
-# profile-gw8.json (group_width_multiple=8), traces/trace-<preset>-cuda.json, profile-bwd-blocks-*.json, profile-max-threads-256.json,
+# profile-gw8.json (group_width_multiple=8), ab-<switch>[-graph].json (interleaved A/Bs: warp-rows, dense-groups,
+# gw8, stack-op), traces/trace-<preset>-cuda.json, profile-bwd-blocks-*.json, profile-max-threads-256.json,
 # profile-small-batch-sorted.json, ncu-epilogue.txt, bench-bf16.json, bench-compiled.json,
 # bench-compiled-ours.json, bench-triton-<preset>.json, host-profile-*.txt, bench-issue8-bf16.json,
 # bench-fp32.json, lm/ (issue 6 evidence), nmt/ (issue 7 evidence), nmt-step-profile.json,
@@ -131,6 +134,23 @@ profile_diff() {
 stage host-costs 40 env PYTHONPATH="$PWD" "$PY" scripts/host_costs.py --presets awd_ptb,nmt_wmt14,lstm_wt103 \
   --json "$RES/host-costs.json"
 stage profile 90 env PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py --providers reference,cuda --json "$RES/profile.json"
+# The opt-in alternatives against the defaults, each A/B interleaved in one process (alternating
+# blocks of steps, so drift and the host's noise fall on both sides: separate stages minutes apart
+# differed by more than the effects), eager and as a CUDA graph (device time only):
+# warp-per-row epilogues, block-diagonal dense GEMMs for unaligned groups, group widths x8, and
+# the C++ stack op against the Python step loop.
+ab() {  # ab NAME ARGS...: scripts/ab_interleaved.py, eager then graph, into ab-NAME.json / ab-NAME-graph.json
+  local name=$1
+  shift
+  stage "ab-$name" 45 env PYTHONPATH="$PWD" "$PY" scripts/ab_interleaved.py "$@" --json "$RES/ab-$name.json"
+  stage "ab-$name-graph" 45 env PYTHONPATH="$PWD" "$PY" scripts/ab_interleaved.py "$@" --graph \
+    --json "$RES/ab-$name-graph.json"
+}
+ab warp-rows --env DEFINE_OPS_CUDA_WARP_ROWS=0,1 --presets awd_ptb,nmt_wmt14,lstm_wt103
+ab dense-groups --env DEFINE_OPS_CUDA_DENSE_GROUPS=0,1 --presets nmt_wmt14,txl_wt103,lstm_wt103_n7
+ab gw8 --group-width-multiple 1,8 --presets nmt_wmt14,txl_wt103,lstm_wt103_n7
+stage ab-stack-op 45 env PYTHONPATH="$PWD" "$PY" scripts/ab_interleaved.py --env DEFINE_OPS_STACK_OP=1,0 \
+  --presets awd_ptb,nmt_wmt14,lstm_wt103 --json "$RES/ab-stack-op.json"
 # the warp-per-row epilogue kernels (off by default until measured): A/B of their kernel times
 # (hgt_step_*_warp_kernel) against the profile stage's hgt_step_*_kernel rows, same presets
 stage warp-rows 60 env DEFINE_OPS_CUDA_WARP_ROWS=1 PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py --providers cuda \

@@ -170,3 +170,27 @@ def test_nmt_step_profile_script_runs_and_writes_its_json(tmp_path):
     assert all(r["new_shape_step_ms"] > 0 and r["seen_shape_step_ms"] > 0 for r in runs.values())
     lengths = [runs[name]["new_shape_lengths"] for name in ("define", "standard")]
     assert len(lengths[0]) == 3 and not set(lengths[0]) & set(lengths[1])  # no shape shared between the inputs
+
+
+def test_ab_interleaved_script_times_each_variant_in_turns(tmp_path):
+    # On the CPU: the env switch every backend reads (the stack op against the step-op loop) and a
+    # configuration variant; the GPU session runs the CUDA switches the same way.
+    for variants, preset, names in ((["--env", "DEFINE_OPS_STACK_OP=1,0"], "awd_ptb", ["DEFINE_OPS_STACK_OP=1",
+                                                                                      "DEFINE_OPS_STACK_OP=0"]),
+                                    (["--group-width-multiple", "1,8"], "nmt_wmt14", ["gw1", "gw8"])):  # fmt: skip
+        out = tmp_path / f"{preset}.json"
+        done = subprocess.run(
+            [sys.executable, "scripts/ab_interleaved.py", *variants, "--provider", "cpu", "--quick", "--presets",
+             preset, "--rounds", "2", "--steps", "1", "--json", str(out)],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        rows = json.loads(out.read_text())["presets"][preset]
+        assert list(rows) == names and rows[names[0]]["ratio"] == 1.0
+        # two rounds: the ratio of the medians (means of two) lies between the two rounds' ratios
+        for row in rows.values():
+            assert row["median_ms"] > 0 and row["ratio_min"] - 1e-9 <= row["ratio"] <= row["ratio_max"] + 1e-9
+    done = subprocess.run([sys.executable, "scripts/ab_interleaved.py", "--provider", "cpu"], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode != 0 and "give exactly one of --env" in done.stderr
