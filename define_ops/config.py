@@ -140,7 +140,9 @@ class DeFINEConfig:
     # 1: the layer widths as the plans of the paper's rule round them. m > 1: every layer width
     # rounded up so that each group's share of it is a multiple of m features (8 puts every group of
     # a bf16/fp16 activation on a 16-byte boundary, which tensor-core GEMMs on its strided group
-    # views need to run their aligned kernels). Widths grow by less than m·g features.
+    # views need to run their aligned kernels). Widths grow by less than m·g features. n and k are
+    # kept as given: the input's and the last layer's groups are aligned where n/g and k/g are
+    # multiples of m (at every preset).
     group_width_multiple: int = 1
     skip: Skip = "mix"
     skip_into_reduce: bool = True
