@@ -3,13 +3,15 @@
     python scripts/plot_lm_curves.py RUN_DIR [RUN_DIR ...] --out curves.png [--title TEXT]
 
 Each RUN_DIR holds a ``metrics.jsonl`` (and, for the legend's parameter count, a ``summary.json``).
-Needs matplotlib (``pip install matplotlib``), which the training code itself does not.
+Runs named ``<run>_seed<N>`` (scripts/gpu_lm_evidence.sh's extra seeds) share ``<run>``'s colour,
+dashed. Needs matplotlib (``pip install matplotlib``), which the training code itself does not.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -41,9 +43,14 @@ def main() -> int:
         print("error: this script needs matplotlib (pip install matplotlib)", file=sys.stderr)
         return 2
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    colours: dict[str, str] = {}  # one colour per configuration, whatever its seed
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for run in args.runs:
         label, steps, ppl = load_run(run)
-        ax.plot(steps, ppl, marker="o", markersize=3, label=label)
+        config = re.sub(r"_seed\d+$", "", run.name)
+        colour = colours.setdefault(config, palette[len(colours) % len(palette)])
+        style = "-" if config == run.name else "--"
+        ax.plot(steps, ppl, style, color=colour, marker="o", markersize=3, label=label)
     ax.set_xlabel("training step")
     ax.set_ylabel("validation perplexity")
     ax.set_yscale("log")
