@@ -15,8 +15,11 @@ Parameter names and shapes are part of the API (checkpoints and tied output laye
 
 from __future__ import annotations
 
+import atexit
 import math
 import operator
+import sys
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
@@ -409,6 +412,7 @@ class DeFINE(nn.Module):
             event.record(torch.cuda.current_stream(low_high.device))  # the copy's stream, whatever the current device
             low_high = host
         self._pending_id_checks.append((low_high, event))
+        _layers_with_pending_checks.add(self)
         self._resolve_pending_ids(wait=True, keep=_MAX_PENDING_ID_CHECKS)  # waits only past the bound
 
     def check_pending_ids(self, wait: bool = True) -> None:
@@ -710,6 +714,22 @@ class DeFINE(nn.Module):
                    ("validate_ids", self.validate_ids, True))  # fmt: skip
         changed += [f"{name}={value!r}" for name, value, default in options if value != default]
         return ", ".join([text, *changed])
+
+
+# Layers that have queued deferred id checks. At exit, what their unread checks found is printed on
+# stderr (no caller is left to raise to): a bad id that a script's last calls met is still named.
+_layers_with_pending_checks: weakref.WeakSet[DeFINE] = weakref.WeakSet()
+
+
+@atexit.register
+def _report_unread_id_checks() -> None:
+    for layer in list(_layers_with_pending_checks):
+        try:
+            layer.check_pending_ids(wait=True)
+        except TokenIdError as error:
+            print(f"define_ops: at exit, a deferred id check that no call read: {error}", file=sys.stderr)
+        except RuntimeError as error:  # e.g. the device failed before exit: nothing left to read
+            print(f"define_ops: at exit, deferred id checks could not be read: {error}", file=sys.stderr)
 
 
 def check_pending_ids(module: nn.Module, wait: bool = True) -> None:

@@ -117,3 +117,21 @@ def test_validate_ids_option_is_validated():
         with pytest.raises(ValueError, match=f"validate_ids={value!r} is invalid; choose True, False or 'deferred'"):
             DeFINE(V, 12, input_dim=16, max_dim=32, validate_ids=value)
     assert "validate_ids='deferred'" in repr(DeFINE(V, 12, input_dim=16, max_dim=32, validate_ids="deferred"))
+
+
+def test_a_check_no_call_read_is_reported_at_exit():
+    # A script whose last call met a bad id (its rows NaN) exits: the id is still named, on stderr.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = f"""
+import torch, define_ops
+layer = define_ops.DeFINE({V}, 12, input_dim=16, max_dim=32, depth=2, backend="reference", map="adaptive",
+                          cutoffs=(10, 20), adaptive_factor=2, validate_ids="deferred")
+print(bool(layer(torch.tensor([3, {V + 5}])).isnan().any()))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr[-2000:]
+    assert f"define_ops: at exit, a deferred id check that no call read: DeFINE: token id {V + 5}" in done.stderr
