@@ -17,7 +17,9 @@
 # at once on the one card, each its own process, log in RUNS_DIR/lm_wt2_<card>/<run>.run.log: a GPU session
 # has minutes and each run leaves the card mostly idle; the perplexities do not change, the tokens/s do:
 # the table then says they were measured sharing the card, and the step benchmark still runs alone),
-# SEEDS (default "1111": each run once; more seeds add <run>_seed<N> runs and a mean row per run).
+# SEEDS (default "1111": each run once; more seeds add <run>_seed<N> runs and a mean row per run),
+# SKIP_DONE (1: runs whose results RESULTS_DIR already holds are not trained again, e.g. after a cut
+# session or to add a seed; the table then covers them all, each with the tokens/s of its own run).
 # Writes RESULTS_DIR/lm_wt2_<card>/{define,standard_256,standard_m}/{metrics.jsonl,summary.json},
 # RESULTS_DIR/lm_wt2_<card>/summary.md and RESULTS_DIR/lm_step_<card>.json. Checkpoints stay in
 # runs/ (not committed). Render the plot afterwards (needs matplotlib):
@@ -74,12 +76,20 @@ train() {  # train NAME: one run, its results copied next to the others
     --overwrite || return 1
   mkdir -p "$LM_DIR/$1" && cp "$RUNS/$1/metrics.jsonl" "$RUNS/$1/summary.json" "$LM_DIR/$1/"
 }
+TODO=()  # the runs to train: all, or with SKIP_DONE=1 those without results yet
+for name in "${NAMES[@]}"; do
+  if [ "${SKIP_DONE:-0}" = 1 ] && [ -f "$LM_DIR/$name/summary.json" ]; then
+    echo "--- $name: done earlier ($LM_DIR/$name), not trained again"
+  else
+    TODO+=("$name")
+  fi
+done
 # shellcheck source=scripts/run_each.sh
 source scripts/run_each.sh
-run_each "${PARALLEL:-0}" "$RUNS" train "${NAMES[@]}"
+if [ ${#TODO[@]} -gt 0 ]; then run_each "${PARALLEL:-0}" "$RUNS" train "${TODO[@]}"; fi
 
-SHARING=1  # how many runs shared the card
-if [ "${PARALLEL:-0}" = 1 ]; then SHARING=${#NAMES[@]}; fi
+SHARING=1  # how many runs shared the card (at most: runs done earlier shared it with their own batch)
+if [ "${PARALLEL:-0}" = 1 ] && [ ${#TODO[@]} -gt 0 ]; then SHARING=${#TODO[@]}; fi
 "$PYTHON" - "$LM_DIR" "$SHARING" "${NAMES[@]}" <<'EOF'
 import json, re, statistics, sys
 from pathlib import Path

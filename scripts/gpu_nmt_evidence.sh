@@ -32,6 +32,8 @@
 #              RUNS_DIR/<run>.run.log: a GPU session has minutes and one run leaves the card mostly
 #              idle. BLEU and losses do not change; tokens/s and wall times do, so the results JSON
 #              records "runs_sharing_the_card" and the table says so (compare speeds from sequential runs)
+#   SKIP_DONE=1 runs whose beam-search BLEU RUNS_DIR already holds are not trained again (a cut
+#              session's rerun, or another seed); the results JSON covers them all
 #   SMOKE=1    check the plumbing on a CPU in a minute: small preset, 2000 pairs, 20 steps; the results
 #              go to RUNS_DIR only, never to benchmarks/results
 set -euo pipefail
@@ -99,14 +101,24 @@ one_run() {  # one_run NAME: train, beam-search the test set, copy the results o
     cp "$RUNS/$emb/test.beam4.bleu.json" "$OUT/nmt_$emb.test.beam4.bleu.json"
   fi
 }
+TODO=""  # the runs to train: all, or with SKIP_DONE=1 those without results yet
+for emb in $NAMES; do
+  if [ "${SKIP_DONE:-0}" = 1 ] && [ -f "$RUNS/$emb/test.beam4.bleu.json" ] && [ -f "$RUNS/$emb.seconds" ]; then
+    echo "--- $emb: done earlier ($RUNS/$emb), not trained again"
+  else
+    TODO="$TODO $emb"
+  fi
+done
 # shellcheck source=scripts/run_each.sh
 source scripts/run_each.sh
-# shellcheck disable=SC2086
-run_each "${PARALLEL:-0}" "$RUNS" one_run $NAMES || exit 1
-SHARING=1  # how many runs shared the card
-if [ "${PARALLEL:-0}" = 1 ]; then
+if [ -n "${TODO// /}" ]; then
   # shellcheck disable=SC2086
-  SHARING=$(set -- $NAMES; echo $#)
+  run_each "${PARALLEL:-0}" "$RUNS" one_run $TODO || exit 1
+fi
+SHARING=1  # how many runs shared the card (at most: runs done earlier shared it with their own batch)
+if [ "${PARALLEL:-0}" = 1 ] && [ -n "${TODO// /}" ]; then
+  # shellcheck disable=SC2086
+  SHARING=$(set -- $TODO; echo $#)
 fi
 # shellcheck disable=SC2086
 "$PYTHON" - "$RUNS" "$STEPS" "$WARMUP" "$RESULTS" "$SHARING" $NAMES <<'PY'

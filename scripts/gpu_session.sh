@@ -193,7 +193,8 @@ stage tests 110 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m "no
 # leaves the card mostly idle (host-bound eager steps), so the session's minutes go ~3x further; the
 # perplexities and BLEU are unchanged, tokens/s are then marked as measured sharing the card (the
 # speed comparisons are the benchmarks' and nmt-step-profile's). EVIDENCE_PARALLEL=0: one at a time.
-# LM_SEEDS / NMT_SEEDS (e.g. "1111 2" / "1 2") add seeds of every run, at once with the others.
+# LM_SEEDS / NMT_SEEDS (e.g. "1111 2" / "1 2") add seeds of every run, at once with the others;
+# SKIP_DONE=1 (passed through) retrains only the runs a cut call did not finish.
 stage evidence-lm 240 env PYTHON="$PY" STEPS="${LM_STEPS:-1200}" RUNS_DIR=/tmp/define-runs/lm \
   PARALLEL="${EVIDENCE_PARALLEL:-1}" SEEDS="${LM_SEEDS:-1111}" bash scripts/gpu_lm_evidence.sh "$RES/lm"
 mkdir -p "$RES/nmt"

@@ -45,6 +45,14 @@ def test_lm_evidence_script_smoke(tmp_path, parallel):
             config = json.loads((results / "lm_wt2_cpu" / name / "metrics.jsonl").read_text().splitlines()[0])
             assert config["event"] == "config" and config["config"]["seed"] == seed
         assert "| define, mean of 2 seeds |" in out and "| standard_m, mean of 2 seeds |" in out
+        # SKIP_DONE=1 adds a seed without training the six runs again
+        out = run_script("gpu_lm_evidence.sh", {
+            "ARGS": str(results), "DEFINE_OPS_DATA": str(DATA), "RUNS_DIR": str(tmp_path / "runs"), "STEPS": "2",
+            "EVAL_EVERY": "1", "M": "32", "BENCH_ARGS": "--quick", "PARALLEL": "1", "SEEDS": "1111 7 9",
+            "SKIP_DONE": "1", "EXTRA": "--max-eval-tokens 500 --hidden 32 --layers 1 --batch-size 2 --bptt 4",
+        })  # fmt: skip
+        assert out.count("done earlier") == 6 and "3 runs sharing the card" in out
+        assert "| define_seed9 |" in out and "| define, mean of 3 seeds |" in out
     for name in ("define", "standard_256", "standard_m"):
         summary = json.loads((results / "lm_wt2_cpu" / name / "summary.json").read_text())
         assert summary["valid_ppl"] > 1 and summary["parameters"]["total"] > 0
@@ -87,6 +95,14 @@ def test_nmt_evidence_script_runs_seeds_at_once(tmp_path):
     assert "| define | 1, 2 |" in out
     for name in runs:  # each run's own log
         assert "test BLEU" in (tmp_path / "runs" / f"{name}.run.log").read_text()
+    # a rerun with SKIP_DONE=1 trains nothing that is done and reports the same runs
+    out = run_script("gpu_nmt_evidence.sh", {
+        "SMOKE": "1", "NMT_DATA": str(DATA / "multi30k"), "RUNS_DIR": str(tmp_path / "runs"),
+        "NMT_RUNS": "define standard", "NMT_SEEDS": "1 2", "PARALLEL": "1", "SKIP_DONE": "1",
+    })  # fmt: skip
+    assert out.count("done earlier") == 4 and "sharing the card" not in out
+    again = json.loads((tmp_path / "runs" / "nmt_multi30k_cpu.json").read_text())
+    assert again["runs"] == runs
 
 
 def test_gpu_profile_script_runs_and_writes_its_json(tmp_path):
