@@ -18,8 +18,9 @@
 # has minutes and each run leaves the card mostly idle; the perplexities do not change, the tokens/s do:
 # the table then says they were measured sharing the card, and the step benchmark still runs alone),
 # SEEDS (default "1111": each run once; more seeds add <run>_seed<N> runs and a mean row per run),
-# SKIP_DONE (1: runs whose results RESULTS_DIR already holds are not trained again, e.g. after a cut
-# session or to add a seed; the table then covers them all, each with the tokens/s of its own run).
+# SKIP_DONE (1: runs whose results RESULTS_DIR, or a finished run in RUNS_DIR, already holds are not
+# trained again, e.g. after a cut session or to add a seed; the table then covers them all, each with
+# the tokens/s of its own run).
 # Writes RESULTS_DIR/lm_wt2_<card>/{define,standard_256,standard_m}/{metrics.jsonl,summary.json},
 # RESULTS_DIR/lm_wt2_<card>/summary.md and RESULTS_DIR/lm_step_<card>.json. Checkpoints stay in
 # runs/ (not committed). Render the plot afterwards (needs matplotlib):
@@ -78,6 +79,10 @@ train() {  # train NAME: one run, its results copied next to the others
 }
 TODO=()  # the runs to train: all, or with SKIP_DONE=1 those without results yet
 for name in "${NAMES[@]}"; do
+  if [ "${SKIP_DONE:-0}" = 1 ] && [ ! -f "$LM_DIR/$name/summary.json" ] && [ -f "$RUNS/$name/summary.json" ]; then
+    # finished in RUNS_DIR (train_lm writes summary.json only at the end) but not copied out yet
+    mkdir -p "$LM_DIR/$name" && cp "$RUNS/$name/metrics.jsonl" "$RUNS/$name/summary.json" "$LM_DIR/$name/"
+  fi
   if [ "${SKIP_DONE:-0}" = 1 ] && [ -f "$LM_DIR/$name/summary.json" ]; then
     echo "--- $name: done earlier ($LM_DIR/$name), not trained again"
   else

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,13 +46,16 @@ def test_lm_evidence_script_smoke(tmp_path, parallel):
             config = json.loads((results / "lm_wt2_cpu" / name / "metrics.jsonl").read_text().splitlines()[0])
             assert config["event"] == "config" and config["config"]["seed"] == seed
         assert "| define, mean of 2 seeds |" in out and "| standard_m, mean of 2 seeds |" in out
-        # SKIP_DONE=1 adds a seed without training the six runs again
+        # SKIP_DONE=1 adds a seed without training the six runs again; a run finished in RUNS_DIR but
+        # missing from the results (a GPU session packs and clears them) is copied out, not retrained
+        shutil.rmtree(results / "lm_wt2_cpu" / "define")
         out = run_script("gpu_lm_evidence.sh", {
             "ARGS": str(results), "DEFINE_OPS_DATA": str(DATA), "RUNS_DIR": str(tmp_path / "runs"), "STEPS": "2",
             "EVAL_EVERY": "1", "M": "32", "BENCH_ARGS": "--quick", "PARALLEL": "1", "SEEDS": "1111 7 9",
             "SKIP_DONE": "1", "EXTRA": "--max-eval-tokens 500 --hidden 32 --layers 1 --batch-size 2 --bptt 4",
         })  # fmt: skip
         assert out.count("done earlier") == 6 and "3 runs sharing the card" in out
+        assert (results / "lm_wt2_cpu" / "define" / "summary.json").exists()
         assert "| define_seed9 |" in out and "| define, mean of 3 seeds |" in out
     for name in ("define", "standard_256", "standard_m"):
         summary = json.loads((results / "lm_wt2_cpu" / name / "summary.json").read_text())
