@@ -54,7 +54,7 @@ def test_lm_evidence_script_smoke(tmp_path, parallel):
             "EVAL_EVERY": "1", "M": "32", "BENCH_ARGS": "--quick", "PARALLEL": "1", "SEEDS": "1111 7 9",
             "SKIP_DONE": "1", "EXTRA": "--max-eval-tokens 500 --hidden 32 --layers 1 --batch-size 2 --bptt 4",
         })  # fmt: skip
-        assert out.count("done earlier") == 6 and "3 runs sharing the card" in out
+        assert out.count("done earlier") == 6 and "as each run measured it" in out
         assert (results / "lm_wt2_cpu" / "define" / "summary.json").exists()
         assert "| define_seed9 |" in out and "| define, mean of 3 seeds |" in out
     for name in ("define", "standard_256", "standard_m"):
@@ -104,9 +104,9 @@ def test_nmt_evidence_script_runs_seeds_at_once(tmp_path):
         "SMOKE": "1", "NMT_DATA": str(DATA / "multi30k"), "RUNS_DIR": str(tmp_path / "runs"),
         "NMT_RUNS": "define standard", "NMT_SEEDS": "1 2", "PARALLEL": "1", "SKIP_DONE": "1",
     })  # fmt: skip
-    assert out.count("done earlier") == 4 and "sharing the card" not in out
+    assert out.count("done earlier") == 4 and "as each run measured it" in out
     again = json.loads((tmp_path / "runs" / "nmt_multi30k_cpu.json").read_text())
-    assert again["runs"] == runs
+    assert again["runs"] == runs and again["runs_done_earlier"] == 4
 
 
 def test_gpu_profile_script_runs_and_writes_its_json(tmp_path):
