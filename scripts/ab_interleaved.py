@@ -125,19 +125,20 @@ def main() -> None:
                                "mode": args.mode, "dtype": str(dtype).removeprefix("torch."), "variants": what,
                                "rounds": args.rounds, "steps": args.steps, "presets": {}}  # fmt: skip
     for preset in args.presets.split(","):
+
+        def build(value: str, preset: str = preset) -> Any:
+            multiple = 1 if env_name else int(value)
+            return make_workload(preset, provider, args.mode, args.quick, dtype, group_width_multiple=multiple)
+
+        # an env switch read at every call: the variants time one eager workload; a graph captures
+        # the kernels of the setting in force, and a config variant is a workload of its own
+        shared = build(values[0]) if env_name and not args.graph else None
         steps_of, env_of = {}, {}
-        shared = None  # with --env and no graph, every variant times the same workload
         for value in values:
             name = f"{env_name}={value}" if env_name else f"gw{value}"
             env_of[name] = (env_name, value)
-            with environment(env_name, value):  # a graph captures the kernels of the setting in force
-                if env_name is None or args.graph or shared is None:
-                    multiple = 1 if env_name else int(value)
-                    work = make_workload(preset, provider, args.mode, args.quick, dtype, group_width_multiple=multiple)
-                    shared = work if env_name and not args.graph else None
-                else:
-                    work = shared
-            steps_of[name] = work.enqueue
+            with environment(env_name, value):
+                steps_of[name] = (shared or build(value)).enqueue
         summary = summarise(interleave(steps_of, env_of, args.rounds, args.steps))
         results["presets"][preset] = summary
         print(f"### {preset} {provider} {args.mode} ({results['dtype']}, {args.rounds} rounds x {args.steps} steps)")

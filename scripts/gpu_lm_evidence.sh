@@ -69,19 +69,21 @@ for seed in $SEEDS; do
     if [ "$seed" = "$FIRST_SEED" ]; then NAMES+=("$name"); else NAMES+=("${name}_seed$seed"); fi
   done
 done
-train() {  # train NAME: one run, its results copied next to the others
+copy_out() {  # copy_out NAME: a finished run's log and summary next to the others
+  mkdir -p "$LM_DIR/$1" && cp "$RUNS/$1/metrics.jsonl" "$RUNS/$1/summary.json" "$LM_DIR/$1/"
+}
+train() {  # train NAME: one run, its results copied out
   local variant=${1%_seed*} seed=$FIRST_SEED
   [ "$variant" != "$1" ] && seed=${1##*_seed}
   # shellcheck disable=SC2086
   "$PYTHON" -m models.train_lm "${COMMON[@]}" ${VARIANT[$variant]} ${EXTRA:-} --seed "$seed" --out "$RUNS/$1" \
     --overwrite || return 1
-  mkdir -p "$LM_DIR/$1" && cp "$RUNS/$1/metrics.jsonl" "$RUNS/$1/summary.json" "$LM_DIR/$1/"
+  copy_out "$1"
 }
 TODO=()  # the runs to train: all, or with SKIP_DONE=1 those without results yet
 for name in "${NAMES[@]}"; do
   if [ "${SKIP_DONE:-0}" = 1 ] && [ ! -f "$LM_DIR/$name/summary.json" ] && [ -f "$RUNS/$name/summary.json" ]; then
-    # finished in RUNS_DIR (train_lm writes summary.json only at the end) but not copied out yet
-    mkdir -p "$LM_DIR/$name" && cp "$RUNS/$name/metrics.jsonl" "$RUNS/$name/summary.json" "$LM_DIR/$name/"
+    copy_out "$name"  # finished in RUNS_DIR (train_lm writes summary.json only at the end), not copied out yet
   fi
   if [ "${SKIP_DONE:-0}" = 1 ] && [ -f "$LM_DIR/$name/summary.json" ]; then
     echo "--- $name: done earlier ($LM_DIR/$name), not trained again"

@@ -74,11 +74,11 @@ for emb in $NMT_RUNS; do
     *) echo "error: unknown run $emb in NMT_RUNS" >&2; exit 2 ;;
   esac
 done
-NAMES=""  # every (run, seed): <run> for seed 1, <run>_seed<N> for the others
+NAMES=()  # every (run, seed): <run> for seed 1, <run>_seed<N> for the others
 for seed in ${NMT_SEEDS:-1}; do
   [[ $seed =~ ^[1-9][0-9]*$ ]] || { echo "error: NMT_SEEDS must hold positive integers, got '$seed'" >&2; exit 2; }
   for emb in $NMT_RUNS; do
-    if [ "$seed" = 1 ]; then NAMES="$NAMES $emb"; else NAMES="$NAMES ${emb}_seed$seed"; fi
+    if [ "$seed" = 1 ]; then NAMES+=("$emb"); else NAMES+=("${emb}_seed$seed"); fi
   done
 done
 mkdir -p "$RUNS" "$RESULTS"
@@ -101,29 +101,21 @@ one_run() {  # one_run NAME: train, beam-search the test set, copy the results o
     cp "$RUNS/$emb/test.beam4.bleu.json" "$OUT/nmt_$emb.test.beam4.bleu.json"
   fi
 }
-TODO=""  # the runs to train: all, or with SKIP_DONE=1 those without results yet
-for emb in $NAMES; do
+TODO=()  # the runs to train: all, or with SKIP_DONE=1 those without results yet
+for emb in "${NAMES[@]}"; do
   if [ "${SKIP_DONE:-0}" = 1 ] && [ -f "$RUNS/$emb/test.beam4.bleu.json" ] && [ -f "$RUNS/$emb.seconds" ]; then
     echo "--- $emb: done earlier ($RUNS/$emb), not trained again"
   else
-    TODO="$TODO $emb"
+    TODO+=("$emb")
   fi
 done
 # shellcheck source=scripts/run_each.sh
 source scripts/run_each.sh
-if [ -n "${TODO// /}" ]; then
-  # shellcheck disable=SC2086
-  run_each "${PARALLEL:-0}" "$RUNS" one_run $TODO || exit 1
-fi
+if [ ${#TODO[@]} -gt 0 ]; then run_each "${PARALLEL:-0}" "$RUNS" one_run "${TODO[@]}" || exit 1; fi
 SHARING=1  # how many runs this invocation trained at once
-if [ "${PARALLEL:-0}" = 1 ] && [ -n "${TODO// /}" ]; then
-  # shellcheck disable=SC2086
-  SHARING=$(set -- $TODO; echo $#)
-fi
-# shellcheck disable=SC2086
-SKIPPED=$(( $(set -- $NAMES; echo $#) - $(set -- $TODO; echo $#) ))
-# shellcheck disable=SC2086
-"$PYTHON" - "$RUNS" "$STEPS" "$WARMUP" "$RESULTS" "$SHARING" "$SKIPPED" $NAMES <<'PY'
+if [ "${PARALLEL:-0}" = 1 ] && [ ${#TODO[@]} -gt 0 ]; then SHARING=${#TODO[@]}; fi
+SKIPPED=$(( ${#NAMES[@]} - ${#TODO[@]} ))
+"$PYTHON" - "$RUNS" "$STEPS" "$WARMUP" "$RESULTS" "$SHARING" "$SKIPPED" "${NAMES[@]}" <<'PY'
 import json, re, statistics, sys
 from pathlib import Path
 import torch
