@@ -16,6 +16,14 @@ per step. Outputs are then uninitialised memory: the numbers are host time only.
 
     TRITON_INTERPRET=1 python scripts/host_profile.py --provider triton --quick --stub-launches
 
+``--fake-driver`` (TRITON_INTERPRET unset) goes further: Triton's own launch path runs too
+(autotuner, ``JITFunction.run``, argument specialization; kernels compiled for sm_90, launched by a
+no-op launcher: define_ops/triton/_fake_driver.py), so the per-step figure is the eager Triton
+step's whole host cost bar the driver call itself. With ``--tiny``, the awd_ptb layer on the 2-core
+VM: 2.34 ms per step through the autotuner's own launch, 1.60 ms since eager launches skip it.
+
+    python scripts/host_profile.py --provider triton --tiny --fake-driver
+
 ``--tiny`` keeps the preset's structure (depth, groups, skip, norm, dropout) at widths 16/64/16
 and 2 tokens on one thread: the CPU backend's kernels then take a few µs and the step time is
 almost all host work (Python, dispatch, allocations, autograd), the CPU-side proxy of what the
@@ -77,6 +85,9 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="the benchmarks' small vocabulary and token count")
     parser.add_argument("--stub-launches", action="store_true", help="Triton launches become no-ops (host time only)")
+    parser.add_argument(
+        "--fake-driver", action="store_true", help="Triton's launch path, stand-in driver, no GPU (host time only)"
+    )
     parser.add_argument("--tiny", action="store_true", help="widths 16/64/16, 2 tokens, one thread: host time only")
     parser.add_argument("--dedup", action="store_true", help="with --tiny: the dedup=True path")
     parser.add_argument("--out", default=None, help="write the report to this file instead of stdout")
@@ -89,6 +100,10 @@ def main() -> None:
 def run(args: argparse.Namespace) -> None:
     if args.stub_launches:
         stub_triton_launches()
+    if args.fake_driver:
+        from define_ops.triton import _fake_driver
+
+        _fake_driver.install()
     dtype = torch.bfloat16 if device().type == "cuda" else torch.float32
     if args.tiny:
         torch.set_num_threads(1)

@@ -20,6 +20,14 @@ import torch
 import triton
 from torch.library import wrap_triton
 
+try:
+    from torch._library.triton import is_wrap_triton_enabled
+except ImportError:  # a torch without the switch: every launch goes through wrap_triton
+
+    def is_wrap_triton_enabled() -> bool:
+        return True
+
+
 # Decided once, like @triton.jit decides at decoration time.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # DEFINE_OPS_TRITON_AUTOTUNE=0 on a GPU: launch each kernel with its first pruned config instead of
@@ -92,19 +100,83 @@ def launch(
     """Launch ``kernel`` (the ``@triton.jit`` function) or its autotuned wrapper ``tuned``.
 
     In the interpreter the single configuration ``interpret_meta`` is passed explicitly. On a GPU
-    ``tuned`` (if given) picks the block sizes; otherwise ``gpu_meta`` is used as is.
+    ``tuned`` (if given) picks the block sizes; otherwise ``gpu_meta`` is used as is. Eager
+    launches (wrap_triton's dispatch off: the stack's node, a registered op's eager call) go
+    straight to the kernel's ``run``; while torch traces (``torch.compile``, ``make_fx``) every
+    launch goes through ``wrap_triton`` so that the tracer sees it.
     """
     if INTERPRET:
         kernel[grid](*args, **flags, **interpret_meta)
-    elif tuned is not None and AUTOTUNE:
-        wrap_triton(tuned)[grid](*args, **flags)
-    elif tuned is not None:
-        named = dict(zip(kernel.arg_names, args, strict=False))
-        config = tuned.early_config_prune(tuned.configs, named, **flags)[0]
-        meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-        wrap_triton(kernel)[grid](*args, **flags, **meta)
+    elif is_wrap_triton_enabled():
+        if tuned is not None and AUTOTUNE:
+            wrap_triton(tuned)[grid](*args, **flags)
+        elif tuned is not None:
+            wrap_triton(kernel)[grid](*args, **flags, **_first_pruned_config(kernel, tuned, args, flags))
+        else:
+            wrap_triton(kernel)[grid](*args, **flags, **(gpu_meta or {}))
+    elif tuned is None:
+        kernel.run(*args, grid=grid, warmup=False, **flags, **(gpu_meta or {}))
     else:
-        wrap_triton(kernel)[grid](*args, **flags, **(gpu_meta or {}))
+        meta = _tuned_meta(kernel, tuned, grid, args, flags)
+        if meta is not None:
+            kernel.run(*args, grid=grid, warmup=False, **flags, **meta)
+
+
+def _first_pruned_config(kernel: Any, tuned: Any, args: Sequence[Any], flags: dict[str, Any]) -> dict[str, Any]:
+    """The first config that ``tuned``'s pruning keeps for this launch, as launch keywords: what
+    runs with autotuning off (``AUTOTUNE``)."""
+    named = dict(zip(kernel.arg_names, args, strict=False))
+    config = tuned.early_config_prune(tuned.configs, named, **flags)[0]
+    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+# The launch keywords of the config chosen per (autotuner, its key). Why not the autotuner's own
+# run: it rebuilds its key from dicts of all ~40 arguments on every launch (a list-membership test
+# per argument, str() of every dtype), ~35 µs a launch under cProfile on the 2-core VM and the
+# largest single host cost of the eager Triton step (scripts/host_profile.py --fake-driver).
+_TUNED_META: dict[tuple, dict[str, Any]] = {}
+# Per (autotuner, argument count, flag names): where each of its key names sits (an argument
+# position or a flag name; names that are neither are not part of its key, as in the autotuner),
+# and the positions of the tensor arguments (fixed per call site: absent tensors are passed as a
+# stand-in tensor, never as None).
+_KEY_LAYOUT: dict[tuple, tuple[tuple[int | str, ...], tuple[int, ...]]] = {}
+
+
+def _tuned_meta(
+    kernel: Any, tuned: Any, grid: Callable, args: Sequence[Any], flags: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The launch keywords of the config ``tuned`` chose for this launch's key; None when the
+    launch has just gone through ``tuned`` itself (a key's first launch: it benchmarks the configs
+    once, keeps the fastest and launches it, and we keep its choice).
+
+    The key holds what the autotuner's holds (its key arguments' values and every tensor
+    argument's dtype; the launches pass tensors and Python scalars only), so each key maps to the
+    one config the autotuner would pick for it.
+    """
+    layout_key = (tuned, len(args), tuple(flags))
+    layout = _KEY_LAYOUT.get(layout_key)
+    if layout is None:
+        positions = {name: i for i, name in enumerate(kernel.arg_names[: len(args)])}
+        named = tuple(name if name in flags else positions[name] for name in tuned.keys
+                      if name in flags or name in positions)  # fmt: skip
+        layout = named, tuple(i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor))
+        _KEY_LAYOUT[layout_key] = layout
+    named, tensors = layout
+    key = (
+        tuned,
+        *[flags[at] if at.__class__ is str else args[at] for at in named],
+        *[args[i].dtype for i in tensors],
+    )
+    meta = _TUNED_META.get(key)
+    if meta is not None:
+        return meta
+    if not AUTOTUNE:
+        meta = _first_pruned_config(kernel, tuned, args, flags)
+        _TUNED_META[key] = meta
+        return meta
+    tuned[grid](*args, **flags)
+    _TUNED_META[key] = tuned.best_config.all_kwargs()
+    return None
 
 
 def autotuned(configs: list[triton.Config], key: list[str], prune: Callable) -> Callable:

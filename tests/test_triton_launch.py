@@ -1,0 +1,53 @@
+"""The eager Triton launch path, checked through Triton's real launch machinery without a GPU.
+
+The interpreter (TRITON_INTERPRET=1, the rest of the Triton tests) never runs the code an eager
+launch runs on a GPU: the autotuner, ``JITFunction.run``, the argument specialization. Eager
+launches bypass the autotuner's per-launch key building (``_common._tuned_meta``), so a mistake
+there (a key that conflates two shapes, a config other than the autotuner's choice) would launch
+the wrong binary on a GPU while every interpreter test passed. Here both paths run DeFINE training
+steps under a stand-in CUDA driver (define_ops/triton/_fake_driver.py: kernels compiled for sm_90,
+launches recorded, nothing executed) and must launch the same compiled kernels with the same
+grids and arguments; the driver's benchmarker makes the autotuner's choice the last config it
+tries, so "the first config" is a detectable mistake.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _record(mode: str, out: Path, autotune: bool) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_CACHE_DIR", str(ROOT / ".triton-cache"))  # both modes compile the same kernels
+    env["DEFINE_OPS_TRITON_AUTOTUNE"] = "1" if autotune else "0"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "triton_launch_check.py"), mode, str(out)], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{mode}:\n{proc.stdout}\n{proc.stderr[-6000:]}"
+    return json.loads(out.read_text())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("autotune", [True, False], ids=["autotuned", "first-pruned-config"])
+def test_eager_launches_pick_the_autotuners_kernels(tmp_path, autotune):
+    direct = _record("direct", tmp_path / "direct.json", autotune)
+    through_autotuner = _record("autotuner", tmp_path / "autotuner.json", autotune)
+    kernels = {launch[0] for launch in direct["launches"]}
+    assert {"_hgt_step_fwd_kernel", "_hgt_step_fwd_rows_kernel", "_hgt_step_bwd_dy_kernel", "_hgt_step_bwd_dw_kernel",
+            "_hgt_step_bwd_dx_kernel", "_embedding_fwd_kernel"} <= kernels  # fmt: skip
+    if autotune:  # some key had configs to choose between, or the check could not tell them apart
+        assert direct["bench_calls"] > 0 and through_autotuner["bench_calls"] == direct["bench_calls"]
+    assert len(direct["launches"]) == len(through_autotuner["launches"])
+    for index, (ours, theirs) in enumerate(zip(direct["launches"], through_autotuner["launches"], strict=True)):
+        assert ours == theirs, f"launch {index} differs"

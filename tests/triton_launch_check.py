@@ -1,0 +1,66 @@
+"""Record the Triton launches of DeFINE training steps through Triton's real launch path (no GPU).
+
+    python tests/triton_launch_check.py {direct,autotuner} OUT.json
+
+Run by tests/test_triton_launch.py, each mode in its own process (TRITON_INTERPRET unset, the
+stand-in driver of define_ops/triton/_fake_driver.py installed): ``direct`` is the eager path as it
+ships (define_ops's own key → config lookup, straight to ``JITFunction.run``); ``autotuner`` routes
+every launch through ``wrap_triton`` and Triton's autotuner as before that shortcut existed. Both
+write every launch of steady-state steps (compiled kernel, grid, arguments) to OUT.json, with the
+number of configs the autotuner benchmarked (none when every key had a single config left).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from define_ops.triton import _fake_driver
+
+
+def main(mode: str, out_path: str) -> None:
+    _fake_driver.install()
+    import torch
+
+    from define_ops import DeFINE, DeFINEConfig
+    from define_ops.triton import _common
+
+    if mode == "autotuner":  # the launch as before the direct path: wrap_triton's branch, its tracer off
+        _common.is_wrap_triton_enabled = lambda: True
+        _common.wrap_triton = lambda kernel: kernel
+    elif mode != "direct":
+        raise SystemExit(f"mode must be direct or autotuner, got {mode!r}")
+    torch.manual_seed(0)
+    # Every kernel and flag the layer uses: norm with and without the shuffle (the fused and the
+    # row-wise forward epilogue), dropout, the carried e, bias, the Reduce; 1,100 tokens split the
+    # weight-gradient launch over several token ranges. Dedup adds the row-count variants.
+    steps = []
+    for shuffle, dedup in ((False, False), (True, True)):
+        config = DeFINEConfig.from_preset("awd_ptb", num_embeddings=300, input_dim=16, max_dim=64, embedding_dim=24,
+                                          depth=3, max_groups=4, shuffle=shuffle)  # fmt: skip
+        layer = DeFINE.from_config(config, backend="triton", validate_ids=False, dedup=dedup).train()
+        for dtype in (torch.float32, torch.bfloat16):
+            ids = torch.randint(0, 300, (1100,))
+            grad = torch.ones(1100, 24, dtype=dtype)
+            steps.append((layer.to(dtype), ids, grad))
+
+    def run_all() -> None:
+        for layer, ids, grad in steps:
+            layer.zero_grad(set_to_none=True)
+            layer(ids).backward(grad)
+
+    run_all()  # compiles and autotunes
+    run_all()
+    _fake_driver.RECORDER.recording = True
+    run_all()
+    _fake_driver.RECORDER.recording = False
+    from triton.runtime import driver
+
+    launches = [[launch.kernel, launch.binary, list(launch.grid), [repr(a) for a in launch.args]]
+                for launch in _fake_driver.RECORDER.launches]  # fmt: skip
+    with open(out_path, "w") as out:
+        json.dump({"launches": launches, "bench_calls": driver.active.bench_calls}, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
