@@ -18,6 +18,27 @@ import sys
 from define_ops.triton import _fake_driver
 
 
+def step_on_shifted_inputs() -> None:
+    """One step op forward and backward on x and grad_out at 16-byte-aligned addresses, then the
+    same shapes 4 bytes off them (Triton compiles a kernel per alignment: reusing the aligned one
+    would be wrong), then aligned again."""
+    import torch
+    from torch._library.triton import set_wrap_triton_enabled
+
+    from define_ops.triton.hgt_step import _hgt_step_backward_impl, _hgt_step_impl
+
+    tokens, width, groups = 40, 32, 4
+    weight = torch.randn(groups, width // groups, 16)
+    norm = torch.ones(16), torch.zeros(16)
+    for offset in (0, 1, 0):
+        x = torch.randn(tokens * width + offset)[offset:].view(tokens, width)
+        grad_out = torch.randn(tokens * 64 + offset)[offset:].view(tokens, 64)
+        options = (0, 0, 0, False, "gelu", 0.0, 1e-5)
+        with set_wrap_triton_enabled(False):
+            out, saved, mean, rstd = _hgt_step_impl(x, weight, None, *norm, None, *options)
+            _hgt_step_backward_impl(grad_out, x, weight, None, *norm, None, saved, mean, rstd, *options)
+
+
 def main(mode: str, out_path: str) -> None:
     _fake_driver.install()
     import torch
@@ -33,7 +54,8 @@ def main(mode: str, out_path: str) -> None:
     torch.manual_seed(0)
     # Every kernel and flag the layer uses: norm with and without the shuffle (the fused and the
     # row-wise forward epilogue), dropout, the carried e, bias, the Reduce; 1,100 tokens split the
-    # weight-gradient launch over several token ranges. Dedup adds the row-count variants.
+    # weight-gradient launch over several token ranges. Dedup adds the row-count variants, and
+    # step_on_shifted_inputs the same kernels at unaligned addresses.
     steps = []
     for shuffle, dedup in ((False, False), (True, True)):
         config = DeFINEConfig.from_preset("awd_ptb", num_embeddings=300, input_dim=16, max_dim=64, embedding_dim=24,
@@ -48,6 +70,7 @@ def main(mode: str, out_path: str) -> None:
         for layer, ids, grad in steps:
             layer.zero_grad(set_to_none=True)
             layer(ids).backward(grad)
+        step_on_shifted_inputs()
 
     run_all()  # compiles and autotunes
     run_all()

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import triton
 from torch.library import wrap_triton
+from triton import knobs
+from triton.runtime import driver
 
 try:
     from torch._library.triton import is_wrap_triton_enabled
@@ -115,11 +117,69 @@ def launch(
         else:
             wrap_triton(kernel)[grid](*args, **flags, **(gpu_meta or {}))
     elif tuned is None:
-        kernel.run(*args, grid=grid, warmup=False, **flags, **(gpu_meta or {}))
+        _run(kernel, grid, args, flags, gpu_meta or {})
     else:
         meta = _tuned_meta(kernel, tuned, grid, args, flags)
         if meta is not None:
-            kernel.run(*args, grid=grid, warmup=False, **flags, **meta)
+            _run(kernel, grid, args, flags, meta)
+
+
+# Compiled kernels per launch key (see _run), at most this many per process: exact token counts
+# are part of the key, and a run with varying batch sizes must not grow it without end.
+_COMPILED_LIMIT = 4096
+_COMPILED: dict[tuple, tuple[Any, list[str]]] = {}
+# Per (kernel, argument count, flag names): positions of the tensor and of the scalar arguments.
+_ARG_LAYOUT: dict[tuple, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+
+
+def _run(kernel: Any, grid: Any, args: Sequence[Any], flags: dict[str, Any], meta: dict[str, Any]) -> None:
+    """``kernel.run(*args, grid=grid, warmup=False, **flags, **meta)``, without re-binding the
+    arguments on every launch once a launch key has been seen.
+
+    ``JITFunction.run`` binds all ~40 arguments, works out each one's specialization (dtype,
+    16-byte alignment, divisibility by 16, value 1) and builds its cache key on every launch: after
+    the autotuner, most of what is left of Triton's host time per launch. The key here holds the device, every
+    scalar argument's exact value and every tensor's dtype and 16-byte alignment, finer than
+    Triton's specialization, so it names one compiled kernel; the first launch under a key goes
+    through ``JITFunction.run`` (which compiles if needed) and keeps the kernel it returns, later
+    ones call that kernel's launcher as ``JITFunction.run`` does. Not re-checked per launch (as
+    ``JITFunction.run`` does): that module-level globals a kernel reads are unchanged, and Triton
+    settings changed after the first launch (debug mode, hooks are read per launch).
+    """
+    layout_key = (kernel, len(args), tuple(flags))
+    layout = _ARG_LAYOUT.get(layout_key)
+    if layout is None:
+        tensor_positions = tuple(i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor))
+        scalar_positions = tuple(i for i in range(len(args)) if i not in tensor_positions)
+        layout = _ARG_LAYOUT[layout_key] = tensor_positions, scalar_positions
+    tensor_positions, scalar_positions = layout
+    device = driver.active.get_current_device()  # a loaded kernel belongs to one device
+    key = (
+        layout_key, device, *flags.values(), *meta.items(), *[args[i] for i in scalar_positions],
+        *[(args[i].dtype, args[i].data_ptr() % 16 == 0) for i in tensor_positions],
+    )  # fmt: skip
+    entry = _COMPILED.get(key)
+    if entry is None:
+        compiled = kernel.run(*args, grid=grid, warmup=False, **flags, **meta)
+        if hasattr(compiled, "result"):  # a compile future (Triton's asynchronous compile mode)
+            compiled = compiled.result()
+        keywords = {**flags, **meta}
+        constexpr_names = kernel.arg_names[len(args) :]
+        if compiled is not None and all(name in keywords for name in constexpr_names):
+            if len(_COMPILED) >= _COMPILED_LIMIT:
+                _COMPILED.clear()
+            _COMPILED[key] = compiled, constexpr_names
+        return
+    compiled, constexpr_names = entry
+    bound = (*args, *[flags[name] if name in flags else meta[name] for name in constexpr_names])
+    grid = grid(meta) if callable(grid) else grid
+    stream = driver.active.get_current_stream(device)
+    runtime = knobs.runtime
+    compiled.run(
+        grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, compiled.function,
+        compiled.packed_metadata, compiled.launch_metadata(grid, stream, *bound), runtime.launch_enter_hook,
+        runtime.launch_exit_hook, *bound,
+    )  # fmt: skip
 
 
 def _first_pruned_config(kernel: Any, tuned: Any, args: Sequence[Any], flags: dict[str, Any]) -> dict[str, Any]:
