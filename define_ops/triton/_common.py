@@ -146,7 +146,7 @@ def _run(kernel: Any, grid: Any, args: Sequence[Any], flags: dict[str, Any], met
     ``JITFunction.run`` does): that module-level globals a kernel reads are unchanged, and Triton
     settings changed after the first launch (debug mode, hooks are read per launch).
     """
-    layout_key = (kernel, len(args), tuple(flags))
+    layout_key = (id(kernel), len(args), tuple(flags))  # id: kernels are module globals (their hash is slow)
     layout = _ARG_LAYOUT.get(layout_key)
     if layout is None:
         tensor_positions = tuple(i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor))

@@ -685,6 +685,38 @@ class _Step:
         return next_pow2(self.tokens)
 
 
+# _Step per argument layout, for launches (see _step); bounded: token counts are part of the key.
+_STEPS: dict[tuple, _Step] = {}
+_STEPS_LIMIT = 4096
+
+
+def _step(
+    x: Tensor, weight: Tensor, bias: Tensor | None, norm_weight: Tensor | None, norm_bias: Tensor | None,
+    seed: Tensor | None, e_width: int, e_in_chunks: int, e_out_chunks: int, shuffle: bool, activation: str,
+    dropout_p: float, norm_eps: float, run: bool,
+) -> _Step:  # fmt: skip
+    """``_Step`` of these arguments; for launches (``run``), looked up by everything it reads
+    (shapes, dtypes, options, the TF32 switch) instead of rebuilt and re-validated on every call:
+    ~10 µs of Python per step op call on the 2-core VM. Shape-only calls (fake tensors, whose
+    sizes may be symbolic) build it."""
+    if not run:
+        return _Step(x, weight, bias, norm_weight, norm_bias, seed, e_width, e_in_chunks, e_out_chunks, shuffle,
+                     activation, dropout_p, norm_eps)  # fmt: skip
+    key = (
+        x.shape, x.dtype, weight.shape, weight.dtype,
+        *[None if t is None else (t.shape, t.dtype) for t in (bias, norm_weight, norm_bias, seed)],
+        e_width, e_in_chunks, e_out_chunks, shuffle, activation, dropout_p, norm_eps, allow_tf32(x.dtype),
+    )  # fmt: skip
+    step = _STEPS.get(key)
+    if step is None:
+        step = _Step(x, weight, bias, norm_weight, norm_bias, seed, e_width, e_in_chunks, e_out_chunks, shuffle,
+                     activation, dropout_p, norm_eps)  # fmt: skip
+        if len(_STEPS) >= _STEPS_LIMIT:
+            _STEPS.clear()
+        _STEPS[key] = step
+    return step
+
+
 def _row_blocks(tokens: int, width: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_N, num_warps) of the row-wise kernels, whose tile spans ``width`` features."""
     block_n = max(16, next_pow2(width))
@@ -709,8 +741,8 @@ def _forward(
     seed: Tensor | None, e_width: int, e_in_chunks: int, e_out_chunks: int, shuffle: bool, activation: str,
     dropout_p: float, norm_eps: float, run: bool, row_count: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    p = _Step(x, weight, bias, norm_weight, norm_bias, seed, e_width, e_in_chunks, e_out_chunks, shuffle, activation,
-              dropout_p, norm_eps)  # fmt: skip
+    p = _step(x, weight, bias, norm_weight, norm_bias, seed, e_width, e_in_chunks, e_out_chunks, shuffle, activation,
+              dropout_p, norm_eps, run)  # fmt: skip
     _check_row_count(row_count, x, "define_ops::hgt_step_triton")
     stats = acc_dtype(x.dtype)
     # With a row count the kernels skip the rows past it: zero them here (one memset each, far
@@ -747,11 +779,13 @@ def _forward(
     def grid(meta):
         return (cdiv(tokens, meta["BLOCK_T"]), groups, cdiv(s, meta["BLOCK_N"]))
 
-    block_n = max(16, next_pow2(p.s)) if flags["NORM"] else interpret_block(p.s, INTERPRET_MAX_BLOCK["N"])
-    interpret_meta = dict(
-        BLOCK_T=interpret_block(p.tokens, INTERPRET_MAX_BLOCK["T"]), BLOCK_N=block_n,
-        BLOCK_K=interpret_block(p.a_g, INTERPRET_MAX_BLOCK["K"]),
-    )  # fmt: skip
+    interpret_meta = {}  # the interpreter's one configuration (on a GPU the autotuner picks)
+    if INTERPRET:
+        block_n = max(16, next_pow2(p.s)) if flags["NORM"] else interpret_block(p.s, INTERPRET_MAX_BLOCK["N"])
+        interpret_meta = dict(
+            BLOCK_T=interpret_block(p.tokens, INTERPRET_MAX_BLOCK["T"]), BLOCK_N=block_n,
+            BLOCK_K=interpret_block(p.a_g, INTERPRET_MAX_BLOCK["K"]),
+        )  # fmt: skip
     launch(_hgt_step_fwd_kernel, _hgt_step_fwd_tuned, grid, args, flags, interpret_meta)
     if fused:
         return out, saved, mean, rstd
@@ -781,8 +815,8 @@ def _backward(
     e_in_chunks: int, e_out_chunks: int, shuffle: bool, activation: str, dropout_p: float, norm_eps: float, run: bool,
     row_count: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    p = _Step(x, weight, bias, norm_weight, norm_bias, seed, e_width, e_in_chunks, e_out_chunks, shuffle, activation,
-              dropout_p, norm_eps)  # fmt: skip
+    p = _step(x, weight, bias, norm_weight, norm_bias, seed, e_width, e_in_chunks, e_out_chunks, shuffle, activation,
+              dropout_p, norm_eps, run)  # fmt: skip
     where = "define_ops::hgt_step_triton_backward"
     _check_row_count(row_count, x, where)
     if tuple(grad_out.shape) != (p.tokens, p.out_width):
@@ -873,7 +907,7 @@ def _backward(
     meta = dict(
         BLOCK_K=interpret_block(p.a_g, cap["K"]), BLOCK_N=interpret_block(p.s, cap["N"]),
         BLOCK_T=interpret_block(p.tokens, cap["T"]),
-    )  # fmt: skip
+    ) if INTERPRET else {}  # fmt: skip
 
     def dw_grid(meta):
         return (cdiv(a_g, meta["BLOCK_K"]) * cdiv(s, meta["BLOCK_N"]), groups, splits)
@@ -910,7 +944,7 @@ def _backward(
     meta = dict(
         BLOCK_T=interpret_block(p.tokens, cap["T"]), BLOCK_K=interpret_block(p.a_g, cap["K"]),
         BLOCK_N=interpret_block(p.s, cap["N"]),
-    )  # fmt: skip
+    ) if INTERPRET else {}  # fmt: skip
 
     def dx_grid(meta):
         k_tiles = cdiv(a_g, meta["BLOCK_K"])
