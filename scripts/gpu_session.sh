@@ -18,7 +18,8 @@
 #      interleaved in one process, eager and as a CUDA graph; the same for cuda with the warp-per-row epilogue
 #      kernels (DEFINE_OPS_CUDA_WARP_ROWS=1), their A/B; the same for cuda with the Python loop over the
 #      step ops instead of the C++ stack ops (DEFINE_OPS_STACK_OP=0), the host-time A/B; Chrome
-#      traces of the cuda step at awd_ptb and nmt_wmt14; cProfile of the Triton step at awd_ptb;
+#      traces of the cuda step at awd_ptb and nmt_wmt14; the Triton step's wall, kernel and graph
+#      time beside cuda's at awd_ptb and nmt_wmt14 and its cProfile at awd_ptb (autotuning off);
 #      every grouped GEMM of every preset as the backend runs it, dense and padded
 #      (scripts/gemm_census.py); the profile with DEFINE_OPS_CUDA_DENSE_GROUPS=1 (the unaligned
 #      grouped layers as one block-diagonal GEMM) at the presets that have such layers;
@@ -41,7 +42,7 @@
 #      (DEFINE_OPS_CUDA_BWD_BLOCKS_PER_SM), the Triton benchmark at the other three presets;
 #   9. compute-sanitizer synccheck, the cuda cases of tests/test_ops.py, the slow int64 test.
 # Files in $OUT: session.log, report.md, bench.png and results.tgz, which holds tests.xml,
-# sanitizer.log, host-costs.json, profile.json, profile-warp-rows.json, profile-step-loop.json, profile-dense-groups.json,
+# sanitizer.log, host-costs.json, profile.json, profile-triton.json, profile-warp-rows.json, profile-step-loop.json, profile-dense-groups.json,
 # profile-gw8.json (group_width_multiple=8), ab-<switch>[-graph].json (interleaved A/Bs: warp-rows, dense-groups,
 # gw8, stack-op), traces/trace-<preset>-cuda.json, profile-bwd-blocks-*.json, profile-max-threads-256.json,
 # profile-small-batch-sorted.json, ncu-epilogue.txt, bench-bf16.json, bench-compiled.json,
@@ -161,8 +162,13 @@ stage step-loop 40 env DEFINE_OPS_STACK_OP=0 PYTHONPATH="$PWD" "$PY" scripts/gpu
   --presets awd_ptb,nmt_wmt14,lstm_wt103 --providers cuda --json "$RES/profile-step-loop.json"
 stage trace 40 env PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py --presets awd_ptb,nmt_wmt14 --providers cuda \
   --trace "$RES/traces"
-stage host-profile-triton-awd_ptb 50 env PYTHONPATH="$PWD" "$PY" scripts/host_profile.py --preset awd_ptb \
-  --provider triton --out "$RES/host-profile-triton-awd_ptb.txt"
+# The Triton step's host time since eager launches bypass the autotuner's and JITFunction's per-launch
+# work (CPU, stand-in driver: 2.25 -> 1.20 ms a tiny awd_ptb step): wall vs kernels vs graph beside
+# cuda, autotuning off (host time does not depend on the config; tuning costs minutes of compiles).
+stage profile-triton 60 env DEFINE_OPS_TRITON_AUTOTUNE=0 PYTHONPATH="$PWD" "$PY" scripts/gpu_profile.py \
+  --presets awd_ptb,nmt_wmt14 --providers cuda,triton --json "$RES/profile-triton.json"
+stage host-profile-triton-awd_ptb 50 env DEFINE_OPS_TRITON_AUTOTUNE=0 PYTHONPATH="$PWD" "$PY" scripts/host_profile.py \
+  --preset awd_ptb --provider triton --out "$RES/host-profile-triton-awd_ptb.txt"
 
 stage gemm-census 60 env PYTHONPATH="$PWD" "$PY" scripts/gemm_census.py
 # the grouped layers with unaligned group widths as one GEMM against the block-diagonal weight
