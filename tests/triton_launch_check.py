@@ -4,8 +4,9 @@
 
 Run by tests/test_triton_launch.py, each mode in its own process (TRITON_INTERPRET unset, the
 stand-in driver of define_ops/triton/_fake_driver.py installed): ``direct`` is the eager path as it
-ships (define_ops's own key → config lookup, straight to ``JITFunction.run``); ``autotuner`` routes
-every launch through ``wrap_triton`` and Triton's autotuner as before that shortcut existed. Both
+ships (define_ops's own config lookup and compiled-kernel reuse, ``_common._tuned_meta`` and
+``_common._run``); ``autotuner`` routes every launch through ``wrap_triton``, Triton's autotuner and
+``JITFunction.run``, as before those shortcuts existed. Both
 write every launch of steady-state steps (compiled kernel, grid, arguments) to OUT.json, with the
 number of configs the autotuner benchmarked (none when every key had a single config left).
 """

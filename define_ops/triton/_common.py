@@ -138,13 +138,14 @@ def _run(kernel: Any, grid: Any, args: Sequence[Any], flags: dict[str, Any], met
 
     ``JITFunction.run`` binds all ~40 arguments, works out each one's specialization (dtype,
     16-byte alignment, divisibility by 16, value 1) and builds its cache key on every launch: after
-    the autotuner, most of what is left of Triton's host time per launch. The key here holds the device, every
-    scalar argument's exact value and every tensor's dtype and 16-byte alignment, finer than
-    Triton's specialization, so it names one compiled kernel; the first launch under a key goes
-    through ``JITFunction.run`` (which compiles if needed) and keeps the kernel it returns, later
-    ones call that kernel's launcher as ``JITFunction.run`` does. Not re-checked per launch (as
-    ``JITFunction.run`` does): that module-level globals a kernel reads are unchanged, and Triton
-    settings changed after the first launch (debug mode, hooks are read per launch).
+    the autotuner, most of what is left of Triton's host time per launch. The key here holds the
+    device, every scalar argument's exact value and every tensor's dtype and 16-byte alignment,
+    finer than Triton's specialization, so it names one compiled kernel. A key's first launch goes
+    through ``JITFunction.run`` (which compiles if needed) and keeps the kernel it returns; later
+    ones call that kernel's launcher with the arguments ``JITFunction.run`` would pass. Unlike
+    ``JITFunction.run`` they do not re-check that the module-level globals a kernel reads are
+    unchanged, nor see Triton's debug setting changed after the key's first launch (the launch
+    hooks are still read per launch).
     """
     layout_key = (id(kernel), len(args), tuple(flags))  # id: kernels are module globals (their hash is slow)
     layout = _ARG_LAYOUT.get(layout_key)
