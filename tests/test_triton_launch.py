@@ -2,9 +2,10 @@
 
 The interpreter (TRITON_INTERPRET=1, the rest of the Triton tests) never runs the code an eager
 launch runs on a GPU: the autotuner, ``JITFunction.run``, the argument specialization. Eager
-launches bypass the autotuner's per-launch key building (``_common._tuned_meta``), so a mistake
-there (a key that conflates two shapes, a config other than the autotuner's choice) would launch
-the wrong binary on a GPU while every interpreter test passed. Here both paths run DeFINE training
+launches bypass the autotuner's per-launch key building (``_common._tuned_meta``) and, once a
+launch key has been seen, ``JITFunction.run``'s argument binding (``_common._run``), so a mistake
+there (a key that conflates two shapes or two alignments, a config other than the autotuner's
+choice) would launch the wrong binary on a GPU while every interpreter test passed. Here both paths run DeFINE training
 steps under a stand-in CUDA driver (define_ops/triton/_fake_driver.py: kernels compiled for sm_90,
 launches recorded, nothing executed) and must launch the same compiled kernels with the same
 grids and arguments; the driver's benchmarker makes the autotuner's choice the last config it
