@@ -30,6 +30,7 @@ def _record(mode: str, out: Path, autotune: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_CACHE_DIR", str(ROOT / ".triton-cache"))  # both modes compile the same kernels
     env["DEFINE_OPS_TRITON_AUTOTUNE"] = "1" if autotune else "0"
+    env["DEFINE_OPS_TRITON_COMPILE_THREADS"] = "4"  # whatever this machine's core count
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "triton_launch_check.py"), mode, str(out)], cwd=ROOT, env=env,
@@ -49,6 +50,31 @@ def test_eager_launches_pick_the_autotuners_kernels(tmp_path, autotune):
             "_hgt_step_bwd_dx_kernel", "_embedding_fwd_kernel"} <= kernels  # fmt: skip
     if autotune:  # some key had configs to choose between, or the check could not tell them apart
         assert direct["bench_calls"] > 0 and through_autotuner["bench_calls"] == direct["bench_calls"]
+    # Compiling the autotuner's candidates ahead, all at once (_common._precompile), must compile
+    # exactly what it would have compiled itself: a candidate compiled under another cache key
+    # would be compiled again when benchmarked, and show up twice here.
+    ahead = [name for name, early in direct["compiles"] if early]
+    assert sorted(name for name, _ in direct["compiles"]) == sorted(name for name, _ in through_autotuner["compiles"])
+    assert not any(early for _, early in through_autotuner["compiles"])
+    if autotune:
+        assert set(ahead) == {"_hgt_step_fwd_kernel", "_hgt_step_bwd_dw_kernel", "_hgt_step_bwd_dx_kernel"}
+    else:  # one config per key: nothing to compile ahead
+        assert not ahead
     assert len(direct["launches"]) == len(through_autotuner["launches"])
     for index, (ours, theirs) in enumerate(zip(direct["launches"], through_autotuner["launches"], strict=True)):
         assert ours == theirs, f"launch {index} differs"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("value, expected", [("", os.cpu_count() or 1), ("1", 1), ("12", 12), ("0", None), ("x", None)])
+def test_compile_threads_setting(monkeypatch, value, expected):
+    from define_ops.triton import _common
+
+    monkeypatch.setenv("DEFINE_OPS_TRITON_COMPILE_THREADS", value)
+    if expected is None:
+        with pytest.raises(
+            ValueError, match=f"DEFINE_OPS_TRITON_COMPILE_THREADS must be a positive integer, got '{value}'"
+        ):
+            _common._compile_threads()
+    else:
+        assert _common._compile_threads() == expected

@@ -8,7 +8,8 @@ ships (define_ops's own config lookup and compiled-kernel reuse, ``_common._tune
 ``_common._run``); ``autotuner`` routes every launch through ``wrap_triton``, Triton's autotuner and
 ``JITFunction.run``, as before those shortcuts existed. Both
 write every launch of steady-state steps (compiled kernel, grid, arguments) to OUT.json, with the
-number of configs the autotuner benchmarked (none when every key had a single config left).
+number of configs the autotuner benchmarked (none when every key had a single config left) and
+every compile of the layers' first steps (kernel, whether it was compiled ahead of its launch).
 """
 
 from __future__ import annotations
@@ -61,19 +62,25 @@ def main(mode: str, out_path: str) -> None:
     for shuffle, dedup in ((False, False), (True, True)):
         config = DeFINEConfig.from_preset("awd_ptb", num_embeddings=300, input_dim=16, max_dim=64, embedding_dim=24,
                                           depth=3, max_groups=4, shuffle=shuffle)  # fmt: skip
-        layer = DeFINE.from_config(config, backend="triton", validate_ids=False, dedup=dedup).train()
         for dtype in (torch.float32, torch.bfloat16):
+            layer = DeFINE.from_config(config, backend="triton", validate_ids=False, dedup=dedup, dtype=dtype).train()
             ids = torch.randint(0, 300, (1100,))
-            grad = torch.ones(1100, 24, dtype=dtype)
-            steps.append((layer.to(dtype), ids, grad))
+            steps.append((layer, ids, torch.ones(1100, 24, dtype=dtype)))
+    compiles = record_compiles()
 
-    def run_all() -> None:
+    def run_layers() -> None:
         for layer, ids, grad in steps:
             layer.zero_grad(set_to_none=True)
             layer(ids).backward(grad)
+
+    run_layers()  # compiles and autotunes
+    layer_compiles = list(compiles)
+    step_on_shifted_inputs()
+
+    def run_all() -> None:
+        run_layers()
         step_on_shifted_inputs()
 
-    run_all()  # compiles and autotunes
     run_all()
     _fake_driver.RECORDER.recording = True
     run_all()
@@ -83,7 +90,23 @@ def main(mode: str, out_path: str) -> None:
     launches = [[launch.kernel, launch.binary, list(launch.grid), [repr(a) for a in launch.args]]
                 for launch in _fake_driver.RECORDER.launches]  # fmt: skip
     with open(out_path, "w") as out:
-        json.dump({"launches": launches, "bench_calls": driver.active.bench_calls}, out)
+        json.dump({"launches": launches, "bench_calls": driver.active.bench_calls, "compiles": layer_compiles}, out)
+
+
+def record_compiles() -> list:
+    """(kernel name, whether ahead of its launch) of every compile from now on: the autotuned
+    kernels' candidates are compiled ahead (``_common._precompile``) on the direct path."""
+    from triton.runtime.jit import JITFunction
+
+    compiles: list = []
+    original = JITFunction._do_compile
+
+    def recording(self, key, signature, device, constexprs, options, attrs, warmup):
+        compiles.append((self.fn.__name__, bool(warmup)))
+        return original(self, key, signature, device, constexprs, options, attrs, warmup)
+
+    JITFunction._do_compile = recording
+    return compiles
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import functools
 import os
 import struct
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -21,6 +22,11 @@ import triton
 from torch.library import wrap_triton
 from triton import knobs
 from triton.runtime import driver
+
+try:  # Triton's asynchronous compile mode (Triton 3.4 and later)
+    from triton.runtime._async_compile import AsyncCompileMode, active_mode
+except ImportError:
+    AsyncCompileMode = active_mode = None
 
 try:
     from torch._library.triton import is_wrap_triton_enabled
@@ -35,6 +41,20 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # DEFINE_OPS_TRITON_AUTOTUNE=0 on a GPU: launch each kernel with its first pruned config instead of
 # benchmarking them all (correctness runs, where autotuning every shape would cost minutes).
 AUTOTUNE = os.environ.get("DEFINE_OPS_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _compile_threads() -> int:
+    """Threads that compile an autotuner's candidate configs at once (see _precompile): the core
+    count unless DEFINE_OPS_TRITON_COMPILE_THREADS says otherwise (1: one by one, as the autotuner)."""
+    value = os.environ.get("DEFINE_OPS_TRITON_COMPILE_THREADS", "")
+    if not value:
+        return os.cpu_count() or 1
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"DEFINE_OPS_TRITON_COMPILE_THREADS must be a positive integer, got {value!r}")
+    return int(value)
+
+
+COMPILE_THREADS = _compile_threads()
 
 
 # Host-side integer helpers in plain Python: triton.cdiv and triton.next_power_of_2 are
@@ -235,9 +255,29 @@ def _tuned_meta(
         meta = _first_pruned_config(kernel, tuned, args, flags)
         _TUNED_META[key] = meta
         return meta
+    _precompile(kernel, tuned, grid, args, flags)
     tuned[grid](*args, **flags)
     _TUNED_META[key] = tuned.best_config.all_kwargs()
     return None
+
+
+def _precompile(kernel: Any, tuned: Any, grid: Callable, args: Sequence[Any], flags: dict[str, Any]) -> None:
+    """Compile every config ``tuned`` is about to benchmark for a new key, on ``COMPILE_THREADS``
+    threads at once (Triton's asynchronous compile mode; ptxas runs as a process of its own); the
+    autotuner then finds them compiled. It compiles them one after another otherwise: ~100 configs
+    over an ``awd_ptb`` training step's keys, 30 s on the 2-core VM, over a minute on a GPU host
+    (the GPU sessions' Triton benchmarks ran out of time in it). A config that fails to compile
+    fails again, as before, when the autotuner launches it (and is dropped from its choice).
+    """
+    if AsyncCompileMode is None or COMPILE_THREADS < 2 or active_mode.get() is not None:
+        return
+    named = dict(zip(kernel.arg_names, args, strict=False))
+    configs = tuned.early_config_prune(tuned.configs, named, **flags)
+    if len(configs) < 2:
+        return
+    with ThreadPoolExecutor(min(len(configs), COMPILE_THREADS)) as pool, AsyncCompileMode(pool, ignore_errors=True):
+        for config in configs:
+            kernel.warmup(*args, grid=grid, **flags, **config.all_kwargs())
 
 
 def autotuned(configs: list[triton.Config], key: list[str], prune: Callable) -> Callable:
