@@ -44,11 +44,13 @@ AUTOTUNE = os.environ.get("DEFINE_OPS_TRITON_AUTOTUNE", "1") != "0"
 
 
 def _compile_threads() -> int:
-    """Threads that compile an autotuner's candidate configs at once (see _precompile): the core
-    count unless DEFINE_OPS_TRITON_COMPILE_THREADS says otherwise (1: one by one, as the autotuner)."""
+    """Threads that compile an autotuner's candidate configs at once (see _precompile): the cores
+    this process may run on (its affinity: a launcher that pins each rank to its own cores keeps the
+    ranks' compiles apart) unless DEFINE_OPS_TRITON_COMPILE_THREADS says otherwise (1: one by one,
+    as the autotuner)."""
     value = os.environ.get("DEFINE_OPS_TRITON_COMPILE_THREADS", "")
     if not value:
-        return os.cpu_count() or 1
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"DEFINE_OPS_TRITON_COMPILE_THREADS must be a positive integer, got {value!r}")
     return int(value)
