@@ -26,10 +26,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _record(mode: str, out: Path, autotune: bool) -> dict:
+@pytest.fixture(scope="module")
+def triton_cache(tmp_path_factory) -> Path:
+    """One Triton cache directory for every run here: the runs compile the same kernels (the first
+    one compiles, the others load), and the autotuner choices that the runs keep on disk (made on
+    the stand-in driver's made-up timings) start from none and stay out of any other cache."""
+    return tmp_path_factory.mktemp("triton-cache")
+
+
+def _record(mode: str, out: Path, autotune: bool, cache: Path, disk_choices: bool = False) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_CACHE_DIR", str(ROOT / ".triton-cache"))  # both modes compile the same kernels
+    env["TRITON_CACHE_DIR"] = str(cache)
     env["DEFINE_OPS_TRITON_AUTOTUNE"] = "1" if autotune else "0"
+    env["DEFINE_OPS_TRITON_AUTOTUNE_CACHE"] = "1" if disk_choices else "0"
     env["DEFINE_OPS_TRITON_COMPILE_THREADS"] = "4"  # whatever this machine's core count
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
@@ -42,9 +51,9 @@ def _record(mode: str, out: Path, autotune: bool) -> dict:
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 @pytest.mark.parametrize("autotune", [True, False], ids=["autotuned", "first-pruned-config"])
-def test_eager_launches_pick_the_autotuners_kernels(tmp_path, autotune):
-    direct = _record("direct", tmp_path / "direct.json", autotune)
-    through_autotuner = _record("autotuner", tmp_path / "autotuner.json", autotune)
+def test_eager_launches_pick_the_autotuners_kernels(tmp_path, triton_cache, autotune):
+    direct = _record("direct", tmp_path / "direct.json", autotune, triton_cache)
+    through_autotuner = _record("autotuner", tmp_path / "autotuner.json", autotune, triton_cache)
     kernels = {launch[0] for launch in direct["launches"]}
     assert {"_hgt_step_fwd_kernel", "_hgt_step_fwd_rows_kernel", "_hgt_step_bwd_dy_kernel", "_hgt_step_bwd_dw_kernel",
             "_hgt_step_bwd_dx_kernel", "_embedding_fwd_kernel"} <= kernels  # fmt: skip
@@ -63,6 +72,16 @@ def test_eager_launches_pick_the_autotuners_kernels(tmp_path, autotune):
     assert len(direct["launches"]) == len(through_autotuner["launches"])
     for index, (ours, theirs) in enumerate(zip(direct["launches"], through_autotuner["launches"], strict=True)):
         assert ours == theirs, f"launch {index} differs"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_autotuner_choices_kept_on_disk_serve_the_next_process(tmp_path, triton_cache):
+    """DEFINE_OPS_TRITON_AUTOTUNE_CACHE (on by default): the first process benchmarks and keeps
+    its choices in the cache directory; the next benchmarks nothing and launches the same kernels."""
+    first = _record("direct", tmp_path / "first.json", True, triton_cache, disk_choices=True)
+    second = _record("direct", tmp_path / "second.json", True, triton_cache, disk_choices=True)
+    assert first["bench_calls"] > 0 and second["bench_calls"] == 0
+    assert second["launches"] == first["launches"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

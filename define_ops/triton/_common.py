@@ -282,13 +282,22 @@ def _precompile(kernel: Any, tuned: Any, grid: Callable, args: Sequence[Any], fl
             kernel.warmup(*args, grid=grid, **flags, **config.all_kwargs())
 
 
+# The autotuner's choices kept on disk, in Triton's cache directory beside the compiled kernels,
+# keyed by Triton's version, the target, the kernel's source, the key and the candidates: a second
+# process (the next training run, the next benchmark) takes the choice instead of benchmarking
+# every candidate again. DEFINE_OPS_TRITON_AUTOTUNE_CACHE=0 benchmarks in every process.
+AUTOTUNE_CACHE = os.environ.get("DEFINE_OPS_TRITON_AUTOTUNE_CACHE", "1") != "0"
+
+
 def autotuned(configs: list[triton.Config], key: list[str], prune: Callable) -> Callable:
     """``triton.autotune`` on a GPU; the bare kernel in the interpreter (see module docstring)."""
 
     def wrap(kernel: Any) -> Any:
         if INTERPRET:
             return None
-        return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+        return triton.autotune(
+            configs=configs, key=key, prune_configs_by={"early_config_prune": prune}, cache_results=AUTOTUNE_CACHE
+        )(kernel)
 
     return wrap
 

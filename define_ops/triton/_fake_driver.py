@@ -16,10 +16,12 @@ Triton step's host time, Triton's launcher included).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
@@ -123,12 +125,13 @@ class FakeCudaDriver:
 def install() -> None:
     """Make this process launch Triton kernels through ``FakeCudaDriver``, and let define_ops's
     Triton backend take CPU tensors (there it asks for CUDA tensors or the interpreter)."""
-    import os
-
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("the fake driver replaces the interpreter: unset TRITON_INTERPRET before importing triton")
     from define_ops import _backend
 
+    # Its own cache directory: the autotuner keeps its choices on disk, and choices made on the
+    # stand-in benchmarker's made-up timings must never reach a run on a GPU (same target, same key).
+    knobs.cache.dir = os.path.join(knobs.cache.dir, "fake-driver")
     driver.set_active(FakeCudaDriver())
     _backend._triton_runs_on = lambda device: None
     _backend._resolve.cache_clear()
