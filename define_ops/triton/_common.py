@@ -11,6 +11,7 @@ Two ways to run the same kernels:
 """
 
 import functools
+import operator
 import os
 import struct
 from collections.abc import Callable, Sequence
@@ -149,9 +150,11 @@ def launch(
 # Compiled kernels per launch key (see _run), at most this many per process: exact token counts
 # are part of the key, and a run with varying batch sizes must not grow it without end.
 _COMPILED_LIMIT = 4096
-_COMPILED: dict[tuple, tuple[Any, list[str]]] = {}
-# Per (kernel, argument count, flag names): positions of the tensor and of the scalar arguments.
-_ARG_LAYOUT: dict[tuple, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+_COMPILED: dict[tuple, tuple[Any, tuple]] = {}
+# Per (kernel, argument count, flag names): getters of the scalar and of the tensor arguments.
+_ARG_LAYOUT: dict[tuple, tuple[Callable, Callable]] = {}
+_dtype_of = operator.attrgetter("dtype")
+_low_address_bits = (15).__and__  # an address's offset from 16-byte alignment
 
 
 def _run(kernel: Any, grid: Any, args: Sequence[Any], flags: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -161,25 +164,27 @@ def _run(kernel: Any, grid: Any, args: Sequence[Any], flags: dict[str, Any], met
     ``JITFunction.run`` binds all ~40 arguments, works out each one's specialization (dtype,
     16-byte alignment, divisibility by 16, value 1) and builds its cache key on every launch: after
     the autotuner, most of what is left of Triton's host time per launch. The key here holds the
-    device, every scalar argument's exact value and every tensor's dtype and 16-byte alignment,
-    finer than Triton's specialization, so it names one compiled kernel. A key's first launch goes
-    through ``JITFunction.run`` (which compiles if needed) and keeps the kernel it returns; later
-    ones call that kernel's launcher with the arguments ``JITFunction.run`` would pass. Unlike
-    ``JITFunction.run`` they do not re-check that the module-level globals a kernel reads are
-    unchanged, nor see Triton's debug setting changed after the key's first launch (the launch
-    hooks are still read per launch).
+    device, every scalar argument's exact value and every tensor's dtype and offset from 16-byte
+    alignment, finer than Triton's specialization, so it names one compiled kernel; it is built
+    with C-level getters and maps, not a Python loop over the arguments. A key's first launch
+    goes through ``JITFunction.run`` (which compiles if needed) and keeps the kernel it returns
+    with the key's constexpr values; later ones call that kernel's launcher with the arguments
+    ``JITFunction.run`` would pass. Unlike ``JITFunction.run`` they do not re-check that the
+    module-level globals a kernel reads are unchanged, nor see Triton's debug setting changed after
+    the key's first launch (the launch hooks are still read per launch).
     """
     layout_key = (id(kernel), len(args), tuple(flags))  # id: kernels are module globals (their hash is slow)
     layout = _ARG_LAYOUT.get(layout_key)
     if layout is None:
-        tensor_positions = tuple(i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor))
-        scalar_positions = tuple(i for i in range(len(args)) if i not in tensor_positions)
-        layout = _ARG_LAYOUT[layout_key] = tensor_positions, scalar_positions
-    tensor_positions, scalar_positions = layout
+        tensors = [i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor)]
+        scalars = [i for i in range(len(args)) if i not in tensors]
+        layout = _ARG_LAYOUT[layout_key] = _getter(scalars), _getter(tensors)
+    scalars_of, tensors_of = layout
+    tensors = tensors_of(args)
     device = driver.active.get_current_device()  # a loaded kernel belongs to one device
     key = (
-        layout_key, device, *flags.values(), *meta.items(), *[args[i] for i in scalar_positions],
-        *[(args[i].dtype, args[i].data_ptr() % 16 == 0) for i in tensor_positions],
+        layout_key, device, tuple(flags.values()), tuple(meta.items()), scalars_of(args),
+        tuple(map(_dtype_of, tensors)), tuple(map(_low_address_bits, map(torch.Tensor.data_ptr, tensors))),
     )  # fmt: skip
     entry = _COMPILED.get(key)
     if entry is None:
@@ -191,10 +196,10 @@ def _run(kernel: Any, grid: Any, args: Sequence[Any], flags: dict[str, Any], met
         if compiled is not None and all(name in keywords for name in constexpr_names):
             if len(_COMPILED) >= _COMPILED_LIMIT:
                 _COMPILED.clear()
-            _COMPILED[key] = compiled, constexpr_names
+            _COMPILED[key] = compiled, tuple(keywords[name] for name in constexpr_names)
         return
-    compiled, constexpr_names = entry
-    bound = (*args, *[flags[name] if name in flags else meta[name] for name in constexpr_names])
+    compiled, constexprs = entry
+    bound = tuple(args) + constexprs
     grid = grid(meta) if callable(grid) else grid
     stream = driver.active.get_current_stream(device)
     runtime = knobs.runtime
@@ -203,6 +208,13 @@ def _run(kernel: Any, grid: Any, args: Sequence[Any], flags: dict[str, Any], met
         compiled.packed_metadata, compiled.launch_metadata(grid, stream, *bound), runtime.launch_enter_hook,
         runtime.launch_exit_hook, *bound,
     )  # fmt: skip
+
+
+def _getter(positions: list[int]) -> Callable[[tuple], tuple]:
+    """The items of a tuple at ``positions``, as a tuple (also for none or one position)."""
+    if len(positions) > 1:
+        return operator.itemgetter(*positions)
+    return lambda values: tuple(values[i] for i in positions)
 
 
 def _first_pruned_config(kernel: Any, tuned: Any, args: Sequence[Any], flags: dict[str, Any]) -> dict[str, Any]:
