@@ -68,6 +68,15 @@ export TRITON_CACHE_AUTOTUNING=1
 if [ -z "${DEFINE_OPS_DATA:-}" ] && [ -d .gpu-data ]; then export DEFINE_OPS_DATA=$PWD/.gpu-data; fi
 exec > >(tee -a "$OUT/session.log") 2>&1
 
+# pytest-xdist from the wheels scripts/gpu_data.sh carried (no network there): the Triton GPU tests
+# compile a kernel per shape, and in one process ran out of their 90 s at 9c44359 after 7 tests.
+XDIST=()
+if ls .gpu-data/wheels/pytest_xdist-*.whl >/dev/null 2>&1 \
+  && "$PY" -m pip install -q --no-index --find-links .gpu-data/wheels pytest-xdist >/dev/null 2>&1; then
+  XDIST=(-n "${TEST_WORKERS:-8}")
+fi
+echo "=== pytest-xdist for the Triton GPU tests: ${XDIST[*]:-not available (run scripts/gpu_data.sh here)}"
+
 elapsed() { echo $(( $(date +%s) - START )); }
 # stage NAME SECONDS COMMAND...: runs COMMAND under `timeout SECONDS` if the budget allows.
 stage() {
@@ -255,7 +264,7 @@ stage host-profile-cuda 30 env PYTHONPATH="$PWD" "$PY" scripts/host_profile.py -
   --out "$RES/host-profile-cuda-awd_ptb.txt"
 
 stage tests-triton 90 env DEFINE_OPS_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_triton_gpu.py tests/test_ops.py -q \
-  -p no:cacheprovider -k "gpu or triton-cuda" -rfE --maxfail=40
+  -p no:cacheprovider -k "gpu or triton-cuda" -rfE --maxfail=40 "${XDIST[@]}"
 
 stage bench-fp32 70 "$PY" -m pytest benchmarks/test_bench_layer.py -q -p no:cacheprovider -k fwd_bwd \
   --benchmark-only --dtype float32 --presets "$PRESETS" --providers reference,cuda,embedding \
