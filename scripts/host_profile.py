@@ -20,7 +20,8 @@ per step. Outputs are then uninitialised memory: the numbers are host time only.
 (autotuner, ``JITFunction.run``, argument specialization; kernels compiled for sm_90, launched by a
 no-op launcher: define_ops/triton/_fake_driver.py), so the per-step figure is the eager Triton
 step's whole host cost bar the driver call itself. With ``--tiny``, the awd_ptb layer on the 2-core
-VM: 2.34 ms per step through the autotuner's own launch, 1.60 ms since eager launches skip it.
+VM: 2.7-2.9 ms per step at commit 564d6f4, 1.15-1.3 ms since eager launches skip the autotuner's
+and JITFunction.run's per-launch work (README, Triton kernels).
 
     python scripts/host_profile.py --provider triton --tiny --fake-driver
 
