@@ -95,17 +95,11 @@ done
 source scripts/run_each.sh
 if [ ${#TODO[@]} -gt 0 ]; then run_each "${PARALLEL:-0}" "$RUNS" train "${TODO[@]}"; fi
 
-SHARING=1  # how many runs this invocation trained at once
-if [ "${PARALLEL:-0}" = 1 ] && [ ${#TODO[@]} -gt 0 ]; then SHARING=${#TODO[@]}; fi
-SKIPPED=$(( ${#NAMES[@]} - ${#TODO[@]} ))
-"$PYTHON" - "$LM_DIR" "$SHARING" "$SKIPPED" "${NAMES[@]}" <<'EOF'
+speed_counts ${#NAMES[@]} ${#TODO[@]}
+"$PYTHON" - "$LM_DIR" "$SPEED_HEADING" "${NAMES[@]}" <<'EOF'
 import json, re, statistics, sys
 from pathlib import Path
-out, sharing, skipped, names = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
-if skipped:  # runs trained by earlier invocations: their tokens/s are their own batch's
-    speed = "train tokens/s (as each run measured it; runs trained at once shared the card)"
-else:
-    speed = f"train tokens/s ({sharing} runs sharing the card)" if sharing > 1 else "train tokens/s"
+out, speed, names = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 rows = [f"| run | parameters (input / total) | valid ppl | test ppl | {speed} |", "|---|---|---|---|---|"]
 by_variant: dict[str, list[dict]] = {}
 for name in names:

@@ -112,10 +112,8 @@ done
 # shellcheck source=scripts/run_each.sh
 source scripts/run_each.sh
 if [ ${#TODO[@]} -gt 0 ]; then run_each "${PARALLEL:-0}" "$RUNS" one_run "${TODO[@]}" || exit 1; fi
-SHARING=1  # how many runs this invocation trained at once
-if [ "${PARALLEL:-0}" = 1 ] && [ ${#TODO[@]} -gt 0 ]; then SHARING=${#TODO[@]}; fi
-SKIPPED=$(( ${#NAMES[@]} - ${#TODO[@]} ))
-"$PYTHON" - "$RUNS" "$STEPS" "$WARMUP" "$RESULTS" "$SHARING" "$SKIPPED" "${NAMES[@]}" <<'PY'
+speed_counts ${#NAMES[@]} ${#TODO[@]}
+"$PYTHON" - "$RUNS" "$STEPS" "$WARMUP" "$RESULTS" "$SHARING" "$SKIPPED" "$SPEED_HEADING" "${NAMES[@]}" <<'PY'
 import json, re, statistics, sys
 from pathlib import Path
 import torch
@@ -124,7 +122,7 @@ from models.train_nmt import build_model
 from models.trainer import load_checkpoint
 
 runs, steps, warmup, where = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
-sharing, skipped, names = int(sys.argv[5]), int(sys.argv[6]), sys.argv[7:]
+sharing, skipped, speed, names = int(sys.argv[5]), int(sys.argv[6]), sys.argv[7], sys.argv[8:]
 device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 results = {"what": "Transformer base, Multi30k En-De, DeFINE vs standard input, same step budget and BPE",
            "device": device, "torch": torch.__version__, "steps": steps, "warmup": warmup,
@@ -168,10 +166,6 @@ if means:
 out = where / f"nmt_multi30k_{device.replace(' ', '_')}.json"
 out.write_text(json.dumps(results, indent=1) + "\n")
 print(f"\nwrote {out}\n")
-if skipped:  # runs trained by earlier invocations: their tokens/s are their own batch's
-    speed = "train tokens/s (as each run measured it; runs trained at once shared the card)"
-else:
-    speed = f"train tokens/s ({sharing} runs sharing the card)" if sharing > 1 else "train tokens/s"
 print("| input | parameters (total / input layer) | test_2016_flickr BLEU, beam 4 | greedy | best valid (greedy) | "
       f"{speed} |")
 print("|---|---|---|---|---|---|")

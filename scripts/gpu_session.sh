@@ -62,8 +62,8 @@ BUDGET=${GPU_SESSION_BUDGET_S:-540}
 START=$(date +%s)
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 DEFINE_OPS_SKIP_EMULATION=1
-# Triton keeps its autotuning choices on disk, so a stage after the Triton benchmarks does not tune again
-export TRITON_CACHE_AUTOTUNING=1
+# (define_ops's autotuners keep their choices on disk by default: a stage after the Triton benchmarks
+# does not tune again; see DEFINE_OPS_TRITON_AUTOTUNE_CACHE)
 # corpora carried from this machine (scripts/gpu_data.sh); ../shared does not travel
 if [ -z "${DEFINE_OPS_DATA:-}" ] && [ -d .gpu-data ]; then export DEFINE_OPS_DATA=$PWD/.gpu-data; fi
 exec > >(tee -a "$OUT/session.log") 2>&1

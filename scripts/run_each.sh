@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sourced by the GPU evidence scripts (never run on its own):
-#   run_each PARALLEL LOG_DIR FUNCTION NAME...
+#   run_each PARALLEL LOG_DIR FUNCTION NAME...   (and speed_counts, below)
 # calls `FUNCTION NAME` for each NAME: one after another (PARALLEL=0), or all at once as separate
 # processes with one CPU thread each, output in LOG_DIR/NAME.run.log, then each one's exit status and
 # last log lines (PARALLEL=1). Returns 1 if any run failed.
@@ -13,6 +13,22 @@
 wait_run() {
   while kill -0 "$1" 2>/dev/null; do wait "$1" && return 0; done
   wait "$1"
+}
+
+# speed_counts TOTAL TRAINED: SHARING (how many runs this invocation trained at once: TRAINED with
+# PARALLEL=1, else 1), SKIPPED (runs done by earlier invocations, not trained now) and SPEED_HEADING
+# (the tokens/s column's heading, which says when the card was shared).
+speed_counts() {
+  SHARING=1
+  if [ "${PARALLEL:-0}" = 1 ] && [ "$2" -gt 0 ]; then SHARING=$2; fi
+  SKIPPED=$(( $1 - $2 ))
+  if [ "$SKIPPED" -gt 0 ]; then  # runs trained by earlier invocations: their tokens/s are their own batch's
+    SPEED_HEADING="train tokens/s (as each run measured it; runs trained at once shared the card)"
+  elif [ "$SHARING" -gt 1 ]; then
+    SPEED_HEADING="train tokens/s ($SHARING runs sharing the card)"
+  else
+    SPEED_HEADING="train tokens/s"
+  fi
 }
 
 run_each() {

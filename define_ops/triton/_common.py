@@ -147,14 +147,34 @@ def launch(
             _run(kernel, grid, args, flags, meta)
 
 
-# Compiled kernels per launch key (see _run), at most this many per process: exact token counts
-# are part of the key, and a run with varying batch sizes must not grow it without end.
-_COMPILED_LIMIT = 4096
+# Compiled kernels per launch key (see _run), bounded (bounded_put).
 _COMPILED: dict[tuple, tuple[Any, tuple]] = {}
 # Per (kernel, argument count, flag names): getters of the scalar and of the tensor arguments.
 _ARG_LAYOUT: dict[tuple, tuple[Callable, Callable]] = {}
 _dtype_of = operator.attrgetter("dtype")
 _low_address_bits = (15).__and__  # an address's offset from 16-byte alignment
+
+
+def bounded_put(cache: dict, key: Any, value: Any, limit: int = 4096) -> None:
+    """``cache[key] = value``, emptying ``cache`` first when it holds ``limit`` entries: the launch
+    caches are keyed by exact token counts, and a run with varying batch sizes must not grow them
+    without end."""
+    if len(cache) >= limit:
+        cache.clear()
+    cache[key] = value
+
+
+def _arg_layout(kernel: Any, args: Sequence[Any], flags: dict[str, Any]) -> tuple[tuple, Callable, Callable]:
+    """(layout key, getter of the scalar arguments, getter of the tensor arguments) of a launch.
+    Fixed per call site (absent tensors are passed as a stand-in tensor, never as None), so worked
+    out once per (kernel, argument count, flag names)."""
+    layout_key = (id(kernel), len(args), tuple(flags))  # id: kernels are module globals (their hash is slow)
+    layout = _ARG_LAYOUT.get(layout_key)
+    if layout is None:
+        tensors = [i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor)]
+        scalars = [i for i in range(len(args)) if i not in tensors]
+        layout = _ARG_LAYOUT[layout_key] = _getter(scalars), _getter(tensors)
+    return layout_key, *layout
 
 
 def _run(kernel: Any, grid: Any, args: Sequence[Any], flags: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -173,13 +193,7 @@ def _run(kernel: Any, grid: Any, args: Sequence[Any], flags: dict[str, Any], met
     module-level globals a kernel reads are unchanged, nor see Triton's debug setting changed after
     the key's first launch (the launch hooks are still read per launch).
     """
-    layout_key = (id(kernel), len(args), tuple(flags))  # id: kernels are module globals (their hash is slow)
-    layout = _ARG_LAYOUT.get(layout_key)
-    if layout is None:
-        tensors = [i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor)]
-        scalars = [i for i in range(len(args)) if i not in tensors]
-        layout = _ARG_LAYOUT[layout_key] = _getter(scalars), _getter(tensors)
-    scalars_of, tensors_of = layout
+    layout_key, scalars_of, tensors_of = _arg_layout(kernel, args, flags)
     tensors = tensors_of(args)
     device = driver.active.get_current_device()  # a loaded kernel belongs to one device
     key = (
@@ -194,9 +208,7 @@ def _run(kernel: Any, grid: Any, args: Sequence[Any], flags: dict[str, Any], met
         keywords = {**flags, **meta}
         constexpr_names = kernel.arg_names[len(args) :]
         if compiled is not None and all(name in keywords for name in constexpr_names):
-            if len(_COMPILED) >= _COMPILED_LIMIT:
-                _COMPILED.clear()
-            _COMPILED[key] = compiled, tuple(keywords[name] for name in constexpr_names)
+            bounded_put(_COMPILED, key, (compiled, tuple(keywords[name] for name in constexpr_names)))
         return
     compiled, constexprs = entry
     bound = tuple(args) + constexprs
@@ -217,11 +229,16 @@ def _getter(positions: list[int]) -> Callable[[tuple], tuple]:
     return lambda values: tuple(values[i] for i in positions)
 
 
+def _pruned_configs(kernel: Any, tuned: Any, args: Sequence[Any], flags: dict[str, Any]) -> list:
+    """The configs ``tuned``'s pruning keeps for this launch (what its autotuner benchmarks)."""
+    named = dict(zip(kernel.arg_names, args, strict=False))
+    return tuned.early_config_prune(tuned.configs, named, **flags)
+
+
 def _first_pruned_config(kernel: Any, tuned: Any, args: Sequence[Any], flags: dict[str, Any]) -> dict[str, Any]:
     """The first config that ``tuned``'s pruning keeps for this launch, as launch keywords: what
     runs with autotuning off (``AUTOTUNE``)."""
-    named = dict(zip(kernel.arg_names, args, strict=False))
-    config = tuned.early_config_prune(tuned.configs, named, **flags)[0]
+    config = _pruned_configs(kernel, tuned, args, flags)[0]
     return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -230,11 +247,9 @@ def _first_pruned_config(kernel: Any, tuned: Any, args: Sequence[Any], flags: di
 # per argument, str() of every dtype), ~35 µs a launch under cProfile on the 2-core VM and the
 # largest single host cost of the eager Triton step (scripts/host_profile.py --fake-driver).
 _TUNED_META: dict[tuple, dict[str, Any]] = {}
-# Per (autotuner, argument count, flag names): where each of its key names sits (an argument
-# position or a flag name; names that are neither are not part of its key, as in the autotuner),
-# and the positions of the tensor arguments (fixed per call site: absent tensors are passed as a
-# stand-in tensor, never as None).
-_KEY_LAYOUT: dict[tuple, tuple[tuple[int | str, ...], tuple[int, ...]]] = {}
+# Per (autotuner, argument count, flag names): where each of its key names sits, an argument
+# position or a flag name (names that are neither are not part of its key, as in the autotuner).
+_KEY_LAYOUT: dict[tuple, tuple[int | str, ...]] = {}
 
 
 def _tuned_meta(
@@ -249,18 +264,17 @@ def _tuned_meta(
     one config the autotuner would pick for it.
     """
     layout_key = (tuned, len(args), tuple(flags))
-    layout = _KEY_LAYOUT.get(layout_key)
-    if layout is None:
+    named = _KEY_LAYOUT.get(layout_key)
+    if named is None:
         positions = {name: i for i, name in enumerate(kernel.arg_names[: len(args)])}
         named = tuple(name if name in flags else positions[name] for name in tuned.keys
                       if name in flags or name in positions)  # fmt: skip
-        layout = named, tuple(i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor))
-        _KEY_LAYOUT[layout_key] = layout
-    named, tensors = layout
+        _KEY_LAYOUT[layout_key] = named
+    _, _, tensors_of = _arg_layout(kernel, args, flags)
     key = (
         tuned,
         *[flags[at] if at.__class__ is str else args[at] for at in named],
-        *[args[i].dtype for i in tensors],
+        *map(_dtype_of, tensors_of(args)),
     )
     meta = _TUNED_META.get(key)
     if meta is not None:
@@ -285,8 +299,7 @@ def _precompile(kernel: Any, tuned: Any, grid: Callable, args: Sequence[Any], fl
     """
     if AsyncCompileMode is None or COMPILE_THREADS < 2 or active_mode.get() is not None:
         return
-    named = dict(zip(kernel.arg_names, args, strict=False))
-    configs = tuned.early_config_prune(tuned.configs, named, **flags)
+    configs = _pruned_configs(kernel, tuned, args, flags)
     if len(configs) < 2:
         return
     with ThreadPoolExecutor(min(len(configs), COMPILE_THREADS)) as pool, AsyncCompileMode(pool, ignore_errors=True):

@@ -72,7 +72,10 @@ class _Utils:
         return 1, 1, 32, 0, 1024
 
     def get_device_properties(self, device):
-        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
+        from define_ops.triton._aot import SMEM_LIMIT  # the per-arch limits the ahead-of-time check uses
+
+        return {"max_shared_mem": SMEM_LIMIT[TARGET.arch], "multiprocessor_count": 132, "max_num_regs": 65536,
+                "warpSize": 32}  # fmt: skip
 
     def unload_module(self, module):
         pass

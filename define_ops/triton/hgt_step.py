@@ -32,6 +32,7 @@ from ._common import (
     acc_dtype,
     allow_tf32,
     autotuned,
+    bounded_put,
     cdiv,
     dot_in_f32,
     interpret_block,
@@ -685,9 +686,8 @@ class _Step:
         return next_pow2(self.tokens)
 
 
-# _Step per argument layout, for launches (see _step); bounded: token counts are part of the key.
+# _Step per argument layout, for launches (see _step); bounded (bounded_put).
 _STEPS: dict[tuple, _Step] = {}
-_STEPS_LIMIT = 4096
 
 
 def _step(
@@ -711,9 +711,7 @@ def _step(
     if step is None:
         step = _Step(x, weight, bias, norm_weight, norm_bias, seed, e_width, e_in_chunks, e_out_chunks, shuffle,
                      activation, dropout_p, norm_eps)  # fmt: skip
-        if len(_STEPS) >= _STEPS_LIMIT:
-            _STEPS.clear()
-        _STEPS[key] = step
+        bounded_put(_STEPS, key, step)
     return step
 
 
