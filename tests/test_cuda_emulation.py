@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 from pathlib import Path
 
 import pytest
 import torch
 
 from .conftest import HAS_CPU_KERNELS, assert_within_reference_error, max_err
+from .test_fuzz import random_config
 from .test_ops import LAYOUTS, OPTIONS, WARP_FALLBACK_LAYOUTS, WARP_LAYOUTS, _op_args, make_step_inputs
-from .test_stack import assert_stack_matches_steps, stack_case
+from .test_stack import assert_stack_matches_steps, stack_case, stack_case_of
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 
@@ -169,6 +171,21 @@ def assert_stack_ops_match_cpu(x, tensors, lists):
                           strict=True):  # fmt: skip
         assert a.shape == b.shape, name
         assert max_err(a, b) <= 1e-10 * max(1.0, b.abs().max().item() if b.numel() else 1.0), name
+
+
+def test_random_configurations_match_the_cpu():
+    """Whole stacks of random configurations (tests/test_fuzz.py draws them; there the CPU ops are
+    checked against the reference), token counts from 0 to 130, float64."""
+    failed = []
+    for seed in range(40):
+        rng = random.Random(seed)
+        config = random_config(rng)
+        tokens = rng.choice([0, 1, 2, 5, 37, 64, 130])
+        try:
+            assert_stack_ops_match_cpu(*stack_case_of(config, tokens, torch.float64, seed=seed))
+        except AssertionError as exc:
+            failed.append(f"case {seed}, {tokens} tokens, {config}: {exc}")
+    assert not failed, "\n".join(failed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -3,8 +3,9 @@
 The option grids of test_layer.py cover each option on its own and a few combinations; this draws
 whole configurations at random (every field of DeFINEConfig, the Map, dedup, sparse, id shapes
 with 0 and 1 tokens, padding ids, dropout through the shared seeds) so that interactions nobody
-listed get checked too. Each case compares the layer's output and every parameter's gradient with
-the reference backend's, within 1e-10 of the larger of 1 and the reference's largest magnitude.
+listed get checked too. Each case compares the layer's output, every parameter's gradient and the
+eval-mode output the fast layer serves from its cached table with the reference backend's, within
+1e-10 of the larger of 1 and the reference's largest magnitude.
 
 One known difference is not ours: a LayerNorm group of one feature normalizes to exactly 0, so
 its γ gradient is exactly 0; PyTorch's layer_norm backward (the reference) recomputes x̂ as
@@ -99,8 +100,14 @@ def check_case(seed: int, backend: str) -> list[str]:
         grads = {name: p.grad for name, p in layer.named_parameters()}
         results.append((out, {name: g.to_dense() if g is not None and g.is_sparse else g for name, g in grads.items()}))
     (ref_out, ref_grads), (out, grads) = results
+    reference.cache = "off"  # eval mode: the reference computes, the fast layer serves its [V, m] table
+    with torch.no_grad():
+        eval_outputs = [layer.eval()(ids) for layer in (reference, fast)]
     where = f"case {seed} ({backend}, ids {tuple(shape)}, {options}): {config}"
     problems = [f"output: {error}" for error in [_mismatch(out, ref_out)] if error]
+    problems += [f"eval output from the table: {error}" for error in [_mismatch(*reversed(eval_outputs))] if error]
+    if fast._cache_table is None:
+        problems.append("eval mode built no table")
     zero = exact_zero_gradients(config)
     for name, ref_grad in ref_grads.items():
         ours = grads[name]

@@ -182,7 +182,13 @@ def stack_case(preset: str, tokens: int, dtype: torch.dtype, device="cpu", dropo
     """(x, tensor lists, per-step argument lists) of a small DeFINE layer's whole stack, as
     ``define_ops::hgt_stack`` takes them (seeds on ``device``: the CPU reads them on the host)."""
     config = DeFINEConfig.from_preset(preset, num_embeddings=50, input_dim=16, max_dim=64, embedding_dim=24)
-    torch.manual_seed(tokens)
+    return stack_case_of(config, tokens, dtype, device, dropout, seed=tokens)
+
+
+def stack_case_of(config: DeFINEConfig, tokens: int, dtype: torch.dtype, device="cpu", dropout: bool = True,
+                  seed: int = 0):  # fmt: skip
+    """stack_case for any configuration, its parameters and inputs drawn after torch.manual_seed(seed)."""
+    torch.manual_seed(seed)
     module = DeFINE.from_config(config, backend="reference", dtype=dtype)
     specs = module._build_step_specs(dropout)
     params = module._layer_params() + [(module.reduce.weight.t().unsqueeze(0), module.reduce.bias, None, None)]
