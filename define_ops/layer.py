@@ -498,7 +498,11 @@ class DeFINE(nn.Module):
         if self.config.map == "table" and not self.sparse:
             return ops.embedding_lookup(self.weight, flat_ids, pad, self.embedding_scale, backend=backend)
         if self.config.map == "table":  # sparse: ATen's lookup, whose gradient is a sparse COO tensor
-            e = F.embedding(flat_ids, self.weight, padding_idx=pad, sparse=True)
+            # The masked_fill below gives padding ids zero gradients; padding_idx also drops their
+            # entries from the sparse gradient, a data-dependent size that torch.compile's sparse
+            # backward cannot take (it fails for nn.Embedding too): compiled, they stay, as zeros.
+            lookup_pad = None if torch.compiler.is_compiling() else pad
+            e = F.embedding(flat_ids, self.weight, padding_idx=lookup_pad, sparse=True)
             e = e * self.embedding_scale if self.embedding_scale != 1.0 else e
         else:
             e = self.map(flat_ids, sparse=self.sparse)

@@ -482,6 +482,24 @@ def test_sparse_table_gradient_equals_the_dense_one(adaptive):
         assert (grads_sparse["weight"].grad.to_dense()[1] == 0).all()  # padding row
 
 
+def test_sparse_gradient_under_torch_compile_with_a_padding_id():
+    # Compiled, nn.Embedding(sparse=True, padding_idx=...)'s backward fails on its data-dependent
+    # entry count (torch 2.13); ours keeps the padding id's entries, as zeros.
+    eager = small_layer(BACKENDS[-1], sparse=True).train()
+    compiled_layer = small_layer(BACKENDS[-1], sparse=True).train()
+    compiled_layer.load_state_dict(eager.state_dict())
+    ids = repeated_ids()
+    torch._dynamo.reset()
+    for module in (eager, torch.compile(compiled_layer, fullgraph=True)):
+        module(ids).pow(2).sum().backward()
+    grad, expected = compiled_layer.weight.grad, eager.weight.grad
+    assert grad.is_sparse and max_err(grad.to_dense(), expected.to_dense()) < 1e-12
+    assert (grad.to_dense()[1] == 0).all()  # the padding row
+    for name, p in eager.named_parameters():
+        if name != "weight":
+            assert max_err(dict(compiled_layer.named_parameters())[name].grad, p.grad) < 1e-12, name
+
+
 def test_sparse_gradient_trains_with_sparse_adam():
     layer = small_layer(BACKENDS[-1], sparse=True, dtype=torch.float32).train()
     table_optimizer = torch.optim.SparseAdam([layer.weight], lr=1e-2)
