@@ -23,7 +23,16 @@ import torch
 
 from .conftest import HAS_CPU_KERNELS, assert_within_reference_error, max_err
 from .test_fuzz import random_config
-from .test_ops import LAYOUTS, OPTIONS, WARP_FALLBACK_LAYOUTS, WARP_LAYOUTS, _op_args, make_step_inputs
+from .test_ops import (
+    LAYOUTS,
+    OPTIONS,
+    WARP_FALLBACK_LAYOUTS,
+    WARP_LAYOUTS,
+    _op_args,
+    assert_same_with_nan,
+    make_step_inputs,
+    with_nan_inputs,
+)
 from .test_stack import assert_stack_matches_steps, stack_case, stack_case_of
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
@@ -139,6 +148,19 @@ def test_hgt_step_low_precision_within_cpu_error(layout, options, dtype):
     fp16 GEMM on the CPU is not a path worth a bound)."""
     tensors, params = make_step_inputs(layout, options, 53, torch.float64)
     assert_low_precision_within_cpu_error(tensors, params, dtype)
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(str(v) for v in o))
+@pytest.mark.parametrize("layout", ["first-layer", "no-skip", "eight-groups"])
+def test_nan_inputs_propagate_as_on_the_cpu(layout, options):
+    # ReLU keeps a NaN and a dropped NaN stays NaN (test_ops.py ties the CPU op to the reference).
+    tensors, params = make_step_inputs(layout, options, 5, torch.float64)
+    tensors = with_nan_inputs(tensors)
+    ours = forward_backward(emulated_ops(), tensors, params)
+    cpu = forward_backward(torch.ops.define_ops, tensors, params)
+    assert cpu[0].isnan().any()
+    for name, a, b in zip(NAMES, ours, cpu, strict=True):
+        assert_same_with_nan(a, b, name)
 
 
 def test_backward_is_bitwise_deterministic():

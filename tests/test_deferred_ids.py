@@ -46,6 +46,20 @@ def test_bad_id_gives_nan_rows_now_and_an_error_at_the_next_call(backend, option
 
 
 @pytest.mark.parametrize("backend,options", NAN_ROW_CASES)
+@pytest.mark.parametrize("validate_ids", [False, "deferred"])
+def test_relu_and_dropout_keep_a_bad_ids_row_nan(backend, options, validate_ids):
+    # No skip into the Reduce: only the HGT layers carry the NaN there. ReLU and dropout used to
+    # turn it into zeros (ReLU of NaN, a dropped NaN) on the Triton/CUDA kernels: a finite wrong row.
+    layer = make(backend, validate_ids, activation="relu", dropout=0.5, skip="none", skip_into_reduce=False, **options)
+    out = layer.train()(torch.tensor([[1, V, 2, -1], [3, 4, 5, 6]]))
+    assert out.isnan().all(-1).tolist() == [[False, True, False, True], [False] * 4]
+    assert torch.isfinite(out[:, [0, 2]]).all() and torch.isfinite(out[1]).all()
+    if validate_ids == "deferred":
+        with pytest.raises(define_ops.TokenIdError):
+            layer.check_pending_ids()
+
+
+@pytest.mark.parametrize("backend,options", NAN_ROW_CASES)
 def test_check_pending_ids_raises_at_once_and_the_module_helper_finds_nested_layers(backend, options):
     layer = make(backend, "deferred", **options)
     model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.ModuleList([layer]))

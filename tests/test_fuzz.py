@@ -138,6 +138,52 @@ def test_random_configurations_match_the_reference(backend):
     assert not problems, "\n".join(problems[:10])
 
 
+def bad_id_outcome(seed: int) -> tuple[str, str]:
+    """(what case ``seed`` is, what a layer did with one out-of-range id among good ones): a random
+    configuration, backend, ``validate_ids`` mode, training or eval, bad value and position."""
+    rng = random.Random(seed)
+    config = random_config(rng)
+    backend = rng.choice(["reference", *FAST_BACKENDS])
+    mode = rng.choice([True, False, "deferred"])
+    options = dict(dedup=rng.random() < 0.3, sparse=rng.random() < 0.2, validate_ids=mode)
+    training = rng.random() < 0.5
+    bad = rng.choice([config.num_embeddings, -1, -config.num_embeddings - 1, 2**40, -(2**40)])
+    ids = torch.randint(
+        0, config.num_embeddings, (rng.choice([1, 5, 20]),), generator=torch.Generator().manual_seed(seed)
+    )
+    position = rng.randrange(ids.numel())
+    ids[position] = bad
+    where = f"case {seed} ({backend}, validate_ids={mode!r}, {options}, training={training}, id {bad}): {config}"
+    layer = DeFINE.from_config(config, backend=backend, dtype=torch.float64, **options).train(training)
+    try:
+        with torch.set_grad_enabled(training):
+            out = layer(ids)
+            if training:
+                out.sum().backward()
+        if mode == "deferred":
+            layer.check_pending_ids()
+    except define_ops.TokenIdError as error:
+        return where, "TokenIdError" if str(bad) in str(error) else "TokenIdError without the id"
+    except (IndexError, RuntimeError) as error:  # validate_ids=False: the lookup's own error
+        return where, type(error).__name__
+    others = torch.cat([out[:position], out[position + 1 :]])
+    if not torch.isfinite(others).all():
+        return where, "NaN in a good id's row"
+    return where, "NaN row" if out[position].isnan().all() else "a finite row for the bad id"
+
+
+def test_a_bad_id_never_gives_a_finite_row():
+    # validate_ids=True: the error names the id. False or "deferred": an error, or the bad id's row
+    # all NaN and every other row finite (the deferred check then names it).
+    wrong = []
+    for seed in range(150):
+        where, outcome = bad_id_outcome(seed)
+        allowed = {"TokenIdError"} if "validate_ids=True" in where else {"TokenIdError", "IndexError", "NaN row"}
+        if outcome not in allowed:
+            wrong.append(f"{where}\n  {outcome}")
+    assert not wrong, "\n".join(wrong[:10])
+
+
 def test_the_known_reference_error_is_real_and_the_exact_value_is_zero():
     # Why exact_zero_gradients exists: a one-feature group's γ gradient from PyTorch's layer_norm.
     z = torch.tensor([[[1234.5678]], [[-987.6]]], dtype=torch.float64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import pytest
@@ -121,6 +122,36 @@ def test_hgt_step_low_precision_within_reference_error(backend, device, layout, 
     assert_within_reference_error(out, out_ref, out_hi, floor=floor, what="out")
     for name in grads_hi:
         assert_within_reference_error(grads[name], grads_ref[name], grads_hi[name], floor=floor, what=name)
+
+
+def with_nan_inputs(tensors):
+    """A whole row of x NaN (what a bad id's lookup gives on the GPU backends) and one element."""
+    x = tensors["x"].clone()
+    x[1] = math.nan
+    x[3, 0] = math.nan
+    return {**tensors, "x": x}
+
+
+def assert_same_with_nan(ours, theirs, what=""):
+    """NaN exactly where ``theirs`` has NaN, the other values within 1e-10."""
+    assert torch.equal(ours.isnan(), theirs.isnan()), f"{what}: NaN at other places"
+    assert max_err(ours.nan_to_num(0.0), theirs.nan_to_num(0.0)) <= 1e-10, what
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(str(v) for v in o))
+@pytest.mark.parametrize("layout", ["first-layer", "no-skip", "eight-groups"])
+@pytest.mark.parametrize("backend,device", FAST, ids=FAST_IDS)
+def test_hgt_step_propagates_nan_as_the_reference_does(backend, device, layout, options):
+    # As F.relu and F.dropout do: ReLU keeps a NaN, a dropped NaN is NaN · 0 = NaN. (Selecting 0
+    # instead once let a bad id's NaN row, with validate_ids=False, come out as a finite row.)
+    tensors, params = make_step_inputs(layout, options, 5, torch.float64, device)
+    tensors = with_nan_inputs(tensors)
+    out_ref, grads_ref = run_step("reference", tensors, params)
+    out, grads = run_step(backend, tensors, params)
+    assert out_ref.isnan().any() and not out_ref.isnan().all()
+    assert_same_with_nan(out, out_ref, "out")
+    for name, grad_ref in grads_ref.items():
+        assert_same_with_nan(grads[name], grad_ref, name)
 
 
 @pytest.mark.parametrize("options", [OPTIONS[2], OPTIONS[4]], ids=["shuffle-norm-gelu-drop", "norm-swish-drop"])

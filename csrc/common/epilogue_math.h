@@ -29,8 +29,8 @@ C10_HOST_DEVICE inline acc_t activation_forward(Activation act, acc_t v) {
   switch (act) {
     case Activation::kGelu:
       return acc_t(0.5) * v * (acc_t(1) + erf_acc(v * acc_t(kInvSqrt2)));
-    case Activation::kRelu:
-      return v > acc_t(0) ? v : acc_t(0);
+    case Activation::kRelu:  // NaN stays NaN, as in F.relu (a NaN row flags a bad id, see layer.py)
+      return v < acc_t(0) ? acc_t(0) : v;
     case Activation::kSwish:
       return v / (acc_t(1) + exp_acc(-v));
     default:
@@ -47,8 +47,8 @@ C10_HOST_DEVICE inline acc_t activation_backward(Activation act, acc_t a, acc_t 
       const acc_t pdf = exp_acc(acc_t(-0.5) * a * a) * acc_t(kInvSqrt2Pi);
       return d * (cdf + a * pdf);
     }
-    case Activation::kRelu:
-      return a > acc_t(0) ? d : acc_t(0);
+    case Activation::kRelu:  // F.relu's backward: zero where the output is <= 0 (a NaN passes d)
+      return a <= acc_t(0) ? acc_t(0) : d;
     case Activation::kSwish: {
       const acc_t sig = acc_t(1) / (acc_t(1) + exp_acc(-a));
       return d * (sig * (acc_t(1) + a * (acc_t(1) - sig)));
@@ -56,6 +56,13 @@ C10_HOST_DEVICE inline acc_t activation_backward(Activation act, acc_t a, acc_t 
     default:
       return d;
   }
+}
+
+// Inverted dropout as the reference computes it, v · (kept ? 1/(1−p) : 0): a dropped NaN or inf
+// gives NaN, as in F.dropout, where a select would give 0 (and could hide a bad id's NaN row).
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t dropout_apply(bool keep, acc_t v, acc_t keep_scale) {
+  return v * (keep ? keep_scale : acc_t(0));
 }
 
 }  // namespace epilogue

@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common/epilogue_math.h"
 #include "../common/philox.h"
 #include "../common/hgt_stack.h"
 #include "../common/step_params.h"
@@ -49,7 +50,7 @@ DEFINE_OPS_INLINE void activation_forward(Activation act, acc_t* __restrict v, i
       break;
     case Activation::kRelu:
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) v[i] = v[i] > acc_t(0) ? v[i] : acc_t(0);
+      for (int64_t i = 0; i < n; ++i) v[i] = v[i] < acc_t(0) ? acc_t(0) : v[i];  // NaN stays NaN, as in F.relu
       break;
     case Activation::kSwish:
 #pragma omp simd
@@ -75,7 +76,7 @@ DEFINE_OPS_INLINE void activation_backward(Activation act, const acc_t* __restri
       break;
     case Activation::kRelu:
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) d[i] = a[i] > acc_t(0) ? d[i] : acc_t(0);
+      for (int64_t i = 0; i < n; ++i) d[i] = a[i] <= acc_t(0) ? acc_t(0) : d[i];
       break;
     case Activation::kSwish:
 #pragma omp simd
@@ -105,7 +106,7 @@ template <typename acc_t>
 DEFINE_OPS_INLINE void apply_dropout(const uint32_t* __restrict words, uint32_t threshold, acc_t scale,
                                      acc_t* __restrict v, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) v[i] = words[i] >= threshold ? v[i] * scale : acc_t(0);
+  for (int64_t i = 0; i < n; ++i) v[i] = epilogue::dropout_apply(words[i] >= threshold, v[i], scale);
 }
 
 // Channel shuffle as addressing: z[t·g + i] = y[i·s + t], and its inverse for gradients.

@@ -303,7 +303,7 @@ __device__ __forceinline__ void finish_forward_quad(const ForwardArgs<scalar_t>&
   if (R.dropout) {
     const PhiloxWords words = philox4x32_10(seed, static_cast<uint32_t>(qd), static_cast<uint32_t>(t));
 #pragma unroll
-    for (int k = 0; k < 4; ++k) h[k] = words.w[k] >= A.threshold ? h[k] * A.keep_scale : acc_t(0);
+    for (int k = 0; k < 4; ++k) h[k] = epilogue::dropout_apply(words.w[k] >= A.threshold, h[k], A.keep_scale);
   }
   store4(out_row + h_position(R, RowCursor(4 * qd, R.by_hc_out)), h);
 }
@@ -510,7 +510,7 @@ __global__ void __launch_bounds__(kMaxThreads, 3) hgt_step_forward_kernel(const 
           v = (v - mu) * rs * static_cast<acc_t>(A.gamma[nc.offset]) + static_cast<acc_t>(A.beta[nc.offset]);
         }
         v = epilogue::activation_forward(R.activation, v);
-        if (R.dropout) v = words.w[k] >= A.threshold ? v * A.keep_scale : acc_t(0);
+        if (R.dropout) v = epilogue::dropout_apply(words.w[k] >= A.threshold, v, A.keep_scale);
         h[k] = v;
         if (!A.vec_out && pp < R.b) out_row[h_position(R, hc)] = static_cast<scalar_t>(v);
         nc.next(R.s);
@@ -725,7 +725,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) hgt_step_backward_kernel(const
         if (R.dropout) {
           const PhiloxWords words = philox4x32_10(seed, static_cast<uint32_t>(qd), static_cast<uint32_t>(t));
 #pragma unroll
-          for (int k = 0; k < 4; ++k) dv[k] = words.w[k] >= A.threshold ? dv[k] * A.keep_scale : acc_t(0);
+          for (int k = 0; k < 4; ++k) dv[k] = epilogue::dropout_apply(words.w[k] >= A.threshold, dv[k], A.keep_scale);
         }
         acc_t xv[4], gamma[4];  // x̂ and γ (norm only)
         if (saved_row != nullptr) {
@@ -815,7 +815,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) hgt_step_backward_kernel(const
         const int pp = p0 + k;
         if (pp < R.b) {
           acc_t dv = go[k];
-          if (R.dropout) dv = words.w[k] >= A.threshold ? dv * A.keep_scale : acc_t(0);
+          if (R.dropout) dv = epilogue::dropout_apply(words.w[k] >= A.threshold, dv, A.keep_scale);
           if (saved_row != nullptr) {
             acc_t av = sv[k];
             if (R.norm) {
@@ -1201,7 +1201,7 @@ __global__ void __launch_bounds__(kWarpRowBackwardThreads, 4) hgt_step_backward_
       if (R.dropout) {
         const PhiloxWords words = philox4x32_10(seed, static_cast<uint32_t>(qd), static_cast<uint32_t>(t));
 #pragma unroll
-        for (int k = 0; k < 4; ++k) dv[j][k] = words.w[k] >= A.threshold ? dv[j][k] * A.keep_scale : acc_t(0);
+        for (int k = 0; k < 4; ++k) dv[j][k] = epilogue::dropout_apply(words.w[k] >= A.threshold, dv[j][k], A.keep_scale);
       }
       if (saved_row == nullptr) continue;
       acc_t av[4];

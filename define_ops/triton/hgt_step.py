@@ -61,8 +61,8 @@ _ROW_TILE = 4096
 def _activation(v, ACT: tl.constexpr):
     if ACT == 1:  # exact GELU
         v = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
-    elif ACT == 2:
-        v = tl.where(v > 0, v, 0.0)
+    elif ACT == 2:  # NaN stays NaN, as in F.relu (a NaN row flags a bad id)
+        v = tl.where(v < 0, 0.0, v)
     elif ACT == 3:  # swish = SiLU
         v = v / (1.0 + tl.exp(-v))
     return v
@@ -74,8 +74,8 @@ def _activation_grad(v, ACT: tl.constexpr):
     if ACT == 1:
         cdf = 0.5 * (1.0 + tl.math.erf(v * 0.7071067811865476))
         d = cdf + v * tl.exp(-0.5 * v * v) * 0.3989422804014327
-    elif ACT == 2:
-        d = tl.where(v > 0, 1.0, 0.0)
+    elif ACT == 2:  # F.relu's backward: zero where the output is <= 0 (a NaN passes the gradient)
+        d = tl.where(v <= 0, 0.0, 1.0)
     else:
         sig = 1.0 / (1.0 + tl.exp(-v))
         d = sig * (1.0 + v * (1.0 - sig))
@@ -172,7 +172,8 @@ def _norm_act_dropout_store(
         v = d * rstd[:, None] * gamma[None, :] + beta[None, :]
     v = _activation(v, ACT)
     if DROPOUT:
-        v = tl.where(_dropout_keep(SEED, rows, f, f0, threshold, QUADS), v * keep_scale, 0.0)
+        # v · (kept ? 1/(1−p) : 0), as the reference: a dropped NaN stays NaN (a select would give 0)
+        v = v * tl.where(_dropout_keep(SEED, rows, f, f0, threshold, QUADS), keep_scale, 0.0)
     col = f
     if CARRY_E:
         col = _mix_pos(f, h_out, e_out, False)
@@ -395,7 +396,7 @@ def _hgt_step_bwd_dy_kernel(
     d = d.to(tl.float64 if DY.dtype.element_ty == tl.float64 else tl.float32)
     if DROPOUT:
         keep_scale = _f64(keep_hi, keep_mid, keep_lo, d.dtype)
-        d = tl.where(_dropout_keep(SEED, rows, f, f0, threshold, QUADS), d * keep_scale, 0.0)
+        d = d * tl.where(_dropout_keep(SEED, rows, f, f0, threshold, QUADS), keep_scale, 0.0)
     if HAS_SAVED:
         pre = tl.load(SAVED + rows64[:, None] * (g * s) + src[None, :], mask=valid, other=0.0).to(d.dtype)
         if NORM:
