@@ -94,12 +94,14 @@ def test_resumed_run_reproduces_the_uninterrupted_one(corpus_dir, cache_dir, tmp
         if stop != "budget" and trainer.step == 6:
             os.kill(os.getpid(), getattr(signal, stop))
 
+    # what the process had before (SIG_IGN for SIGINT where a shell started it in the background)
+    handlers = [signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)]
     first, result = run(dict(cfg, max_steps=7) if stop == "budget" else cfg, on_step=interrupt)
     assert result.status == ("done" if stop == "budget" else "interrupted")
     assert result.step == (7 if stop == "budget" else 6)
     if stop != "budget":
         assert result.signal == getattr(signal, stop)
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+        assert [signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)] == handlers  # restored
     resumed, result = run(cfg, resume=tmp_path / "split" / "last.pt", on_step=force_averaging)
     assert result.status == "done" and result.step == STEPS
     assert train_losses(tmp_path / "split") == expected  # exact, step by step
