@@ -98,8 +98,7 @@ def check_case(seed: int, backend: str) -> list[str]:
         torch.manual_seed(seed + 1)  # the same dropout seeds for both
         out = layer(ids)
         out.backward(grad)
-        grads = {name: p.grad for name, p in layer.named_parameters()}
-        results.append((out, {name: g.to_dense() if g is not None and g.is_sparse else g for name, g in grads.items()}))
+        results.append((out, dense_grads(layer)))
     (ref_out, ref_grads), (out, grads) = results
     reference.cache = "off"  # eval mode: the reference computes, the fast layer serves its [V, m] table
     with torch.no_grad():
@@ -120,6 +119,12 @@ def check_case(seed: int, backend: str) -> list[str]:
         if error:
             problems.append(f"{name} gradient: {error}")
     return [f"{where}\n  {problem}" for problem in problems]
+
+
+def dense_grads(layer: DeFINE) -> dict[str, torch.Tensor | None]:
+    """Every parameter's gradient by name (None where it has none), a sparse one made dense."""
+    grads = {name: p.grad for name, p in layer.named_parameters()}
+    return {name: g.to_dense() if g is not None and g.is_sparse else g for name, g in grads.items()}
 
 
 def _mismatch(ours: torch.Tensor, expected: torch.Tensor) -> str | None:
@@ -157,8 +162,7 @@ def test_random_configurations_compile_fullgraph_and_match_eager():
             layer.zero_grad(set_to_none=True)
             out = module(ids)
             out.pow(2).sum().backward()
-            grads = {name: p.grad for name, p in layer.named_parameters() if p.grad is not None}
-            results.append((out, {name: g.to_dense() if g.is_sparse else g for name, g in grads.items()}))
+            results.append((out, {name: g for name, g in dense_grads(layer).items() if g is not None}))
         (eager, eager_grads), (compiled, compiled_grads) = results
         where = f"case {10_000 + seed} ({options}, ids {tuple(ids.shape)}): {config}"
         problems += [f"{where}\n  output: {error}" for error in [_mismatch(compiled, eager)] if error]
