@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -137,12 +138,15 @@ class AdaptiveMap(nn.Module):
         return e
 
 
-def _in_func_transform() -> bool:
-    """Inside a torch.func transform (grad, vmap, jacrev, functional autodiff...): the compiled
-    backends' autograd Functions cannot take part (torch's functorch needs its own Function
-    protocol), so the layer computes with the reference backend there (~0.2 µs to ask)."""
+def _in_autodiff_transform() -> bool:
+    """Inside a torch.func transform (grad, vmap, jacrev, functional autodiff...) or a forward-mode
+    AD level (``torch.autograd.forward_ad.dual_level``): the compiled backends' autograd Functions
+    cannot take part (functorch needs its own Function protocol; they have no jvp), so the layer
+    computes with the reference backend there (~0.3 µs to ask)."""
     # Not while torch.compile traces: it runs its own functorch levels, and traces our ops fine.
-    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is not None or getattr(forward_ad, "_current_level", -1) >= 0
 
 
 # Constructor options that are not part of DeFINEConfig (how the layer runs, not what it computes).
@@ -377,7 +381,7 @@ class DeFINE(nn.Module):
         mode = self.validate_ids
         if not mode or ids.is_meta or torch.compiler.is_compiling():
             return False  # under compile the ops check ids themselves; meta tensors have no values
-        if _in_func_transform():
+        if torch._C._functorch.peek_interpreter_stack() is not None:
             return False  # vmap's ids have no host values; the reference backend's lookup checks them
         if ids.is_cuda and torch.cuda.is_current_stream_capturing():
             return False  # a host read is illegal in a CUDA graph capture; the ops flag bad ids (NaN rows)
@@ -513,7 +517,7 @@ class DeFINE(nn.Module):
         ``row_count`` (a device scalar) only the first rows are needed (see ``ops.hgt_step``).
         With ``inverse`` (int64 [T']: dedup's, ``flat_ids`` then the distinct ids) the rows are
         gathered by it → [T', m], inside the stack's autograd node on the compiled backends."""
-        backend = "reference" if _in_func_transform() else resolve_backend(self.backend, self.device)
+        backend = "reference" if _in_autodiff_transform() else resolve_backend(self.backend, self.device)
         seeds = self._dropout_seeds()
         cfg = self.config
         # A plain table lookup runs inside the stack's autograd node (see hgt_stack's `lookup`).
@@ -575,7 +579,7 @@ class DeFINE(nn.Module):
             # Unchecked ids: the backend's lookup gives a bad one a NaN row; F.embedding asserts on CUDA.
             return gather_rows(table, ids.reshape(-1), lookup_backend).reshape(*ids.shape, table.shape[1])
         flat = ids.reshape(-1)
-        use_dedup = (self.dedup if dedup is None else dedup) and flat.numel() > 0 and not _in_func_transform()
+        use_dedup = (self.dedup if dedup is None else dedup) and flat.numel() > 0 and not _in_autodiff_transform()
         backend = self.active_backend() if use_dedup else None
         if backend == "triton":
             distinct, inverse, count = distinct_ids(flat)
@@ -657,7 +661,7 @@ class DeFINE(nn.Module):
     def _cache_usable(self, ids: Tensor) -> bool:
         if self.cache != "auto" or self.training or ids.is_meta or torch.compiler.is_compiling():
             return False
-        if _in_func_transform():  # a table built from transformed parameters must not outlive the transform
+        if _in_autodiff_transform():  # a table built from transformed parameters must not outlive the transform
             return False
         # A cached table is detached: never serve it where gradients are expected.
         return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import _build, reference
-from ._autograd import embedding_autograd, hgt_step_autograd
+from ._autograd import differentiable_grads, embedding_autograd, hgt_step_autograd, reference_step
 from ._backend import resolve_backend
 
 # The guard torch's custom-op autograd uses to run the kernel below it; a no-op where absent.
@@ -218,6 +218,11 @@ if _build.HAS_EXTENSION:
             if grad is None:
                 return None, None, None, *([None] * len(present))
             columns = _unflatten(ctx.layout, present)
+            if torch.is_grad_enabled():  # create_graph=True: through the reference ops (_autograd.py)
+                out = x
+                for index, args in enumerate(zip(*ctx.per_step, strict=True)):
+                    out = reference_step(out, *(column[index] for column in columns), args)
+                return None, None, *differentiable_grads(out, [x, *present], grad)
             with _below_autograd():
                 grad_x, grads = torch.ops.define_ops.hgt_stack_backward.default(
                     grad, x, values, stats, *columns, *ctx.per_step

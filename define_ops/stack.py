@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import ops
+from ._autograd import differentiable_grads, reference_lookup, reference_step
 from .ops import _activation_name, _autocast, split_stack_grads
 
 TENSORS_PER_STEP = 5  # weight, bias, norm_weight, norm_bias, seed
@@ -166,15 +166,20 @@ class _HGTStack(torch.autograd.Function):
         # `compute_dtype` (autocast's) the parameters are cast to it here, in one copy, and their
         # gradients back to the parameters' dtype in one copy too.
         ctx.backend, ctx.stack_op, ctx.specs, ctx.lookup = backend, stack_op, specs, lookup
+        ctx.compute_dtype = compute_dtype
         ctx.set_materialize_grads(False)
         eager = _eager_ops(backend)
         ids = x if lookup is not None else None
         ctx.grad_dtype = None
+        # The inputs as given, kept beside their autocast copies (which the kernels' backward reads)
+        # for a backward that must be differentiable (_reference_backward); () where nothing was cast.
+        originals = ()
         with _below_autograd(), eager.context():
             if compute_dtype is not None:
                 floating = [t for t in tensors if t is not None and t.is_floating_point()]
                 if floating and floating[0].dtype != compute_dtype:
                     ctx.grad_dtype = floating[0].dtype
+                    originals = tensors
                 tensors = _cast_together(tensors, compute_dtype)
             if lookup is not None:  # cast to the autocast dtype of the stack, if any
                 x = eager.lookup(table, ids, lookup.padding_idx, lookup.scale).to(lookup.dtype)
@@ -182,7 +187,7 @@ class _HGTStack(torch.autograd.Function):
                 out, values, stats = torch.ops.define_ops.hgt_stack.default(
                     x, *_columns(tensors), *_spec_lists(specs), True
                 )
-                ctx.save_for_backward(ids, table, expand, x, values, stats, *tensors)
+                ctx.save_for_backward(ids, table, expand, x, values, stats, *tensors, None, *originals)
                 return _expand_rows(eager, out, expand)
             trailing = (row_count,) if eager.takes_rows else ()
             inputs, saved, means, rstds = [], [], [], []
@@ -194,11 +199,10 @@ class _HGTStack(torch.autograd.Function):
                 rstds.append(rstd)
                 x = out
             x = _expand_rows(eager, x, expand)
-        ctx.save_for_backward(ids, table, expand, *inputs, *saved, *means, *rstds, *tensors, row_count)
+        ctx.save_for_backward(ids, table, expand, *inputs, *saved, *means, *rstds, *tensors, row_count, *originals)
         return x
 
     @staticmethod
-    @once_differentiable  # its kernels have no derivative: a double backward raises, never a silent zero
     def backward(ctx, grad: Tensor | None):
         specs = ctx.specs
         steps = len(specs)
@@ -206,13 +210,15 @@ class _HGTStack(torch.autograd.Function):
         grads: list[Tensor | None] = [None] * (steps * TENSORS_PER_STEP)
         if grad is None:  # the output was not used
             return (*[None] * (_NODE_OPTIONS + 2), *grads)
+        if torch.is_grad_enabled():  # create_graph=True: the backward must be differentiable itself
+            return _reference_backward(ctx, grad, ids, table, expand, stored)
         eager = _eager_ops(ctx.backend)
         with _below_autograd(), eager.context():
             if expand is not None:  # each distinct row's gradient: its tokens' gradients summed in order
                 rows = (ids if ids is not None else stored[0]).shape[0]
                 grad = eager.lookup_backward(grad, expand, rows, None, 1.0)
             if ctx.stack_op:
-                x, values, stats, *tensors = stored
+                x, values, stats, *tensors = stored[: 3 + steps * TENSORS_PER_STEP]
                 columns = _columns(tensors)
                 grad, flat = torch.ops.define_ops.hgt_stack_backward.default(
                     grad, x, values, stats, *columns, *_spec_lists(specs)
@@ -224,7 +230,7 @@ class _HGTStack(torch.autograd.Function):
             else:
                 inputs, saved, means, rstds = (stored[k * steps : (k + 1) * steps] for k in range(4))
                 tensors = stored[4 * steps : 4 * steps + steps * TENSORS_PER_STEP]
-                trailing = (stored[-1],) if eager.takes_rows else ()
+                trailing = (stored[4 * steps + steps * TENSORS_PER_STEP],) if eager.takes_rows else ()
                 for index in reversed(range(steps)):
                     first = index * TENSORS_PER_STEP
                     weight, bias, norm_weight, norm_bias, seed = _step_tensors(tensors, index)
@@ -248,6 +254,38 @@ class _HGTStack(torch.autograd.Function):
                     grad.to(table.dtype), ids, table.shape[0], lookup.padding_idx, lookup.scale
                 )
         return (*[None] * (_NODE_OPTIONS + 1), grad_table, *grads)
+
+
+def _reference_backward(
+    ctx, grad: Tensor, ids: Tensor | None, table: Tensor | None, expand: Tensor | None, stored: Sequence[Tensor | None]
+) -> tuple:
+    """_HGTStack's gradients as a graph of their own (``create_graph=True``: Hessian-vector
+    products, gradient penalties): its forward again through the reference ops, from the node's
+    own inputs, differentiated by autograd (see _autograd.py). Same values as the kernels' backward
+    up to rounding, at the reference's speed; dropout masks are the kernels' (same Philox seeds)."""
+    steps = len(ctx.specs)
+    per_step = steps * TENSORS_PER_STEP
+    # saved after (ids, table, expand): stack op: x, values, stats, tensors, None, originals;
+    # step loop: 4 lists of `steps` (inputs, pre-activations, means, rstds), tensors, row_count, originals
+    start = 3 if ctx.stack_op else 4 * steps
+    row_count = stored[start + per_step]
+    given = stored[start + per_step + 1 :] or stored[start : start + per_step]  # step tensors as the node got them
+    step_tensors = given
+    if ctx.compute_dtype is not None:  # autocast's copies, made differentiably this time
+        step_tensors = [t.to(ctx.compute_dtype) if t is not None and t.is_floating_point() else t for t in given]
+    if ctx.lookup is not None:
+        x = reference_lookup(table, ids, ctx.lookup.padding_idx, ctx.lookup.scale).to(ctx.lookup.dtype)
+    else:
+        x = stored[0]  # the node's x input
+    if row_count is not None:  # Triton's dedup padding: rows past the distinct count are no rows
+        x = torch.where((torch.arange(x.shape[0], device=x.device) < row_count)[:, None], x, 0)
+    out = x
+    for index, spec in enumerate(ctx.specs):
+        out = reference_step(out, *_step_tensors(step_tensors, index), spec.args())
+    if expand is not None:
+        out = out.index_select(0, expand)
+    inputs = [None if ctx.lookup is not None else stored[0], table, *given]
+    return (*[None] * _NODE_OPTIONS, *differentiable_grads(out, inputs, grad))
 
 
 def gather_rows(table: Tensor, ids: Tensor, backend: str) -> Tensor:

@@ -98,21 +98,6 @@ def test_padding_idx_counts_from_the_end_and_out_of_range_is_an_error(backend):
             OPS.embedding_lookup_backward(torch.randn(4, 3), ids, 6, -7, 1.0)
 
 
-def test_second_derivative_through_the_ops_raises():
-    # The backward ops have no derivative; create_graph used to give a silent zero (with a warning).
-    weight = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
-    e = define_ops.ops.embedding_lookup(weight, torch.tensor([1, 2, 2]), None, 1.0, backend="cpu")
-    (grad,) = torch.autograd.grad(e.pow(2).sum(), weight, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        grad.sum().backward()
-    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
-    out = define_ops.ops.hgt_step(x, w, activation="gelu", backend="cpu")
-    (grad_x,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        grad_x.sum().backward()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dropout_scale_near_one_is_exact_in_low_precision(dtype):
     # 1 / (1 - p) was taken in the input's precision: at p = 0.999999 a kept value came out 986,895.

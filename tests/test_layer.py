@@ -290,19 +290,6 @@ def test_repr_shows_what_differs_from_the_defaults():
 
 
 @pytest.mark.parametrize("backend", ["reference", *FAST])
-def test_double_backward_raises_where_the_kernels_have_no_second_derivative(backend):
-    layer = DeFINE(30, 20, input_dim=16, max_dim=32, depth=2, backend=backend, dtype=torch.float64)
-    out = layer(torch.tensor([1, 2, 7]))
-    (grad,) = torch.autograd.grad(out.pow(2).sum(), layer.reduce.weight, create_graph=True)
-    if backend == "reference":  # plain PyTorch: a real second derivative
-        grad.sum().backward()
-        assert layer.layers[0].weight.grad is not None and layer.layers[0].weight.grad.abs().sum() > 0
-        return
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        grad.sum().backward()  # never a silent zero second-order term
-
-
-@pytest.mark.parametrize("backend", ["reference", *FAST])
 def test_torch_func_transforms(backend):
     # grad, vmap, per-sample gradients (vmap of grad) and jacrev: under a transform the layer computes
     # with the reference backend, whose plain PyTorch the transforms understand.
