@@ -197,6 +197,10 @@ stage bench-bf16 150 "$PY" -m pytest benchmarks/test_bench_layer.py benchmarks/t
   --benchmark-json "$RES/bench-bf16.json" --benchmark-columns=median,min,rounds $TIMING
 stage tests 110 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m "not slow" -rfE --maxfail=40 \
   --junitxml="$RES/tests.xml"
+# second derivatives (create_graph: the reference recompute) and forward-mode AD on the cuda and triton
+# backends against the reference, never run on a GPU yet (added 2026-11-27 evening, commit a027493)
+stage tests-double-backward 60 env DEFINE_OPS_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_double_backward.py -q \
+  -p no:cacheprovider -k "cuda" -rfE --junitxml="$RES/tests-double-backward.xml"
 # GPU evidence of issues 6 and 7 (the model runs; never run before 2026-11-27): LSTM LM on WikiText-2,
 # DeFINE vs standard embeddings of width 256 and m, plus the end-to-end step benchmark at the
 # lstm_wt103 shapes; Transformer base on Multi30k, DeFINE vs standard, beam-4 BLEU on test_2016_flickr.
