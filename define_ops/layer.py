@@ -28,6 +28,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_hooks
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import ops, reference
@@ -136,6 +137,13 @@ class AdaptiveMap(nn.Module):
             inside = ((ids >= lo) & (ids < hi)).unsqueeze(-1)
             e = vectors.masked_fill(~inside, math.nan) if e is None else torch.where(inside, vectors, e)
         return e
+
+
+def _own(module: nn.Module, name: str) -> Tensor | None:
+    """``module.<name>`` straight from its parameter dict (nn.Module.__getattr__ costs ~0.5 µs), or
+    through the attribute where a parametrization (weight_norm, spectral_norm, ...) computes it."""
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name)
 
 
 def _in_autodiff_transform() -> bool:
@@ -359,7 +367,10 @@ class DeFINE(nn.Module):
     @property
     def device(self) -> torch.device:
         # Straight from the dicts: nn.Module.__getattr__ twice cost ~1.3 µs of a ~20 µs cached call.
-        return self._modules["reduce"]._parameters["weight"].device
+        weight = self._modules["reduce"]._parameters.get("weight")
+        if weight is None:  # a parametrized or wrapped Reduce (weight_norm, LoRA): any parameter will do
+            weight = next(self.parameters())
+        return weight.device
 
     def active_backend(self) -> str:
         """The backend ``forward`` runs on for this module's device."""
@@ -462,16 +473,27 @@ class DeFINE(nn.Module):
         # (~0.5 µs a lookup; this runs on every call: 38 → 2 µs at awd_ptb on a 2-core VM).
         params = []
         for layer in self._modules["layers"]:
-            own = layer._parameters
             norm = layer._modules.get("norm")
-            norm_params = norm._parameters if norm is not None else None
             params.append((
-                own["weight"],
-                own["bias"],
-                norm_params["weight"] if norm_params is not None else None,
-                norm_params["bias"] if norm_params is not None else None,
+                _own(layer, "weight"),
+                _own(layer, "bias"),
+                _own(norm, "weight") if norm is not None else None,
+                _own(norm, "bias") if norm is not None else None,
             ))  # fmt: skip
         return params
+
+    def _reduce_runs_fused(self) -> bool:
+        """Whether the Reduce can run as the stack's last step, its weight read straight from the
+        module: a plain ``nn.Linear`` that no hook watches. Anything else (a parametrization such as
+        weight_norm, a wrapper such as a LoRA adapter, a forward or backward hook) is called as the
+        module it is, on the stack's output, so that whatever it adds takes effect."""
+        reduce = self._modules["reduce"]
+        if type(reduce) is not nn.Linear:
+            return False
+        hooks = (reduce._forward_hooks, reduce._forward_pre_hooks, reduce._backward_hooks, reduce._backward_pre_hooks,
+                 _module_hooks._global_forward_hooks, _module_hooks._global_forward_pre_hooks,
+                 _module_hooks._global_backward_hooks, _module_hooks._global_backward_pre_hooks)  # fmt: skip
+        return not any(hooks)
 
     def _step_specs(self, dropout: bool) -> tuple[StepSpec, ...]:
         """The stack's per-step arguments (HGT layers, then the Reduce), built once per dropout state
@@ -523,29 +545,39 @@ class DeFINE(nn.Module):
         # A plain table lookup runs inside the stack's autograd node (see hgt_stack's `lookup`).
         fold_lookup = backend != "reference" and cfg.map == "table" and not self.sparse
         e = None if fold_lookup else self.embed_ids(flat_ids, backend)
+        fused_reduce = self._reduce_runs_fused()
         if backend == "reference":
+            reduce_weight, reduce_bias = (self.reduce.weight, self.reduce.bias) if fused_reduce else (None, None)
             out = reference.hgt_forward_ref(
-                e, self._layer_params(), self.reduce.weight, self.reduce.bias, cfg, training=self.training,
-                seeds=seeds, plans=self.plans,
+                e, self._layer_params(), reduce_weight, reduce_bias, cfg, training=self.training, seeds=seeds,
+                plans=self.plans,
             )  # fmt: skip
+            out = out if fused_reduce else self.reduce(out)
             out = out if inverse is None else self._expand(out, inverse, backend)
         else:
             lookup = (self.weight, flat_ids, cfg.padding_idx, self.embedding_scale) if fold_lookup else None
-            out = hgt_stack(e, self._stack_steps(seeds), backend=backend, row_count=row_count, lookup=lookup,
-                            expand=inverse)  # fmt: skip
+            out = hgt_stack(e, self._stack_steps(seeds, fused_reduce), backend=backend, row_count=row_count,
+                            lookup=lookup, expand=inverse if fused_reduce else None)  # fmt: skip
+            if not fused_reduce:  # the Reduce module itself, on the Reduce's input [T, k (+ n)]
+                if row_count is not None:  # dedup's padding rows are no rows: zeros, not whatever they hold
+                    out = torch.where((torch.arange(out.shape[0], device=out.device) < row_count)[:, None], out, 0)
+                out = self.reduce(out)
+                out = out if inverse is None else self._expand(out, inverse, backend)
         if cfg.padding_idx is not None:  # like nn.Embedding: a padding token embeds to zeros
             row_ids = flat_ids if inverse is None else flat_ids[inverse]
             out = out.masked_fill((row_ids == cfg.padding_idx).unsqueeze(-1), 0.0)
         return out
 
-    def _stack_steps(self, seeds: Tensor | None) -> list[tuple]:
-        """``hgt_stack``'s steps: per HGT layer (weight, bias, γ, β, seed, StepSpec), then the Reduce
-        layer as a one-group step (its nn.Linear weight transposed); ``seeds`` [depth] or None."""
+    def _stack_steps(self, seeds: Tensor | None, with_reduce: bool = True) -> list[tuple]:
+        """``hgt_stack``'s steps: per HGT layer (weight, bias, γ, β, seed, StepSpec), then (with
+        ``with_reduce``) the Reduce layer as a one-group step (its nn.Linear weight transposed);
+        ``seeds`` [depth] or None."""
         specs = self._step_specs(dropout=seeds is not None)
         layer_seeds = seeds.unbind(0) if seeds is not None else [None] * self.config.depth  # one call, not one a layer
         layers = zip(specs[:-1], self._layer_params(), layer_seeds, strict=True)
         steps = [(weight, bias, gamma, beta, seed, spec) for spec, (weight, bias, gamma, beta), seed in layers]
-        steps.append((self.reduce.weight.t().unsqueeze(0), self.reduce.bias, None, None, None, specs[-1]))
+        if with_reduce:
+            steps.append((self.reduce.weight.t().unsqueeze(0), self.reduce.bias, None, None, None, specs[-1]))
         return steps
 
     def forward(self, ids: Tensor, *, dedup: bool | None = None) -> Tensor:
@@ -643,7 +675,8 @@ class DeFINE(nn.Module):
         registration epoch (the only time the dict slots are collected again); tensors swapped into
         the dicts without registration (``torch.func.functional_call``) are other objects; steps of
         the optimizers that may bump no version are counted (see _count_optimizer_step); autocast
-        changes the values and dtype of the output, so its state is part of the key. Runs on every
+        changes the values and dtype of the output, so its state is part of the key, as are the
+        forward hooks on the Reduce (which then runs as a module). Runs on every
         cached call (a few µs for awd_ptb's 31 parameters on a 2-core VM)."""
         epoch = _registration_epoch[0]
         if self._cache_slots_epoch != epoch:
@@ -656,7 +689,13 @@ class DeFINE(nn.Module):
         state = (tuple(map(id, tensors)), tuple(map(_version_of, tensors)), tuple(map(Tensor.data_ptr, tensors)))
         device_type = tensors[0].device.type
         autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        return (epoch, _untracked_optimizer_steps[0], autocast, state), tensors
+        # Forward hooks that the Reduce's module call would run (see _reduce_runs_fused): adding or
+        # removing one changes the table. Their handles' ids, ~0.3 µs for the empty dicts.
+        reduce = self._modules["reduce"]
+        hooks = (tuple(reduce._forward_hooks), tuple(reduce._forward_pre_hooks),
+                 tuple(_module_hooks._global_forward_hooks),
+                 tuple(_module_hooks._global_forward_pre_hooks))  # fmt: skip
+        return (epoch, _untracked_optimizer_steps[0], autocast, hooks, state), tensors
 
     def _cache_usable(self, ids: Tensor) -> bool:
         if self.cache != "auto" or self.training or ids.is_meta or torch.compiler.is_compiling():

@@ -230,8 +230,8 @@ def adaptive_map_ref(
 def hgt_forward_ref(
     e: Tensor,
     layers: Sequence[tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]],
-    reduce_weight: Tensor,
-    reduce_bias: Tensor,
+    reduce_weight: Tensor | None,
+    reduce_bias: Tensor | None,
     config: DeFINEConfig,
     *,
     training: bool = False,
@@ -244,7 +244,8 @@ def hgt_forward_ref(
     ``layers[l]`` = (weight [g, a/g, b/g], bias [b], norm γ [b/g], norm β [b/g]).  The skip
     rebuilds mix(e, h) with torch.cat before every layer, independently of the op layouts.
     ``plans``: ``config.layer_plans()``, given when already at hand (``torch.compile`` cannot
-    trace their exact-rational arithmetic).
+    trace their exact-rational arithmetic). ``reduce_weight`` None: no Reduce, the result is its
+    input [T, k (+ n)].
     """
     plans = config.layer_plans() if plans is None else plans
     h = e
@@ -264,6 +265,8 @@ def hgt_forward_ref(
         seed = seeds[layer] if seeds is not None else None
         h = dropout_ref(h, plan.dropout, seed, rng=dropout_rng, training=training)
     x = split_mix_ref(e, h, 1) if config.skip_into_reduce else h
+    if reduce_weight is None:  # the caller runs a Reduce of its own (DeFINE with a wrapped or hooked one)
+        return x
     return F.linear(x, reduce_weight, reduce_bias)  # Reduce
 
 
