@@ -41,8 +41,7 @@ def make_layer(backend, device, dtype=torch.float64, **options):
 
 
 def ids_on(device):
-    ids = torch.tensor([[4, 0, 17, 4, 49], [3, 22, 3, 11, 40]], device=device)  # repeats, padding ids 0 and 3
-    return ids
+    return torch.tensor([[4, 0, 17, 4, 49], [3, 22, 3, 11, 40]], device=device)  # repeats, padding ids 0 and 3
 
 
 def penalty_grads(layer, ids, dedup=False):
