@@ -115,12 +115,18 @@ def reference_step(
     take no part in any gradient."""
     e_width, e_in_chunks, e_out_chunks, shuffle, activation, dropout_p, norm_eps = params
     if row_count is not None:
-        x = torch.where((torch.arange(x.shape[0], device=x.device) < row_count)[:, None], x, 0)
+        x = zero_rows_past(x, row_count)
     return reference.hgt_step_ref(
         x, weight, bias, norm_weight, norm_bias, seed if dropout_p > 0 else None, e_width=e_width,
         e_in_chunks=e_in_chunks, e_out_chunks=e_out_chunks, shuffle=shuffle, activation=activation,
         dropout_p=dropout_p, norm_eps=norm_eps,
     )  # fmt: skip
+
+
+def zero_rows_past(x: Tensor, row_count: Tensor) -> Tensor:
+    """x [T, w] with its rows from ``row_count`` (a device scalar: Triton's dedup count) on set to 0:
+    padding rows that hold whatever the kernels left there, kept out of every later sum."""
+    return torch.where((torch.arange(x.shape[0], device=x.device) < row_count)[:, None], x, 0)
 
 
 def reference_lookup(table: Tensor, ids: Tensor, padding_idx: int | None, scale: float) -> Tensor:

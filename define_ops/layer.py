@@ -32,6 +32,7 @@ from torch.nn.modules import module as _module_hooks
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import ops, reference
+from ._autograd import zero_rows_past
 from ._backend import requested_backend, resolve_backend
 from .config import DeFINEConfig, LayerPlan
 from .stack import StepSpec, gather_rows, hgt_stack
@@ -570,7 +571,7 @@ class DeFINE(nn.Module):
                             lookup=lookup, expand=inverse if fused_reduce else None)  # fmt: skip
             if not fused_reduce:  # the Reduce module itself, on the Reduce's input [T, k (+ n)]
                 if row_count is not None:  # dedup's padding rows are no rows: zeros, not whatever they hold
-                    out = torch.where((torch.arange(out.shape[0], device=out.device) < row_count)[:, None], out, 0)
+                    out = zero_rows_past(out, row_count)
                 out = self.reduce(out)
                 out = out if inverse is None else self._expand(out, inverse, backend)
         if cfg.padding_idx is not None:  # like nn.Embedding: a padding token embeds to zeros

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._autograd import differentiable_grads, reference_lookup, reference_step
+from ._autograd import differentiable_grads, reference_lookup, reference_step, zero_rows_past
 from .ops import _activation_name, _autocast, split_stack_grads
 
 TENSORS_PER_STEP = 5  # weight, bias, norm_weight, norm_bias, seed
@@ -277,9 +277,7 @@ def _reference_backward(
         x = reference_lookup(table, ids, ctx.lookup.padding_idx, ctx.lookup.scale).to(ctx.lookup.dtype)
     else:
         x = stored[0]  # the node's x input
-    if row_count is not None:  # Triton's dedup padding: rows past the distinct count are no rows
-        x = torch.where((torch.arange(x.shape[0], device=x.device) < row_count)[:, None], x, 0)
-    out = x
+    out = x if row_count is None else zero_rows_past(x, row_count)  # rows past the distinct count are no rows
     for index, spec in enumerate(ctx.specs):
         out = reference_step(out, *_step_tensors(step_tensors, index), spec.args())
     if expand is not None:
