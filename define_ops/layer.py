@@ -21,7 +21,7 @@ import operator
 import sys
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -160,6 +160,7 @@ def _in_autodiff_transform() -> bool:
 
 # Constructor options that are not part of DeFINEConfig (how the layer runs, not what it computes).
 _MODULE_OPTIONS = ("backend", "dedup", "cache", "validate_ids", "sparse", "device", "dtype")
+
 
 class TokenIdError(IndexError):
     """A token id outside [0, num_embeddings), found by ``DeFINE``'s id check (``validate_ids``);
@@ -545,11 +546,18 @@ class DeFINE(nn.Module):
             e = self.map(flat_ids, sparse=self.sparse)
         return e if pad is None else e.masked_fill((flat_ids == pad).unsqueeze(-1), 0.0)
 
-    def _unit(self, flat_ids: Tensor, row_count: Tensor | None = None, inverse: Tensor | None = None) -> Tensor:
+    def _unit(
+        self, flat_ids: Tensor, row_count: Tensor | None = None, inverse: Tensor | None = None,
+        shape: Sequence[int] | None = None,
+    ) -> Tensor:  # fmt: skip
         """Map → HGT → Reduce for ids [T] → [T, m]; padding ids give zero vectors. With
         ``row_count`` (a device scalar) only the first rows are needed (see ``ops.hgt_step``).
         With ``inverse`` (int64 [T']: dedup's, ``flat_ids`` then the distinct ids) the rows are
-        gathered by it → [T', m], inside the stack's autograd node on the compiled backends."""
+        gathered by it → [T', m], inside the stack's autograd node on the compiled backends.
+        With ``shape`` (the ids' shape, T' elements) the result is [*shape, m] and, like
+        ``nn.Embedding``'s, a tensor of its own rather than a view: a hook placed on the output
+        (FSDP2's pre-backward all-gather) survives an in-place op on it (``x += pos``), which on a
+        view would replace the node the hook sits on."""
         backend = "reference" if _in_autodiff_transform() else resolve_backend(self.backend, self.device)
         seeds = self._dropout_seeds()
         cfg = self.config
@@ -563,21 +571,34 @@ class DeFINE(nn.Module):
                 e, self._layer_params(), reduce_weight, reduce_bias, cfg, training=self.training, seeds=seeds,
                 plans=self.plans,
             )  # fmt: skip
-            out = out if fused_reduce else self.reduce(out)
-            out = out if inverse is None else self._expand(out, inverse, backend)
+            if fused_reduce and inverse is not None:
+                out = self._expand(out, inverse, backend)
         else:
             lookup = (self.weight, flat_ids, cfg.padding_idx, self.embedding_scale) if fold_lookup else None
             out = hgt_stack(e, self._stack_steps(seeds, fused_reduce), backend=backend, row_count=row_count,
                             lookup=lookup, expand=inverse if fused_reduce else None)  # fmt: skip
-            if not fused_reduce:  # the Reduce module itself, on the Reduce's input [T, k (+ n)]
-                if row_count is not None:  # dedup's padding rows are no rows: zeros, not whatever they hold
-                    out = zero_rows_past(out, row_count)
-                out = self.reduce(out)
-                out = out if inverse is None else self._expand(out, inverse, backend)
+            if not fused_reduce and row_count is not None:  # dedup's padding rows are no rows: zeros
+                out = zero_rows_past(out, row_count)
+        out_shape = None if shape is None else (*shape, cfg.embedding_dim)
+        if not fused_reduce:  # the Reduce module itself, on the Reduce's input [T, k (+ n)]
+            out = self.reduce(out)
+            out = out if inverse is None else self._expand(out, inverse, backend)
         if cfg.padding_idx is not None:  # like nn.Embedding: a padding token embeds to zeros
             row_ids = flat_ids if inverse is None else flat_ids[inverse]
-            out = out.masked_fill((row_ids == cfg.padding_idx).unsqueeze(-1), 0.0)
-        return out
+            mask = (row_ids == cfg.padding_idx).unsqueeze(-1)
+            if out_shape is not None:
+                out, mask = out.reshape(out_shape), mask.reshape(*shape, 1)
+            return out.masked_fill(mask, 0.0)  # a new tensor, not a view
+        if out_shape is None or tuple(out.shape) == out_shape:
+            return out
+        if not fused_reduce and inverse is None:
+            # The Reduce module's own result, which its backward may have saved (a wrapper ending in
+            # tanh saves it): an alias that is no view would hide an in-place op on the output from
+            # autograd's version check, a view would lose FSDP2's hook. A copy, on this path only.
+            return out.reshape(out_shape).clone()
+        # Our ops' result [T', m] (the stack's, the reference's or the expansion's), which nothing
+        # saved for its backward and nothing else holds: it takes the shape without becoming a view.
+        return torch.ops.aten._unsafe_view(out, out_shape)
 
     def _stack_steps(self, seeds: Tensor | None, with_reduce: bool = True) -> list[tuple]:
         """``hgt_stack``'s steps: per HGT layer (weight, bias, γ, β, seed, StepSpec), then (with
@@ -620,19 +641,18 @@ class DeFINE(nn.Module):
             if verified or not backend_rows:
                 return F.embedding(ids, table)
             # Unchecked ids: the backend's lookup gives a bad one a NaN row; F.embedding asserts on CUDA.
-            return gather_rows(table, ids.reshape(-1), lookup_backend).reshape(*ids.shape, table.shape[1])
+            rows = gather_rows(table, ids.reshape(-1), lookup_backend)  # [T, m] of its own: shaped, not a view
+            return torch.ops.aten._unsafe_view(rows, (*ids.shape, table.shape[1]))
         flat = ids.reshape(-1)
         use_dedup = (self.dedup if dedup is None else dedup) and flat.numel() > 0 and not _in_autodiff_transform()
         backend = self.active_backend() if use_dedup else None
         if backend == "triton":
             distinct, inverse, count = distinct_ids(flat)
-            out = self._unit(distinct, row_count=count, inverse=inverse)
-        elif use_dedup and not torch.compiler.is_compiling():
+            return self._unit(distinct, row_count=count, inverse=inverse, shape=ids.shape)
+        if use_dedup and not torch.compiler.is_compiling():
             distinct, inverse = torch.unique(flat, return_inverse=True)
-            out = self._unit(distinct, inverse=inverse)
-        else:
-            out = self._unit(flat)
-        return out.reshape(*ids.shape, self.config.embedding_dim)
+            return self._unit(distinct, inverse=inverse, shape=ids.shape)
+        return self._unit(flat, shape=ids.shape)
 
     @staticmethod
     def _expand(rows: Tensor, inverse: Tensor, backend: str) -> Tensor:
