@@ -47,6 +47,10 @@ class GroupLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(group_width, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(group_width, device=device, dtype=dtype))
 
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
@@ -72,6 +76,8 @@ class HGTLayer(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+        if self.norm is not None:  # after to_empty() (meta-device init) γ/β hold whatever memory held
+            self.norm.reset_parameters()
 
     def extra_repr(self) -> str:
         p = self.plan

@@ -3,7 +3,8 @@
 FSDP2 frees a sharded module's gathered parameters after its forward and gathers them again in a
 hook it places on the module's output. An in-place op on that output (``x += positions``) must
 not lose the hook: it did while the layer returned a view of its [T, m] result (the backward then
-read freed parameter storage), where ``nn.Embedding`` returns a tensor of its own.
+read freed parameter storage), where ``nn.Embedding`` returns a tensor of its own. Also here: the
+meta-device initialisation that sharded training starts from (``to_empty`` + ``reset_parameters``).
 """
 
 from __future__ import annotations
@@ -149,3 +150,30 @@ def test_the_output_is_a_tensor_of_its_own_and_in_place_ops_on_it_stay_exact(bac
     with torch.no_grad():  # the cached table's lookup too
         assert layers[0](ids)._base is None
 
+
+@pytest.mark.parametrize("options", [
+    dict(),  # norm, bias, shuffle: the paper's layer
+    dict(norm=None, bias=False, padding_idx=3),
+    dict(map="adaptive", cutoffs=[10, 30], adaptive_factor=2),
+])  # fmt: skip
+def test_meta_device_init_then_reset_parameters_sets_every_parameter(options):
+    """Large models are built on the meta device, given memory with ``to_empty`` (FSDP2 and
+    torchtitan do) and initialised with each module's ``reset_parameters()``: every parameter must
+    get its initial value then, as in a layer built normally (the LayerNorm γ/β kept whatever the
+    memory held)."""
+    with torch.device("meta"):
+        lazy = define_ops.DeFINE(VOCAB, WIDTH, input_dim=8, max_dim=16, depth=3, **options)
+    lazy.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in lazy.parameters():
+            p.fill_(float("nan"))  # what to_empty leaves is arbitrary: make a missed parameter show
+    eager = define_ops.DeFINE(VOCAB, WIDTH, input_dim=8, max_dim=16, depth=3, **options)
+    for layer in (lazy, eager):
+        torch.manual_seed(7)
+        layer.reset_parameters()
+    for (name, p), q in zip(lazy.named_parameters(), eager.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    norms = [layer.norm for layer in lazy.layers if layer.norm is not None]
+    assert all(torch.equal(n.weight, torch.ones_like(n.weight)) and not n.bias.any() for n in norms)
+    ids = torch.randint(0, VOCAB, (2, 5))
+    torch.testing.assert_close(lazy(ids), eager(ids))
