@@ -595,13 +595,17 @@ class DeFINE(nn.Module):
             if out_shape is not None:
                 out, mask = out.reshape(out_shape), mask.reshape(*shape, 1)
             return out.masked_fill(mask, 0.0)  # a new tensor, not a view
-        if out_shape is None or tuple(out.shape) == out_shape:
+        if out_shape is None:
             return out
         if not fused_reduce and inverse is None:
             # The Reduce module's own result, which its backward may have saved (a wrapper ending in
             # tanh saves it): an alias that is no view would hide an in-place op on the output from
-            # autograd's version check, a view would lose FSDP2's hook. A copy, on this path only.
-            return out.reshape(out_shape).clone()
+            # autograd's version check, a view would lose FSDP2's hook. A copy where it must change
+            # shape or is a view already, on this path only.
+            same = out._base is None and tuple(out.shape) == out_shape
+            return out if same else out.reshape(out_shape).clone()
+        if tuple(out.shape) == out_shape:
+            return out
         # Our ops' result [T', m] (the stack's, the reference's or the expansion's), which nothing
         # saved for its backward and nothing else holds: it takes the shape without becoming a view.
         return torch.ops.aten._unsafe_view(out, out_shape)

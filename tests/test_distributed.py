@@ -177,3 +177,24 @@ def test_meta_device_init_then_reset_parameters_sets_every_parameter(options):
     assert all(torch.equal(n.weight, torch.ones_like(n.weight)) and not n.bias.any() for n in norms)
     ids = torch.randint(0, VOCAB, (2, 5))
     torch.testing.assert_close(lazy(ids), eager(ids))
+
+
+class _ViewReduce(nn.Module):
+    """A Reduce wrapper that returns a view of its result."""
+
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x)[:, : self.base.out_features]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_reduce_that_returns_a_view_still_gives_an_output_of_its_own(backend):
+    if not _backend_available(backend):
+        pytest.skip(f"{backend} unavailable")
+    layer = define_ops.DeFINE(VOCAB, WIDTH, input_dim=8, max_dim=16, depth=3, backend=backend)
+    layer.reduce = _ViewReduce(layer.reduce)
+    out = layer(torch.randint(0, VOCAB, (7,)))  # 1-D ids: the Reduce's [T, m] already has the output's shape
+    assert out._base is None and out.shape == (7, WIDTH)
