@@ -637,6 +637,14 @@ class DeFINE(nn.Module):
         """
         self._check_id_tensor(ids)
         table = self._cached_table() if self._cache_usable(ids) else None
+        if table is not None and self.validate_ids is True and ids.device.type == "cpu":
+            # F.embedding checks every id on the CPU: only a failure needs the check that names the
+            # id (~4 µs of a ~21 µs cached call saved where all ids are good).
+            try:
+                return F.embedding(ids, table)
+            except IndexError:
+                self._check_id_values(ids, False)  # raises TokenIdError naming the first bad id
+                raise
         # Whether this call's lookup gives an out-of-range id a NaN row (then its check may be deferred):
         # the backend's own lookup op does, the Map's adaptive bands do, F.embedding does not. (Moot
         # where validate_ids=True checks before the call: no backend lookup on the cached path then.)

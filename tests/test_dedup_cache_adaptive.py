@@ -120,6 +120,21 @@ def test_cache_matches_uncached_eval_output_for_every_id(backend):
     assert max_err(layer.to_embedding()(every_id), uncached) < 1e-12
 
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [50, -1, 10**6])
+def test_cached_call_names_a_bad_id(backend, bad):
+    """The cached CPU call leaves the range check to F.embedding's own and names the bad id only
+    when that fails: the same TokenIdError as the check before the call gives."""
+    layer = small_layer(backend).eval()
+    ids = torch.tensor([[3, 4], [bad, 7]])
+    with torch.no_grad():
+        layer(torch.tensor([0, 1]))  # the table is built
+        assert layer._cache_table is not None
+        with pytest.raises(define_ops.TokenIdError, match=f"token id {bad} at flat position 2 is out of range"):
+            layer(ids)
+        assert layer(ids[:1]).shape == (1, 2, layer.config.embedding_dim)  # and it still serves good ids
+
 def test_cache_is_rebuilt_after_an_optimizer_step_and_not_saved():
     layer = small_layer(BACKENDS[-1]).train()
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
