@@ -127,9 +127,8 @@ def test_the_output_is_a_tensor_of_its_own_and_in_place_ops_on_it_stay_exact(bac
     saved it for its backward, as tanh does) the layer hands out a copy, never an alias."""
     if not _backend_available(backend):
         pytest.skip(f"{backend} unavailable")
-    torch.manual_seed(0)
     layers = []
-    for _ in range(2):
+    for _ in range(2):  # two equal layers: in place on one, out of place on the other
         torch.manual_seed(0)
         layer = define_ops.DeFINE(VOCAB, WIDTH, input_dim=8, max_dim=16, depth=3, dropout=0.0, backend=backend,
                                   dedup=dedup, padding_idx=padding_idx, dtype=torch.float64)  # fmt: skip
