@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 # The Triton interpreter must be chosen before any @triton.jit kernel is defined.
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -30,6 +31,13 @@ def _fresh_dynamo(request):
     if "compile" in request.node.name:
         torch._dynamo.reset()
     yield
+
+
+def free_port() -> int:
+    """A TCP port free on this host now: the rendezvous of a test's torch.distributed processes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

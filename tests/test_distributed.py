@@ -10,7 +10,6 @@ meta-device initialisation that sharded training starts from (``to_empty`` + ``r
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -19,9 +18,11 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import define_ops
-from define_ops._backend import BackendUnavailableError, resolve_backend
+
+from .conftest import free_port
 
 VOCAB, WIDTH = 64, 12
+AVAILABLE = define_ops.available_backends("cpu")  # the reference, cpu, triton (interpreter) where they run
 
 CASES = [  # (backend, dedup, padding_idx, wrapped Reduce)
     (backend, dedup, padding_idx, wrapped)
@@ -34,14 +35,6 @@ CASES = [  # (backend, dedup, padding_idx, wrapped Reduce)
         (True, None, True),
     )
 ]
-
-
-def _backend_available(backend: str) -> bool:
-    try:
-        resolve_backend(backend, torch.device("cpu"))
-    except BackendUnavailableError:
-        return False
-    return True
 
 
 class _Model(nn.Module):
@@ -61,12 +54,6 @@ class _Model(nn.Module):
         x = self.embed(ids)
         x += self.positions  # in place, on the layer's output
         return self.head(x).square().mean()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, cases: list, out: str) -> None:
@@ -99,10 +86,10 @@ def _worker(rank: int, world: int, port: int, cases: list, out: str) -> None:
 
 
 def test_fsdp2_with_an_in_place_op_on_the_output_matches_one_process(tmp_path):
-    cases = [case for case in CASES if _backend_available(case[0])]
+    cases = [case for case in CASES if case[0] in AVAILABLE]
     if not cases:
         pytest.skip("no backend available")
-    mp.spawn(_worker, args=(2, _free_port(), cases, str(tmp_path / "result")), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), cases, str(tmp_path / "result")), nprocs=2, join=True)
     for rank in range(2):
         worst = torch.load(tmp_path / f"result.rank{rank}", weights_only=True)
         for case, error in zip(cases, worst, strict=True):
@@ -125,7 +112,7 @@ def test_the_output_is_a_tensor_of_its_own_and_in_place_ops_on_it_stay_exact(bac
     """On every path the output is no view (as nn.Embedding's), and an in-place op on it gives the
     gradients of the out-of-place op: where the result is a Reduce module's own (which may have
     saved it for its backward, as tanh does) the layer hands out a copy, never an alias."""
-    if not _backend_available(backend):
+    if backend not in AVAILABLE:
         pytest.skip(f"{backend} unavailable")
     layers = []
     for _ in range(2):  # two equal layers: in place on one, out of place on the other
@@ -191,7 +178,7 @@ class _ViewReduce(nn.Module):
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_a_reduce_that_returns_a_view_still_gives_an_output_of_its_own(backend):
-    if not _backend_available(backend):
+    if backend not in AVAILABLE:
         pytest.skip(f"{backend} unavailable")
     layer = define_ops.DeFINE(VOCAB, WIDTH, input_dim=8, max_dim=16, depth=3, backend=backend)
     layer.reduce = _ViewReduce(layer.reduce)

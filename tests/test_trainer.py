@@ -10,7 +10,6 @@ import math
 import os
 import pickle
 import signal
-import socket
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,7 @@ from models.trainer import (
     cleanup_distributed,
     init_distributed,
 )
+from tests.conftest import free_port
 from tests.lm_fixtures import TINY, TINY_DEFINE, one_thread, ptb_slice
 
 STEPS = 12
@@ -379,12 +379,6 @@ def test_metrics_log_and_bad_precision(corpus_dir, cache_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- DDP
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))  # fmt: skip
@@ -409,7 +403,7 @@ def test_ddp_two_cpu_processes_keep_parameters_identical(corpus_dir, cache_dir, 
     steps = 6
     cfg = config(corpus_dir, cache_dir, tmp_path / "ddp", "lstm", "--max-steps", str(steps), "--dropout", "0",
                  "--dropouth", "0", "--dropouti", "0", "--define-dropout", "0", "--eval-every", "3")  # fmt: skip
-    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg, str(tmp_path / "result")), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), cfg, str(tmp_path / "result")), nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / f"result.rank{r}", weights_only=True) for r in range(2))
     for name, value in rank0["params"].items():
         assert torch.equal(value, rank1["params"][name]), f"{name} differs between ranks"

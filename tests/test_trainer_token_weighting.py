@@ -5,7 +5,6 @@ of different sizes accumulated into one optimizer step."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from models.trainer import StepResult, TrainConfig, Trainer, cleanup_distributed, init_distributed
+from tests.conftest import free_port
 
 # Rank r's single batch: (inputs [tokens, 2], targets [tokens]); rank 0 holds 3 tokens, rank 1 one.
 BATCHES = [
@@ -79,10 +79,7 @@ def _worker(rank, world, port, out, accum_steps):
 
 @pytest.mark.parametrize("accum_steps", [1, 2])
 def test_ddp_gradient_is_the_mean_over_all_tokens(tmp_path, accum_steps):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(tmp_path), accum_steps), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), accum_steps), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     inputs = torch.cat([b[0] for b in BATCHES])
     targets = torch.cat([b[1] for b in BATCHES])
