@@ -51,12 +51,19 @@ class GroupLayerNorm(nn.Module):
         nn.init.ones_(self.weight)
         nn.init.zeros_(self.bias)
 
+    def forward(self, z: Tensor) -> Tensor:
+        """z [T, b] (g groups of the width of γ) → the per-group LayerNorm of z [T, b]. Called as a
+        module only where a hook watches it (see HGTLayer.forward); the kernels fuse it otherwise."""
+        groups = z.shape[-1] // self.weight.shape[0]
+        return reference.group_layer_norm_ref(z, groups, self.weight, self.bias, self.eps)
+
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
 class HGTLayer(nn.Module):
-    """Parameters of one grouped layer of the hierarchical group transformation."""
+    """One grouped layer of the hierarchical group transformation: its parameters, which DeFINE's
+    fused stack reads, and a forward that DeFINE calls only where a hook watches the layer."""
 
     def __init__(self, plan: LayerPlan, eps: float = 1e-5, device=None, dtype=None) -> None:
         super().__init__()
@@ -78,6 +85,27 @@ class HGTLayer(nn.Module):
             nn.init.zeros_(self.bias)
         if self.norm is not None:  # after to_empty() (meta-device init) γ/β hold whatever memory held
             self.norm.reset_parameters()
+
+    def forward(self, x: Tensor, seed: Tensor | None = None, *, backend: str = "auto") -> Tensor:
+        """x [T, a] (this layer's input: e for the first layer, mix(e, h) after it) → h [T, b];
+        ``seed`` [] int64 draws the dropout mask in training mode (None: no dropout).
+
+        DeFINE runs its layers through this call only where a hook watches a layer or its norm
+        (``torch.nn.utils.prune`` is one: its pre-hook recomputes the weight), so that the hooks fire
+        with the layer's own input and output; otherwise its fused stack reads the parameters and
+        never calls the modules. A hooked norm is called as a module between the GEMM and the
+        activation; the step op fuses it otherwise."""
+        plan, norm = self.plan, self.norm
+        dropout_p = plan.dropout if self.training and seed is not None else 0.0
+        if norm is not None and _watched(norm):
+            h = ops.hgt_step(x, self.weight, self.bias, shuffle=plan.shuffle, backend=backend)
+            h = reference.activation_ref(norm(h), plan.activation)
+            return reference.dropout_ref(h, dropout_p, seed)
+        return ops.hgt_step(
+            x, self.weight, self.bias, norm.weight if norm is not None else None,
+            norm.bias if norm is not None else None, seed, shuffle=plan.shuffle, activation=plan.activation,
+            dropout_p=dropout_p, norm_eps=norm.eps if norm is not None else 1e-5, backend=backend,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         p = self.plan
@@ -153,6 +181,23 @@ def _own(module: nn.Module, name: str) -> Tensor | None:
     return params[name] if name in params else getattr(module, name)
 
 
+def _hook_dicts(module: nn.Module) -> tuple[dict, ...]:
+    """The module's own forward, forward-pre, backward and backward-pre hook dicts."""
+    return (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+
+
+def _global_hook_dicts() -> tuple[dict, ...]:
+    """torch's global module hooks (``register_module_forward_hook`` ...), which fire for every module call."""
+    h = _module_hooks
+    return (h._global_forward_hooks, h._global_forward_pre_hooks,
+            h._global_backward_hooks, h._global_backward_pre_hooks)  # fmt: skip
+
+
+def _watched(module: nn.Module) -> bool:
+    """Whether a hook of its own or a global one would fire if the module were called."""
+    return any(_hook_dicts(module)) or any(_global_hook_dicts())
+
+
 def _in_autodiff_transform() -> bool:
     """Inside a torch.func transform (grad, vmap, jacrev, functional autodiff...) or a forward-mode
     AD level (``torch.autograd.forward_ad.dual_level``): the compiled backends' autograd Functions
@@ -198,8 +243,8 @@ def distinct_ids(flat_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return distinct, inverse, segment[-1:] + 1
 
 
-# Bumped whenever any module anywhere gets a submodule or a parameter assigned (nn.Module.__setattr__,
-# register_parameter, ModuleList/ModuleDict updates, add_module): the cache's version check
+# Bumped whenever any module anywhere gets a submodule, a parameter or a buffer assigned (nn.Module.__setattr__,
+# register_parameter/register_buffer, ModuleList/ModuleDict updates, add_module): the cache's version check
 # collects its parameters again only then, and a table built before never serves after. Raw
 # edits of a module's `_modules` or `_parameters` dict bypass it (call invalidate_cache()).
 _registration_epoch = [0]
@@ -211,6 +256,7 @@ def _count_registration(module: nn.Module, name: str, value: object) -> None:
 
 torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
 torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_buffer_registration_hook(_count_registration)
 
 # Bumped after each step of an optimizer that may write parameters without bumping their version
 # counters (torch.optim's global post-step hook): torch's fused ones (``fused=True``), and any from
@@ -506,12 +552,25 @@ class DeFINE(nn.Module):
         weight_norm, a wrapper such as a LoRA adapter, a forward or backward hook) is called as the
         module it is, on the stack's output, so that whatever it adds takes effect."""
         reduce = self._modules["reduce"]
-        if type(reduce) is not nn.Linear:
-            return False
-        hooks = (reduce._forward_hooks, reduce._forward_pre_hooks, reduce._backward_hooks, reduce._backward_pre_hooks,
-                 _module_hooks._global_forward_hooks, _module_hooks._global_forward_pre_hooks,
-                 _module_hooks._global_backward_hooks, _module_hooks._global_backward_pre_hooks)  # fmt: skip
-        return not any(hooks)
+        return type(reduce) is nn.Linear and not _watched(reduce)
+
+    def _layer_hook_dicts(self) -> list[dict]:
+        """Every hook dict of the HGT layers and their norms, collected again only when a module or
+        parameter was registered anywhere (a new layer or norm module comes with new dicts)."""
+        epoch = _registration_epoch[0]
+        if self._cache_hooks_epoch != epoch:
+            layers = self._modules["layers"]
+            modules = [m for layer in layers for m in (layer, layer._modules.get("norm")) if m is not None]
+            self._cache_layer_hooks = [d for m in modules for d in _hook_dicts(m)]
+            self._cache_hooks_epoch = epoch
+        return self._cache_layer_hooks
+
+    def _layers_run_as_modules(self) -> bool:
+        """Whether a hook watches an HGT layer or its norm (its own, e.g. torch.nn.utils.prune's
+        pre-hook, or a global one): then the layers run one by one as modules (HGTLayer.forward),
+        so that the hooks fire, instead of the fused stack, which only reads their parameters.
+        ~0.5 µs at awd_ptb's 14 modules."""
+        return any(self._layer_hook_dicts()) or any(_global_hook_dicts())
 
     def _step_specs(self, dropout: bool) -> tuple[StepSpec, ...]:
         """The stack's per-step arguments (HGT layers, then the Reduce), built once per dropout state
@@ -567,11 +626,16 @@ class DeFINE(nn.Module):
         backend = "reference" if _in_autodiff_transform() else resolve_backend(self.backend, self.device)
         seeds = self._dropout_seeds()
         cfg = self.config
+        by_modules = self._layers_run_as_modules()
         # A plain table lookup runs inside the stack's autograd node (see hgt_stack's `lookup`).
-        fold_lookup = backend != "reference" and cfg.map == "table" and not self.sparse
+        fold_lookup = backend != "reference" and cfg.map == "table" and not self.sparse and not by_modules
         e = None if fold_lookup else self.embed_ids(flat_ids, backend)
-        fused_reduce = self._reduce_runs_fused()
-        if backend == "reference":
+        fused_reduce = not by_modules and self._reduce_runs_fused()
+        if by_modules:  # a hooked layer: each one called as a module, on the backend's step op
+            out = self._hgt_by_modules(e, seeds, backend)
+            if row_count is not None:
+                out = zero_rows_past(out, row_count)
+        elif backend == "reference":
             reduce_weight, reduce_bias = (self.reduce.weight, self.reduce.bias) if fused_reduce else (None, None)
             out = reference.hgt_forward_ref(
                 e, self._layer_params(), reduce_weight, reduce_bias, cfg, training=self.training, seeds=seeds,
@@ -609,6 +673,18 @@ class DeFINE(nn.Module):
         # Our ops' result [T', m] (the stack's, the reference's or the expansion's), which nothing
         # saved for its backward and nothing else holds: it takes the shape without becoming a view.
         return torch.ops.aten._unsafe_view(out, out_shape)
+
+    def _hgt_by_modules(self, e: Tensor, seeds: Tensor | None, backend: str) -> Tensor:
+        """e [T, n] → the Reduce's input [T, k (+ n)], each HGT layer called as a module (the
+        split-mix skip between them as its own op): what the fused stack computes, with the same
+        dropout masks, but every hook on a layer or its norm fires."""
+        plans = self.plans
+        h = e
+        for index, layer in enumerate(self._modules["layers"]):
+            chunks = plans[index].e_in_chunks
+            x = e if index == 0 else ops.split_mix(e, h, chunks) if chunks else h
+            h = layer(x, seeds[index] if seeds is not None else None, backend=backend)
+        return ops.split_mix(e, h, 1) if self.config.skip_into_reduce else h
 
     def _stack_steps(self, seeds: Tensor | None, with_reduce: bool = True) -> list[tuple]:
         """``hgt_stack``'s steps: per HGT layer (weight, bias, γ, β, seed, StepSpec), then (with
@@ -664,7 +740,8 @@ class DeFINE(nn.Module):
         flat = ids.reshape(-1)
         use_dedup = (self.dedup if dedup is None else dedup) and flat.numel() > 0 and not _in_autodiff_transform()
         backend = self.active_backend() if use_dedup else None
-        if backend == "triton":
+        # (A hooked layer sees the distinct ids alone: no padding rows.)
+        if backend == "triton" and not self._layers_run_as_modules():
             distinct, inverse, count = distinct_ids(flat)
             return self._unit(distinct, row_count=count, inverse=inverse, shape=ids.shape)
         if use_dedup and not torch.compiler.is_compiling():
@@ -712,25 +789,32 @@ class DeFINE(nn.Module):
         self._cache_table: Tensor | None = None  # a plain attribute: never in state_dict, pickles or copies
         self._cache_key: tuple | None = None  # _cache_state()'s key of the table
         self._cache_sources: list[tuple[Tensor, Any]] = []  # (parameter, its storage) the table was built from
-        self._cache_slots: list[tuple[dict[str, Any], str]] = []  # (a module's _parameters, name)
+        self._cache_slots: list[tuple[dict[str, Any], str]] = []  # (a module's _parameters or _buffers, name)
         self._cache_slots_epoch = -1
+        self._cache_parameter_count = 0  # the first slots are parameters, the rest buffers
+        self._cache_layer_hooks: list[dict] = []  # _layer_hook_dicts(), and the epoch it was collected in
+        self._cache_hooks_epoch = -1
 
     def _cache_state(self) -> tuple[tuple, list[Tensor]]:
-        """(key, the parameter tensors now in the modules' dicts): the table serves only while the
-        key is equal: the same tensor objects, versions and storages, and the same autocast state.
+        """(key, the parameter and buffer tensors now in the modules' dicts): the table serves only while
+        the key is equal: the same tensor objects, versions and storages, and the same autocast state.
 
         In-place updates (optimizer steps, load_state_dict, no_grad edits, .to()) bump _version;
-        new data (`p.data = t`) changes the storage; new parameters or submodules anywhere bump the
+        new data (`p.data = t`) changes the storage; new parameters, buffers or submodules anywhere bump the
         registration epoch (the only time the dict slots are collected again); tensors swapped into
         the dicts without registration (``torch.func.functional_call``) are other objects; steps of
         the optimizers that may bump no version are counted (see _count_optimizer_step); autocast
         changes the values and dtype of the output, so its state is part of the key, as are the
-        forward hooks on the Reduce (which then runs as a module). Runs on every
+        hooks on the Reduce, the HGT layers and their norms (which then run as modules; a pruned
+        layer's mask is a buffer). Runs on every
         cached call (a few µs for awd_ptb's 31 parameters on a 2-core VM)."""
         epoch = _registration_epoch[0]
         if self._cache_slots_epoch != epoch:
-            modules = self.modules()
+            modules = list(self.modules())
+            # Parameters first, then buffers (none of DeFINE's own; torch.nn.utils.prune's masks).
             self._cache_slots = [(m._parameters, n) for m in modules for n, p in m._parameters.items() if p is not None]
+            self._cache_parameter_count = len(self._cache_slots)
+            self._cache_slots += [(m._buffers, n) for m in modules for n, b in m._buffers.items() if b is not None]
             self._cache_slots_epoch = epoch
         tensors = [parameters[name] for parameters, name in self._cache_slots]
         # id and data_ptr: the table holds these tensors and their storages (_cache_sources), so no
@@ -741,9 +825,12 @@ class DeFINE(nn.Module):
         # Forward hooks that the Reduce's module call would run (see _reduce_runs_fused): adding or
         # removing one changes the table. Their handles' ids, ~0.3 µs for the empty dicts.
         reduce = self._modules["reduce"]
+        # The same for the HGT layers and their norms (every hook makes them run as modules).
+        layer_hooks = self._layer_hook_dicts()
         hooks = (tuple(reduce._forward_hooks), tuple(reduce._forward_pre_hooks),
                  tuple(_module_hooks._global_forward_hooks),
-                 tuple(_module_hooks._global_forward_pre_hooks))  # fmt: skip
+                 tuple(_module_hooks._global_forward_pre_hooks),
+                 tuple(map(tuple, layer_hooks)) if any(layer_hooks) else ())  # fmt: skip
         return (epoch, _untracked_optimizer_steps[0], autocast, hooks, state), tensors
 
     def _cache_usable(self, ids: Tensor) -> bool:
@@ -758,7 +845,8 @@ class DeFINE(nn.Module):
         """The table for the parameters in the modules now, or None where none should be built."""
         key, sources = self._cache_state()
         if self._cache_table is None or key != self._cache_key:
-            if not all(isinstance(t, nn.Parameter) for t in sources):
+            parameters = sources[: self._cache_parameter_count]
+            if not all(isinstance(t, nn.Parameter) for t in parameters):
                 # Tensors swapped in for one call (torch.func.functional_call): computing all V rows
                 # for it and keeping them alive would cost far more than the call itself.
                 return None
