@@ -93,11 +93,12 @@ class HGTLayer(nn.Module):
         DeFINE runs its layers through this call only where a hook watches a layer or its norm
         (``torch.nn.utils.prune`` is one: its pre-hook recomputes the weight), so that the hooks fire
         with the layer's own input and output; otherwise its fused stack reads the parameters and
-        never calls the modules. A hooked norm is called as a module between the GEMM and the
-        activation; the step op fuses it otherwise."""
+        never calls the modules. A hooked norm, or a module with a forward of its own put in the
+        place of the GroupLayerNorm (any [T, b] → [T, b] module), is called as a module between the
+        GEMM and the activation; the step op fuses the GroupLayerNorm otherwise."""
         plan, norm = self.plan, self.norm
         dropout_p = plan.dropout if self.training and seed is not None else 0.0
-        if norm is not None and _watched(norm):
+        if norm is not None and (type(norm).forward is not GroupLayerNorm.forward or _watched(norm)):
             h = ops.hgt_step(x, self.weight, self.bias, shuffle=plan.shuffle, backend=backend)
             h = reference.activation_ref(norm(h), plan.activation)
             return reference.dropout_ref(h, dropout_p, seed)
@@ -556,21 +557,30 @@ class DeFINE(nn.Module):
 
     def _layer_hook_dicts(self) -> list[dict]:
         """Every hook dict of the HGT layers and their norms, collected again only when a module or
-        parameter was registered anywhere (a new layer or norm module comes with new dicts)."""
+        parameter was registered anywhere (a new layer or norm module comes with new dicts); also
+        notes whether a layer or norm is another module than ours (``_cache_layers_replaced``)."""
         epoch = _registration_epoch[0]
         if self._cache_hooks_epoch != epoch:
             layers = self._modules["layers"]
-            modules = [m for layer in layers for m in (layer, layer._modules.get("norm")) if m is not None]
+            norms = [layer._modules.get("norm") for layer in layers]
+            modules = [m for layer, norm in zip(layers, norms, strict=True) for m in (layer, norm) if m is not None]
             self._cache_layer_hooks = [d for m in modules for d in _hook_dicts(m)]
+            # Our forward (a parametrized module's class is a subclass that keeps it) or another one.
+            own_forward = [type(layer).forward is HGTLayer.forward for layer in layers]
+            own_forward += [type(norm).forward is GroupLayerNorm.forward for norm in norms if norm is not None]
+            self._cache_layers_replaced = not all(own_forward)
             self._cache_hooks_epoch = epoch
         return self._cache_layer_hooks
 
     def _layers_run_as_modules(self) -> bool:
         """Whether a hook watches an HGT layer or its norm (its own, e.g. torch.nn.utils.prune's
-        pre-hook, or a global one): then the layers run one by one as modules (HGTLayer.forward),
-        so that the hooks fire, instead of the fused stack, which only reads their parameters.
+        pre-hook, or a global one), or a module with a forward of its own stands in for one (an
+        HGTLayer subclass that overrides it, a norm of the user's own): then the layers run one by
+        one as modules (``layer(x, seed, backend=...)``, HGTLayer.forward's signature), so that the
+        hooks fire and the modules' own code runs, instead of the fused stack, which only reads our
+        modules' parameters.
         ~0.5 µs at awd_ptb's 14 modules."""
-        return any(self._layer_hook_dicts()) or any(_global_hook_dicts())
+        return any(self._layer_hook_dicts()) or self._cache_layers_replaced or any(_global_hook_dicts())
 
     def _step_specs(self, dropout: bool) -> tuple[StepSpec, ...]:
         """The stack's per-step arguments (HGT layers, then the Reduce), built once per dropout state
@@ -794,6 +804,7 @@ class DeFINE(nn.Module):
         self._cache_parameter_count = 0  # the first slots are parameters, the rest buffers
         self._cache_layer_hooks: list[dict] = []  # _layer_hook_dicts(), and the epoch it was collected in
         self._cache_hooks_epoch = -1
+        self._cache_layers_replaced = False
 
     def _cache_state(self) -> tuple[tuple, list[Tensor]]:
         """(key, the parameter and buffer tensors now in the modules' dicts): the table serves only while

@@ -323,3 +323,53 @@ def test_a_pruned_layer_compiles_with_fullgraph(backend):
     assert_close(outputs[1][0], outputs[0][0])
     assert_close(outputs[1][1], outputs[0][1])
     assert (outputs[0][1] * (1 - eager.layers[1].weight_mask)).abs().max() == 0  # pruned entries get no gradient
+
+
+class ScaledGroupLayerNorm(define_ops.layer.GroupLayerNorm):
+    """A norm of the user's own (a forward that is not ours): GroupLayerNorm's output, doubled."""
+
+    def forward(self, z):
+        return 2 * super().forward(z)
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_norms_and_layers_of_the_users_own_run_as_modules(backend):
+    # an identity in the norm's place: a layer built without norms, holding the same weights
+    layer = make_layer(backend)
+    for hgt in layer.layers:
+        hgt.norm = nn.Identity()
+    assert layer._layers_run_as_modules()
+    plain = make_layer(backend, norm=None)
+    with torch.no_grad():
+        for name, value in plain.named_parameters():
+            value.copy_(layer.get_parameter(name))
+    out, grads = run(layer)
+    plain_out, plain_grads = run(plain)
+    assert_close(out, plain_out)
+    for name, grad in plain_grads.items():
+        assert_close(grads[name], grad)
+    # a norm subclass with its own forward, against the reference composed by hand
+    layer = make_layer(backend, dropout=0.0, padding_idx=None)
+    layer.layers[1].norm = ScaledGroupLayerNorm(layer.layers[1].norm.weight.shape[0]).double()
+    ref = define_ops.reference
+    e = layer.weight[IDS.reshape(-1)] * layer.embedding_scale
+    h = e
+    for index, hgt in enumerate(layer.layers):
+        plan = layer.plans[index]
+        x = e if index == 0 else ref.split_mix_ref(e, h, plan.e_in_chunks) if plan.e_in_chunks else h
+        z = ref.grouped_linear_ref(x, hgt.weight, hgt.bias)
+        norm_scale = 2 if index == 1 else 1
+        z = norm_scale * ref.group_layer_norm_ref(z, plan.groups, hgt.norm.weight, hgt.norm.bias, 1e-5)
+        h = ref.activation_ref(z, plan.activation)
+    expected = layer.reduce(ref.split_mix_ref(e, h, 1))
+    assert_close(layer(IDS).reshape(IDS.numel(), -1), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parametrized_layers_keep_the_fused_stack(backend):
+    """A parametrized module's class is a generated subclass with our forward: no module path."""
+    layer = make_layer(backend)
+    parametrizations.weight_norm(layer.layers[1], dim=0)
+    parametrizations.weight_norm(layer.layers[0].norm, dim=0)
+    assert type(layer.layers[1]) is not define_ops.layer.HGTLayer
+    assert not layer._layers_run_as_modules()
