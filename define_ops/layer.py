@@ -129,6 +129,13 @@ class AdaptiveBand(nn.Module):
         if self.projection is not None:
             nn.init.xavier_uniform_(self.projection.weight)
 
+    def forward(self, local_ids: Tensor, scale: float = 1.0, sparse: bool = False) -> Tensor:
+        """local_ids [T] (rows of this band) → their rows, times ``scale``, projected to n: [T, n]."""
+        vectors = F.embedding(local_ids, self.weight, sparse=sparse)
+        if scale != 1.0:
+            vectors = vectors * scale
+        return vectors if self.projection is None else self.projection(vectors)
+
 
 class AdaptiveMap(nn.Module):
     """Adaptive input (Baevski & Auli, 2019) as DeFINE's Map: ids [T] → e [T, n].
@@ -165,11 +172,7 @@ class AdaptiveMap(nn.Module):
         e = None
         for (lo, hi), scale, band in zip(self.bounds, self.scales, self.bands, strict=True):
             local = (ids - lo).clamp(0, hi - lo - 1)
-            vectors = F.embedding(local, band.weight, sparse=sparse)
-            if scale != 1.0:
-                vectors = vectors * scale
-            if band.projection is not None:
-                vectors = band.projection(vectors)
+            vectors = band(local, scale, sparse)  # a module call: hooks on a band (prune's) fire
             inside = ((ids >= lo) & (ids < hi)).unsqueeze(-1)
             e = vectors.masked_fill(~inside, math.nan) if e is None else torch.where(inside, vectors, e)
         return e

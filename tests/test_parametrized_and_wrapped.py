@@ -234,14 +234,14 @@ def test_backward_and_global_hooks_fire_on_every_layer(backend):
     assert_close(out, run(make_layer(backend))[0])
 
 
-def masked_oracle_steps(backend, prune_target, steps, dedup):
+def masked_oracle_steps(backend, prune_target, steps, dedup, **options):
     """Losses of SGD steps on an unpruned layer whose pruned weight is set to orig·mask before
     each step and whose orig gets the masked gradient: what pruning means, without its hooks."""
-    pruned = make_layer(backend)
+    pruned = make_layer(backend, **options)
     module, name = prune_target(pruned)
     prune.l1_unstructured(module, name, amount=0.5)
     mask = getattr(module, name + "_mask").clone()
-    layer = make_layer(backend)  # the same initial values (same seed)
+    layer = make_layer(backend, **options)  # the same initial values (same seed)
     target = prune_target(layer)
     orig = getattr(*target).detach().clone()
     others = [p for p in layer.parameters() if p is not getattr(*target)]
@@ -261,11 +261,13 @@ def masked_oracle_steps(backend, prune_target, steps, dedup):
     return losses
 
 
-PRUNE_TARGETS = {
-    "layer-weight": lambda m: (m.layers[1], "weight"),
-    "norm-weight": lambda m: (m.layers[0].norm, "weight"),
-    "reduce-weight": lambda m: (m.reduce, "weight"),
-    "table": lambda m: (m, "weight"),
+ADAPTIVE = dict(map="adaptive", cutoffs=[10, 30], adaptive_factor=2)
+PRUNE_TARGETS = {  # name: (layer options, the module and the name of the pruned weight)
+    "layer-weight": ({}, lambda m: (m.layers[1], "weight")),
+    "norm-weight": ({}, lambda m: (m.layers[0].norm, "weight")),
+    "reduce-weight": ({}, lambda m: (m.reduce, "weight")),
+    "table": ({}, lambda m: (m, "weight")),
+    "adaptive-band": (ADAPTIVE, lambda m: (m.map.bands[1], "weight")),  # a band's own pre-hook
 }
 
 
@@ -273,8 +275,9 @@ PRUNE_TARGETS = {
 @pytest.mark.parametrize("target", list(PRUNE_TARGETS))
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS])
 def test_pruned_layers_train_like_masked_weights(backend, target, dedup):
-    layer = make_layer(backend)
-    prune.l1_unstructured(*PRUNE_TARGETS[target](layer), amount=0.5)
+    options, prune_target = PRUNE_TARGETS[target]
+    layer = make_layer(backend, **options)
+    prune.l1_unstructured(*prune_target(layer), amount=0.5)
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.01)
     losses = []
     for _ in range(3):
@@ -284,7 +287,7 @@ def test_pruned_layers_train_like_masked_weights(backend, target, dedup):
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    expected = masked_oracle_steps("reference", PRUNE_TARGETS[target], 3, dedup)
+    expected = masked_oracle_steps("reference", prune_target, 3, dedup, **options)
     assert losses == pytest.approx(expected, rel=1e-10)
     assert losses[2] != pytest.approx(losses[0], rel=1e-6)  # the steps did change the layer
 
