@@ -4,6 +4,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "common/cpu_buffer_pool.h"
 #include "common/step_params.h"
 
 namespace define_ops {
@@ -149,6 +150,10 @@ TORCH_LIBRARY(define_ops, m) {
       "Tensor?[] biases, Tensor?[] norm_weights, Tensor?[] norm_biases, Tensor?[] seeds, int[] e_widths, "
       "int[] e_in_chunks, int[] e_out_chunks, bool[] shuffles, str[] activations, float[] dropout_ps, "
       "float[] norm_eps) -> (Tensor, Tensor)");
+  // The pool of large CPU buffers (csrc/common/cpu_buffer_pool.h): (cached bytes, cached blocks,
+  // hits, misses), and the release of every cached block. No tensor arguments: one kernel for all keys.
+  m.def("cpu_cache_stats() -> int[]", [] { return define_ops::cpu_cache_stats(); });
+  m.def("empty_cpu_cache() -> ()", [] { define_ops::empty_cpu_cache(); });
 }
 
 // `from define_ops import _C` loads this library so the registrations above run; the module

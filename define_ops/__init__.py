@@ -11,6 +11,7 @@ from . import _build, reference
 from ._backend import BACKENDS, BackendUnavailableError, available_backends, resolve_backend
 from .config import PRESET_TOKENS, PRESETS, DeFINEConfig, LayerPlan
 from .layer import DeFINE, GroupLayerNorm, HGTLayer, TokenIdError, check_pending_ids
+from .memory import cpu_cache_stats, empty_cpu_cache
 from .ops import embedding_lookup, feature_shuffle, grouped_linear, hgt_step, split_mix
 
 __version__ = "0.1.0"
@@ -30,7 +31,9 @@ __all__ = [
     "TokenIdError",
     "available_backends",
     "check_pending_ids",
+    "cpu_cache_stats",
     "embedding_lookup",
+    "empty_cpu_cache",
     "feature_shuffle",
     "grouped_linear",
     "hgt_step",

@@ -35,6 +35,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_buffer_pool.h"
 #include "step_params.h"
 
 namespace define_ops {
@@ -83,15 +84,15 @@ inline at::ScalarType stats_dtype_of(at::ScalarType dtype) {
 // What the single-step op returns, freshly allocated.
 inline StepOutputs allocate_step_outputs(const StepParams& p, const at::TensorOptions& options) {
   const auto stats = options.dtype(stats_dtype_of(options.dtype().toScalarType()));
-  return StepOutputs{at::empty({p.tokens, p.out_width}, options),
-                     p.needs_saved() ? at::empty({p.tokens, p.out_h}, options) : at::empty({0}, options),
+  return StepOutputs{empty_buffer({p.tokens, p.out_width}, options),
+                     p.needs_saved() ? empty_buffer({p.tokens, p.out_h}, options) : at::empty({0}, options),
                      p.norm ? at::empty({p.tokens, p.groups}, stats) : at::empty({0}, stats),
                      p.norm ? at::empty({p.tokens, p.groups}, stats) : at::empty({0}, stats)};
 }
 
 // What the single-step backward returns, freshly allocated (dY left to the backend).
 inline StepGrads allocate_step_grads(const StepParams& p, const at::Tensor& weight, const at::TensorOptions& options) {
-  return StepGrads{at::empty({p.tokens, p.in_width}, options),
+  return StepGrads{empty_buffer({p.tokens, p.in_width}, options),
                    // same layout as the weight (the Reduce layer passes a transposed view of nn.Linear's)
                    at::empty_like(weight, at::MemoryFormat::Preserve),
                    at::empty({p.bias ? p.out_h : 0}, options),
@@ -255,8 +256,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_stack_forward(const at::Tenso
   const int64_t steps = static_cast<int64_t>(L.steps.size()), T = x.size(0);
   const at::TensorOptions options = x.options();
   const at::TensorOptions stats_options = options.dtype(stats_dtype_of(x.scalar_type()));
-  const at::Tensor values = at::empty({keep_for_backward ? L.values_size : 0}, options);
-  const at::Tensor stats = at::empty({keep_for_backward ? L.stats_size : 0}, stats_options);
+  const at::Tensor values = empty_buffer({keep_for_backward ? L.values_size : 0}, options);
+  const at::Tensor stats = empty_buffer({keep_for_backward ? L.stats_size : 0}, stats_options);
   const at::Tensor no_values = at::empty({0}, options), no_stats = at::empty({0}, stats_options);
 
   at::Tensor input = x;
@@ -264,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_stack_forward(const at::Tenso
     const PlannedStep& s = L.steps[i];
     // kept for the backward: a piece of values/stats; otherwise a fresh tensor (or none at all)
     auto result = [&](const at::Tensor& buffer, int64_t at, at::IntArrayRef sizes, const at::TensorOptions& opts) {
-      return keep_for_backward && at >= 0 ? piece(buffer, at, sizes) : at::empty(sizes, opts);
+      return keep_for_backward && at >= 0 ? piece(buffer, at, sizes) : empty_buffer(sizes, opts);
     };
     StepOutputs o;
     o.out = result(values, L.out_at[i], {T, s.out_width}, options);
@@ -315,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor> run_stack_backward(const at::Tensor& grad_out
                         kept[steps - 1].rstd);
 
   // Parameter gradients in one buffer; dY and the gradient handed down in reused scratch.
-  const at::Tensor grads = at::empty({L.grads_size}, options);
+  const at::Tensor grads = empty_buffer({L.grads_size}, options);
   Offsets scratch_offsets;
   int64_t dy_numel = 0, handed_numel = 0;
   for (int64_t i = 0; i < steps; ++i) {
@@ -324,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor> run_stack_backward(const at::Tensor& grad_out
   }
   const int64_t dy_at = scratch_offsets.reserve(dy_numel);
   const int64_t handed_at[2] = {scratch_offsets.reserve(handed_numel), scratch_offsets.reserve(handed_numel)};
-  const at::Tensor scratch = at::empty({scratch_offsets.size()}, options);
+  const at::Tensor scratch = empty_buffer({scratch_offsets.size()}, options);
 
   at::Tensor grad = grad_out;
   for (int64_t i = steps - 1; i >= 0; --i) {
@@ -332,7 +333,7 @@ std::tuple<at::Tensor, at::Tensor> run_stack_backward(const at::Tensor& grad_out
     const at::Tensor& w = a.weights[i];
     StepGrads g;
     // Step i writes the gradient of its input into the scratch half step i + 1 did not use.
-    g.grad_x = i > 0 ? piece(scratch, handed_at[i % 2], {T, s.in_width}) : at::empty({T, s.in_width}, options);
+    g.grad_x = i > 0 ? piece(scratch, handed_at[i % 2], {T, s.in_width}) : empty_buffer({T, s.in_width}, options);
     // the weight's own layout where it is dense (the Reduce layer passes a transposed view)
     g.grad_weight = piece(grads, L.weight_at[i], w.sizes(),
                           w.is_non_overlapping_and_dense() ? at::OptionalIntArrayRef(w.strides()) : std::nullopt);

@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../common/cpu_buffer_pool.h"
 #include "../common/embedding_args.h"
 
 namespace define_ops {
@@ -74,7 +75,8 @@ at::Tensor embedding_lookup_backward_cpu(const at::Tensor& grad,  // [numel, n]
   const int64_t width = grad.size(1);
   const at::Tensor g = grad.contiguous();
   const auto acc_dtype = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor acc = at::zeros({num_embeddings, width}, grad.options().dtype(acc_dtype));
+  // A pooled block, zeroed: at lstm_wt103 this is the 274 MB [V, n] gradient of every step.
+  at::Tensor acc = empty_buffer({num_embeddings, width}, grad.options().dtype(acc_dtype)).zero_();
   const int64_t pad = normalized_padding_idx(padding_idx, num_embeddings).value_or(-1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "embedding_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

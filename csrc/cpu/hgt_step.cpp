@@ -436,7 +436,7 @@ struct CpuStep {
       return;
     }
     // GEMM order; it is what the backward needs saved when there is a norm or an activation
-    at::Tensor y = p.needs_saved() ? o.saved : at::empty({p.tokens, p.out_h}, t.x.options());
+    at::Tensor y = p.needs_saved() ? o.saved : empty_buffer({p.tokens, p.out_h}, t.x.options());
     grouped_gemm(x_c, t.weight, y, p);
     const auto stats_dtype = stats_dtype_of(t.x.scalar_type());
     const at::Tensor bias_acc = as_acc(t.bias, stats_dtype);
@@ -475,7 +475,7 @@ struct CpuStep {
         at::sum_out(grad_bias, g_c, 0);
       }
     } else {
-      dy = g.dy.defined() ? g.dy : at::empty({p.tokens, p.out_h}, opts);
+      dy = g.dy.defined() ? g.dy : empty_buffer({p.tokens, p.out_h}, opts);
       const int64_t chunks = (p.tokens + kRowsPerChunk - 1) / kRowsPerChunk;
       const int64_t partial_width = p.out_h + 2 * p.out_group;
       at::Tensor partials = at::empty({chunks, partial_width}, opts.dtype(at::kDouble));
