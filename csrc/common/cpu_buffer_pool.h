@@ -21,6 +21,7 @@
 #include <ATen/ops/from_blob.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/Exception.h>
+#include <pthread.h>
 
 #include <cstdint>
 #include <cstdlib>
@@ -61,6 +62,13 @@ inline size_t read_size(const char* name, size_t fallback, const char* meaning) 
   return static_cast<size_t>(value);
 }
 
+inline Pool& pool();
+
+// fork() while another thread holds the pool's mutex would leave it locked in the child for good
+// (a DataLoader worker, say): the mutex is held across the fork and released on both sides.
+inline void lock_before_fork() { pool().mutex.lock(); }
+inline void unlock_after_fork() { pool().mutex.unlock(); }
+
 inline Pool& pool() {
   static Pool* instance = [] {
     auto* p = new Pool();  // never destroyed: buffers may be freed during interpreter shutdown
@@ -70,6 +78,11 @@ inline Pool& pool() {
     p->poison = poison != nullptr && std::string_view(poison) == "1";
     return p;
   }();
+  static const bool fork_handlers = [] {
+    pthread_atfork(&lock_before_fork, &unlock_after_fork, &unlock_after_fork);
+    return true;
+  }();
+  (void)fork_handlers;
   return *instance;
 }
 
