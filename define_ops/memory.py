@@ -5,8 +5,8 @@ the next one, so a training step that allocates the same large buffers every ste
 saved activations, the dense ``[V, n]`` table gradient) paid for page faults every step. The
 kernels' buffers of 8 MiB or more come from a pool instead (csrc/common/cpu_buffer_pool.h): freed
 blocks are kept and handed to later requests of about the same size, as PyTorch's CUDA caching
-allocator does on the GPU. At ``lstm_wt103`` (8,400 tokens, float32, 2 threads of a 2-core VM) a
-training step of the layer took 754 ms without it and 580 ms with it.
+allocator does on the GPU. At ``lstm_wt103`` (8,400 tokens, float32, 2 threads of a 2-core VM) the
+layer's forward + backward took 733 ms without it and 589 ms with it (README, Results on the CPU).
 
 ``DEFINE_OPS_CPU_CACHE_MB`` (read once, default 2048) bounds the memory kept in freed blocks (the
 oldest go first); 0 turns the pool off. ``empty_cpu_cache()`` releases what is kept now.
