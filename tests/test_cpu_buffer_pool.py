@@ -7,6 +7,7 @@ buffer, however small, filled with NaN, and checks the CPU kernels against the r
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -114,10 +115,16 @@ LIMITED = """
 """
 
 
+def pool_stats_after_training(**env: str) -> dict[str, int]:
+    done = run_python(LIMITED, **env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return ast.literal_eval(done.stdout.strip())
+
+
 def test_the_limit_bounds_what_is_kept_and_zero_turns_the_pool_off():
-    stats = eval(run_python(LIMITED, DEFINE_OPS_CPU_CACHE_MIN_BYTES="0", DEFINE_OPS_CPU_CACHE_MB="1").stdout)
+    stats = pool_stats_after_training(DEFINE_OPS_CPU_CACHE_MIN_BYTES="0", DEFINE_OPS_CPU_CACHE_MB="1")
     assert 0 < stats["cached_bytes"] <= 1 << 20 and stats["hits"] > 0
-    stats = eval(run_python(LIMITED, DEFINE_OPS_CPU_CACHE_MIN_BYTES="0", DEFINE_OPS_CPU_CACHE_MB="0").stdout)
+    stats = pool_stats_after_training(DEFINE_OPS_CPU_CACHE_MIN_BYTES="0", DEFINE_OPS_CPU_CACHE_MB="0")
     assert stats == {"cached_bytes": 0, "cached_blocks": 0, "hits": 0, "misses": 0}
 
 
