@@ -102,11 +102,9 @@ class HGTLayer(nn.Module):
             h = ops.hgt_step(x, self.weight, self.bias, shuffle=plan.shuffle, backend=backend)
             h = reference.activation_ref(norm(h), plan.activation)
             return reference.dropout_ref(h, dropout_p, seed)
-        return ops.hgt_step(
-            x, self.weight, self.bias, norm.weight if norm is not None else None,
-            norm.bias if norm is not None else None, seed, shuffle=plan.shuffle, activation=plan.activation,
-            dropout_p=dropout_p, norm_eps=norm.eps if norm is not None else 1e-5, backend=backend,
-        )  # fmt: skip
+        gamma, beta, eps = (norm.weight, norm.bias, norm.eps) if norm is not None else (None, None, 1e-5)
+        return ops.hgt_step(x, self.weight, self.bias, gamma, beta, seed, shuffle=plan.shuffle,
+                            activation=plan.activation, dropout_p=dropout_p, norm_eps=eps, backend=backend)  # fmt: skip
 
     def extra_repr(self) -> str:
         p = self.plan
