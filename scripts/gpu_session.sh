@@ -202,9 +202,10 @@ stage tests 110 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m "no
 stage tests-double-backward 60 env DEFINE_OPS_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_double_backward.py -q \
   -p no:cacheprovider -k "cuda" -rfE --junitxml="$RES/tests-double-backward.xml"
 # torch.export and an AOTInductor package of the layer on the cuda and triton backends (added
-# 2026-11-28, never run on a GPU yet; AOTInductor compiles the package: ~30-60 s)
-stage tests-export 90 env DEFINE_OPS_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_export.py -q -p no:cacheprovider \
-  -k "gpu" -rfE --junitxml="$RES/tests-export.xml"
+# 2026-11-28, never run on a GPU yet; AOTInductor compiles the package: ~30-60 s), and the golden
+# outputs of tests/golden/ on the cuda and triton backends (float64)
+stage tests-export 90 env DEFINE_OPS_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_export.py tests/test_golden.py -q \
+  -p no:cacheprovider -k "gpu or cuda" -rfE --junitxml="$RES/tests-export.xml"
 # GPU evidence of issues 6 and 7 (the model runs; never run before 2026-11-27): LSTM LM on WikiText-2,
 # DeFINE vs standard embeddings of width 256 and m, plus the end-to-end step benchmark at the
 # lstm_wt103 shapes; Transformer base on Multi30k, DeFINE vs standard, beam-4 BLEU on test_2016_flickr.
