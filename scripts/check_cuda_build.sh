@@ -8,6 +8,9 @@
 # the venv already there; creating it adds about 90 s once per machine.
 #
 #   DEFINE_OPS_CUDA_VENV   where the venv lives (default ~/.cache/define_ops/venv-cuda)
+#   DEFINE_OPS_CUDA_TORCH  the torch release it builds against (default 2.14.1, on this machine's disk;
+#                          2.11.0, the GPU machines' release, comes from PyPI: build against it before
+#                          a GPU session, with a venv of its own)
 #   TORCH_CUDA_ARCH_LIST   default "8.0;9.0"
 #   MAX_JOBS               default 2
 set -euo pipefail
@@ -25,7 +28,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   mkdir -p "$(dirname "$VENV")"
   python3 -m venv "$VENV"
 fi
-"$VENV/bin/pip" install -q --disable-pip-version-check torch==2.14.1 setuptools wheel 2>&1 | grep -v "is ignored" || true
+"$VENV/bin/pip" install -q --disable-pip-version-check "torch==${DEFINE_OPS_CUDA_TORCH:-2.14.1}" setuptools wheel 2>&1 | grep -v "is ignored" || true
 NV_INCLUDE=$("$VENV/bin/python" -c 'import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], "cu13", "include"))')
 
 SCRATCH=$(mktemp -d)
