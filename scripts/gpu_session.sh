@@ -204,7 +204,7 @@ stage tests-double-backward 60 env DEFINE_OPS_TRITON_AUTOTUNE=0 "$PY" -m pytest 
 # torch.export and an AOTInductor package of the layer on the cuda and triton backends (added
 # 2026-11-28, never run on a GPU yet; AOTInductor compiles the package: ~30-60 s), and the golden
 # outputs of tests/golden/ on the cuda and triton backends (float64)
-stage tests-export 90 env DEFINE_OPS_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_export.py tests/test_golden.py -q \
+stage tests-export 120 env DEFINE_OPS_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_export.py tests/test_golden.py -q \
   -p no:cacheprovider -k "gpu or cuda" -rfE --junitxml="$RES/tests-export.xml"
 # GPU evidence of issues 6 and 7 (the model runs; never run before 2026-11-27): LSTM LM on WikiText-2,
 # DeFINE vs standard embeddings of width 256 and m, plus the end-to-end step benchmark at the
