@@ -35,8 +35,9 @@ from define_ops import DeFINE, DeFINEConfig  # noqa: E402
 GOLDEN = Path(__file__).resolve().parent / "golden" / "define_ops_v1.json"
 TOLERANCE = 1e-10
 
-# Small configurations that between them take every option's non-default value, and two of the
-# paper's presets at their real widths (a small vocabulary keeps the table small).
+# Small configurations that between them take a non-default value of every configuration field
+# (every activation, skip, schedule and width rule; the adaptive Map), and three of the paper's
+# presets at their real widths (a small vocabulary keeps the table small).
 CASES: dict[str, dict[str, Any]] = {
     "defaults_padding": dict(num_embeddings=17, embedding_dim=12, input_dim=8, max_dim=24, depth=3, max_groups=4,
                              padding_idx=2, dropout=0.1),
@@ -48,9 +49,12 @@ CASES: dict[str, dict[str, Any]] = {
                                          activation="swish", norm=None, scale_embedding=False,
                                          group_width_multiple=4, skip="none", skip_into_reduce=False),
     "adaptive_map": dict(num_embeddings=40, embedding_dim=12, input_dim=16, max_dim=32, depth=2, max_groups=2,
-                         map="adaptive", cutoffs=[10, 25], adaptive_factor=2, padding_idx=0, dropout=0.1),
+                         map="adaptive", cutoffs=[10, 25], adaptive_factor=2, padding_idx=0, dropout=0.1,
+                         norm_eps=1e-3),
     "preset_awd_ptb": dict(preset="awd_ptb", num_embeddings=20, dropout=0.0),
     "preset_nmt_wmt14": dict(preset="nmt_wmt14", num_embeddings=20, dropout=0.0),
+    # Equation 1 of the paper alone (lstm_wt103's widths; no norm, no activation, no dropout).
+    "preset_paper_literal": dict(preset="paper_literal", num_embeddings=20),
 }  # fmt: skip
 
 
