@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The test suite under the oldest torch define_ops supports (2.11, the GPU machines' release; CI
 # and .venv run 2.13), on the CPU: the C++ kernels built against it, the layer, the models and
-# trainers. The Triton kernels are left out (TRITON_INTERPRET=0: their cases skip): torch 2.11
-# brings triton 3.6, whose interpreter fails on numpy 2.4 (its tensors' __index__ converts a
-# one-element array to int); the compiled 3.6 launch path has its own check, scripts/check_triton36.sh.
+# trainers, and the Triton kernels' compiled path under the triton that torch 2.11 brings (3.6, as
+# on the GPU): every kernel built for sm_80/sm_90 (tests/test_triton_aot.py) and the eager launch
+# path through a stand-in driver (tests/test_triton_launch.py). The interpreter cases are left out
+# (TRITON_INTERPRET=0: they skip): triton 3.6's interpreter fails on numpy 2.4 (its tensors'
+# __index__ converts a one-element array to int), in triton's code, not ours.
 #
 # Not part of .ci/run (about 12 minutes on the 2-core VM, and the first run downloads torch 2.11
 # from PyPI: a CUDA build, ~3 GB with its nvidia-* wheels). Run it before a GPU session, so that
