@@ -110,7 +110,41 @@ CAP=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability()
 # cuSPARSE/cuBLAS headers of the nvidia wheels, where the toolkit lacks them (shared build_env.md §4).
 NV_INCLUDE=$("$PY" -c 'import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], "cu13", "include"))' 2>/dev/null)
 [ -n "$NV_INCLUDE" ] && [ -d "$NV_INCLUDE" ] && export CUDA_INC_PATH=$NV_INCLUDE
+# Triton's kernels compile in the background while the extension builds: scripts/triton_warm.py
+# runs the Triton stages' workloads through the stand-in driver (CPU tensors, kernels compiled for
+# sm_90 into Triton's cache on this machine, no autotuning choice kept), so those stages find their
+# binaries compiled (the Triton benchmarks of earlier sessions ran out of time compiling). Only
+# when a Triton stage is to run; TRITON_WARM=0 turns it off.
+# stage:presets of the stages that launch Triton kernels
+TRITON_STAGES="profile-triton:awd_ptb,nmt_wmt14 host-profile-triton-awd_ptb:awd_ptb
+host-profile-triton-nmt_wmt14:nmt_wmt14 bench-triton-awd_ptb:awd_ptb bench-triton-nmt_wmt14:nmt_wmt14
+bench-triton-lstm_wt103:lstm_wt103 bench-triton-txl_wt103:txl_wt103 bench-triton-lstm_wt103_n7:lstm_wt103_n7
+bench-issue8:lstm_wt103,awd_ptb,nmt_wmt14 bench-dedup-graph:lstm_wt103"
+warm_presets() {  # the presets of the Triton stages this run will run, comma-separated (empty: none)
+  local entry list=""
+  for entry in $TRITON_STAGES; do
+    if [ -z "${GPU_SESSION_ONLY:-}" ] || [[ ${entry%%:*} =~ $GPU_SESSION_ONLY ]]; then list="$list,${entry#*:}"; fi
+  done
+  echo "$list" | tr ',' '\n' | grep -v '^$' | sort -u | paste -sd, -
+}
+triton_cached() { find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name '*.cubin' 2>/dev/null | wc -l; }
+TRITON_WARM_PID=
+WARM_PRESETS=$(warm_presets)
+if [ "${TRITON_WARM:-1}" = 1 ] && [ -n "$WARM_PRESETS" ]; then
+  echo "=== [$(elapsed)s] triton-warm: $WARM_PRESETS in the background ($(triton_cached) kernels cached)"
+  nice -n 5 env PYTHONPATH="$PWD" "$PY" scripts/triton_warm.py --presets "$WARM_PRESETS" \
+    --threads "${TRITON_WARM_THREADS:-8}" > "$RES/triton-warm.log" 2>&1 &
+  TRITON_WARM_PID=$!
+fi
 stage build 240 env TORCH_CUDA_ARCH_LIST="$CAP" MAX_JOBS=16 "$PY" setup.py -q build_ext --inplace
+if [ -n "$TRITON_WARM_PID" ]; then
+  # What it has not compiled within TRITON_WARM_WAIT_S after the build compiles in the stages, as
+  # before; the timing stages never run beside it.
+  for _ in $(seq "${TRITON_WARM_WAIT_S:-60}"); do kill -0 "$TRITON_WARM_PID" 2>/dev/null || break; sleep 1; done
+  kill -INT "$TRITON_WARM_PID" 2>/dev/null
+  wait "$TRITON_WARM_PID" 2>/dev/null
+  echo "=== [$(elapsed)s] triton-warm: $(tail -1 "$RES/triton-warm.log") ($(triton_cached) kernels cached)"
+fi
 SO=$(ls define_ops/_C*.so 2>/dev/null | head -1)
 if [ -z "$SO" ]; then
   echo "=== build failed: no define_ops/_C*.so; stopping"
@@ -320,6 +354,7 @@ grep -E "^---|ERROR SUMMARY|RACECHECK SUMMARY|Error" "$RES/sanitizer.log" | head
 stage test-ops 90 "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider -k "cuda-cuda" -rfE --maxfail=20
 stage slow-tests 60 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m slow -rfE
 
+[ -n "$TRITON_WARM_PID" ] && echo "=== triton cache at the end: $(triton_cached) kernels (what the warm-up missed compiled in the stages)"
 # a stage killed mid-run can leave an empty JSON behind: report only the whole ones
 JSONS=$(for f in "$RES"/bench-*.json; do [ -s "$f" ] && echo "$f"; done)
 if [ -n "$JSONS" ]; then

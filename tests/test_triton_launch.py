@@ -99,3 +99,24 @@ def test_compile_threads_setting(monkeypatch, value, expected):
             _common._compile_threads()
     else:
         assert _common._compile_threads() == expected
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_warm_fills_the_cache_that_later_runs_load(tmp_path):
+    """scripts/triton_warm.py (the GPU session runs it while the extension builds) compiles the
+    workloads' kernels into Triton's own cache directory: a second run compiles nothing (same
+    keys in a new process), and no autotuning choice made on the stand-in's timings is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    command = [sys.executable, str(ROOT / "scripts" / "triton_warm.py"), "--presets", "awd_ptb", "--quick",
+               "--threads", "2"]  # fmt: skip
+    reports = []
+    for _ in range(2):
+        proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-6000:]}"
+        reports.append(proc.stdout.strip().splitlines()[-1])
+    compiled = [int(report.split()[1]) for report in reports]
+    assert compiled[0] > 10 and compiled[1] == 0, reports
+    assert len(list((tmp_path / "cache").glob("*/*.cubin"))) == compiled[0]
+    assert not list((tmp_path / "cache").rglob("*autotune*")), "an autotuning choice was kept"
