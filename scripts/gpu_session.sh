@@ -354,7 +354,9 @@ grep -E "^---|ERROR SUMMARY|RACECHECK SUMMARY|Error" "$RES/sanitizer.log" | head
 stage test-ops 90 "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider -k "cuda-cuda" -rfE --maxfail=20
 stage slow-tests 60 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m slow -rfE
 
-[ -n "$TRITON_WARM_PID" ] && echo "=== triton cache at the end: $(triton_cached) kernels (what the warm-up missed compiled in the stages)"
+# against the count after the warm-up: what the stages still compiled (the Triton tests' own shapes,
+# and whatever the warm-up missed; the Triton stages' times say which)
+[ -n "$TRITON_WARM_PID" ] && echo "=== triton cache at the end: $(triton_cached) kernels"
 # a stage killed mid-run can leave an empty JSON behind: report only the whole ones
 JSONS=$(for f in "$RES"/bench-*.json; do [ -s "$f" ] && echo "$f"; done)
 if [ -n "$JSONS" ]; then
