@@ -59,12 +59,13 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown preset(s) {unknown}; choose from {sorted(PRESETS)}")
     dtypes = [getattr(torch, name) for name in opts.dtypes.split(",") if name]
-    if opts.threads:
+    if opts.threads:  # read when define_ops.triton is first imported, just below
         os.environ["DEFINE_OPS_TRITON_COMPILE_THREADS"] = str(opts.threads)
 
     cache_dir = Path(knobs.cache.dir)  # where the real launches of this machine look
-    from define_ops.triton import _fake_driver
+    from define_ops.triton import _common, _fake_driver
 
+    assert _common.COMPILE_THREADS == (opts.threads or _common.COMPILE_THREADS), "compile threads read too early"
     _fake_driver.install()
     # install() points the cache elsewhere so that its made-up autotuning choices never reach a GPU
     # run; here no choice is written (DEFINE_OPS_TRITON_AUTOTUNE_CACHE=0), and the binaries are the point.
