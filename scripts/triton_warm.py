@@ -53,6 +53,7 @@ def main() -> int:
     parser.add_argument("--dtypes", default="bfloat16")
     parser.add_argument("--threads", type=int, default=0, help="compile threads (default: all cores)")
     parser.add_argument("--quick", action="store_true", help="the benchmarks' quick sizes (tests)")
+    parser.add_argument("--modes", default=",".join(MODES), help="fwd_bwd (with dedup's where timed) and/or fwd")
     opts = parser.parse_args()
     presets = [p for p in opts.presets.split(",") if p]
     unknown = [p for p in presets if p not in PRESETS]
@@ -73,7 +74,9 @@ def main() -> int:
     before, start = cached_kernels(cache_dir), time.time()
     for preset in presets:
         for dtype in dtypes:
-            runs = [(mode, False) for mode in MODES] + ([("fwd_bwd", True)] if preset in DEDUP_PRESETS else [])
+            modes = [mode for mode in MODES if mode in opts.modes.split(",")]
+            dedup_run = [("fwd_bwd", True)] if preset in DEDUP_PRESETS and "fwd_bwd" in modes else []
+            runs = [(mode, False) for mode in modes] + dedup_run
             for mode, dedup in runs:
                 t0 = time.time()
                 make_workload(preset, "triton", mode, opts.quick, dtype, dedup=dedup).step()

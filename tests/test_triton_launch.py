@@ -109,14 +109,15 @@ def test_triton_warm_fills_the_cache_that_later_runs_load(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    # The forward's kernels alone: the backward's add compile time (CI's), not coverage of the mechanism.
     command = [sys.executable, str(ROOT / "scripts" / "triton_warm.py"), "--presets", "awd_ptb", "--quick",
-               "--threads", "2"]  # fmt: skip
+               "--modes", "fwd", "--threads", "2"]  # fmt: skip
     reports = []
     for _ in range(2):
         proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-6000:]}"
         reports.append(proc.stdout.strip().splitlines()[-1])
     compiled = [int(report.split()[1]) for report in reports]
-    assert compiled[0] > 10 and compiled[1] == 0, reports
+    assert compiled[0] > 2 and compiled[1] == 0, reports
     assert len(list((tmp_path / "cache").glob("*/*.cubin"))) == compiled[0]
     assert not list((tmp_path / "cache").rglob("*autotune*")), "an autotuning choice was kept"
