@@ -60,13 +60,17 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown preset(s) {unknown}; choose from {sorted(PRESETS)}")
     dtypes = [getattr(torch, name) for name in opts.dtypes.split(",") if name]
+    modes = [mode for mode in opts.modes.split(",") if mode]
+    if not set(modes) <= set(MODES):
+        parser.error(f"unknown mode(s) {sorted(set(modes) - set(MODES))}; choose from {list(MODES)}")
+    runs = [(mode, False) for mode in modes] + ([("fwd_bwd", True)] if "fwd_bwd" in modes else [])
     if opts.threads:  # read when define_ops.triton is first imported, just below
         os.environ["DEFINE_OPS_TRITON_COMPILE_THREADS"] = str(opts.threads)
 
     cache_dir = Path(knobs.cache.dir)  # where the real launches of this machine look
     from define_ops.triton import _common, _fake_driver
 
-    assert _common.COMPILE_THREADS == (opts.threads or _common.COMPILE_THREADS), "compile threads read too early"
+    assert not opts.threads or _common.COMPILE_THREADS == opts.threads, "compile threads read too early"
     _fake_driver.install()
     # install() points the cache elsewhere so that its made-up autotuning choices never reach a GPU
     # run; here no choice is written (DEFINE_OPS_TRITON_AUTOTUNE_CACHE=0), and the binaries are the point.
@@ -74,10 +78,9 @@ def main() -> int:
     before, start = cached_kernels(cache_dir), time.time()
     for preset in presets:
         for dtype in dtypes:
-            modes = [mode for mode in MODES if mode in opts.modes.split(",")]
-            dedup_run = [("fwd_bwd", True)] if preset in DEDUP_PRESETS and "fwd_bwd" in modes else []
-            runs = [(mode, False) for mode in modes] + dedup_run
             for mode, dedup in runs:
+                if dedup and preset not in DEDUP_PRESETS:
+                    continue
                 t0 = time.time()
                 make_workload(preset, "triton", mode, opts.quick, dtype, dedup=dedup).step()
                 print(f"triton_warm: {preset} {str(dtype).removeprefix('torch.')} {mode}{' dedup' if dedup else ''} "

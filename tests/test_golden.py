@@ -18,6 +18,7 @@ the README, and bump the file's version:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -128,7 +129,9 @@ def write() -> None:
     print(f"wrote {GOLDEN}")
 
 
+@functools.cache
 def _golden() -> dict[str, Any]:
+    """The golden file, read and parsed once per process (every test here reads it)."""
     return json.loads(GOLDEN.read_text())
 
 
