@@ -11,8 +11,11 @@
 # from PyPI: a CUDA build, ~3 GB with its nvidia-* wheels). Run it before a GPU session, so that
 # an API the GPU's torch lacks shows up here rather than in its minutes.
 #
-#   DEFINE_OPS_MIN_TORCH        the torch release to test (default 2.11.0)
+#   DEFINE_OPS_MIN_TORCH        the torch release to test (default 2.11.0; 2.14.1, the newest this
+#                               machine may install, is the forward check: its triton is 3.8)
 #   DEFINE_OPS_MIN_TORCH_VENV   where its venv lives (default ~/.cache/define_ops/venv-torch<release>)
+#   DEFINE_OPS_MIN_TORCH_INTERPRET  1: the Triton interpreter cases run too (TRITON_INTERPRET=1, as
+#                               in CI); for a torch whose triton interpreter works (3.8: 2.13, 2.14)
 #   extra arguments go to pytest, e.g. `bash scripts/check_min_torch.sh -x tests/test_layer.py`
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,4 +39,4 @@ git clone -q . "$WORK/repo"
 cd "$WORK/repo"
 DEFINE_OPS_SKIP_CUDA_BUILD=1 "$VENV/bin/pip" install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 "$VENV/bin/python" -c "import define_ops; assert 'cpu' in define_ops.available_backends('cpu'), 'CPU kernels not built'"
-TRITON_INTERPRET=0 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -rfE "${@:-tests/}"
+TRITON_INTERPRET=${DEFINE_OPS_MIN_TORCH_INTERPRET:-0} "$VENV/bin/python" -m pytest -q -p no:cacheprovider -rfE "${@:-tests/}"

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import platform
+import re
 
 import pytest
 import torch
@@ -111,6 +114,54 @@ def test_float32_within_reference_error(preset, backend):
     assert_within_reference_error(out, out_ref, out64, floor=1e-6, what="out")
     for name in g64:
         assert_within_reference_error(g[name], g_ref[name], g64[name], floor=1e-6, what=name)
+
+
+# The CPU kernels' float16/bfloat16 GEMMs: this CPU's rule (csrc/cpu/gemm.h), ATen's own, in float32.
+@pytest.mark.parametrize("gemm_upcast", ["", "0", "1"], ids=["auto", "native", "float32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.skipif(not HAS_CPU_KERNELS, reason="needs the compiled CPU kernels")
+def test_cpu_half_precision_within_reference_error(dtype, gemm_upcast, monkeypatch):
+    monkeypatch.setenv("DEFINE_OPS_CPU_GEMM_UPCAST", gemm_upcast)
+    # awd_ptb's structure (7 layers, 8 → 1 groups, norms, dropout) at widths ATen's generic
+    # float16 GEMM (the reference's here) takes in milliseconds
+    config = DeFINEConfig.from_preset("awd_ptb", num_embeddings=500, input_dim=32, max_dim=128, embedding_dim=48)
+    ref64, _ = paired(config, "cpu")
+    with torch.no_grad():  # no zero biases (DeFINE's init): each GEMM's bias term must count
+        for p in ref64.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype) * 0.1)
+    ref_low = DeFINE.from_config(config, backend="reference", dtype=dtype)
+    ours = DeFINE.from_config(config, backend="cpu", dtype=dtype)
+    ref_low.load_state_dict(ref64.state_dict())
+    ours.load_state_dict(ref64.state_dict())
+    ids = torch.randint(0, 500, (4, 33))
+    results = [forward_backward(m.train(), ids) for m in (ref64, ref_low, ours)]
+    (out64, g64), (out_ref, g_ref), (out, g) = results
+    floor = {torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    assert_within_reference_error(out, out_ref, out64, floor=floor, what="out")
+    for name in g64:
+        assert_within_reference_error(g[name], g_ref[name], g64[name], floor=floor, what=name)
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNELS, reason="needs the compiled CPU kernels")
+def test_cpu_half_precision_gemm_rule(monkeypatch):
+    in_float32 = torch.ops.define_ops.cpu_gemm_in_float32
+    monkeypatch.delenv("DEFINE_OPS_CPU_GEMM_UPCAST", raising=False)
+    assert not in_float32(torch.float32) and not in_float32(torch.float64)
+    if platform.machine() in ("x86_64", "AMD64") and os.path.exists("/proc/cpuinfo"):
+        # the flags the rule reads through torch's cpuinfo, as the kernel reports them
+        flags = set(re.search(r"^flags\s*:(.*)$", open("/proc/cpuinfo").read(), re.M).group(1).split())
+        fast_fp16 = bool(flags & {"avx512_fp16", "amx_fp16", "avx_ne_convert"})
+        avx512_core = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+        fast_bf16 = avx512_core or bool(flags & {"avx_ne_convert", "amx_bf16"})
+        assert in_float32(torch.float16) == (not fast_fp16)
+        assert in_float32(torch.bfloat16) == (not fast_bf16)
+    monkeypatch.setenv("DEFINE_OPS_CPU_GEMM_UPCAST", "1")
+    assert in_float32(torch.float16) and in_float32(torch.bfloat16) and not in_float32(torch.float32)
+    monkeypatch.setenv("DEFINE_OPS_CPU_GEMM_UPCAST", "0")
+    assert not in_float32(torch.float16) and not in_float32(torch.bfloat16)
+    monkeypatch.setenv("DEFINE_OPS_CPU_GEMM_UPCAST", "yes")
+    with pytest.raises(ValueError, match="DEFINE_OPS_CPU_GEMM_UPCAST must be 0 or 1, got 'yes'"):
+        in_float32(torch.float16)
 
 
 @pytest.mark.parametrize("backend", ["reference", *FAST])  # reference: auto's fallback without the extension

@@ -111,8 +111,6 @@ def test_hgt_step_float64_matches_reference(backend, device, layout, options, to
 @pytest.mark.parametrize("layout", ["first-layer", "mix-middle", "eight-groups"])
 @pytest.mark.parametrize("backend,device", FAST, ids=FAST_IDS)
 def test_hgt_step_low_precision_within_reference_error(backend, device, layout, options, dtype):
-    if backend == "cpu" and dtype == torch.float16:
-        pytest.skip("fp16 GEMM on the CPU is not a supported fast path")
     tensors, params = make_step_inputs(layout, options, 53, torch.float64, device)
     low = {k: v.to(dtype) if v is not None else None for k, v in tensors.items()}
     out_hi, grads_hi = run_step("reference", tensors, params)

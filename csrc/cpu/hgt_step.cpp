@@ -1,7 +1,8 @@
 // CPU forward and backward of one HGT layer step (define_ops::hgt_step).
 //
 // The grouped GEMM goes to ATen's GEMM (MKL/oneDNN) on strided views, one call per group, so no
-// input or output is ever transposed or concatenated. Everything around it (bias, shuffle,
+// input or output is ever transposed or concatenated (float16/bfloat16 in float32 where the CPU
+// lacks a fast GEMM for them: gemm.h). Everything around it (bias, shuffle,
 // per-group LayerNorm, activation, dropout, the write into the next layer's mix(e, h) layout and
 // the copy of e) is one pass over the GEMM output, parallel over tokens. The backward mirrors
 // it: one pass builds the GEMM-order gradient dY (and the bias/norm partial sums), then two
@@ -22,6 +23,7 @@
 #include "../common/hgt_stack.h"
 #include "../common/step_params.h"
 #include "fast_math.h"
+#include "gemm.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define DEFINE_OPS_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -406,7 +408,7 @@ uint64_t read_seed(const std::optional<at::Tensor>& seed, const StepParams& p) {
 void grouped_gemm(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, const StepParams& p) {
   for (int64_t j = 0; j < p.groups; ++j) {
     auto y_j = y.narrow(1, j * p.out_group, p.out_group);
-    at::mm_out(y_j, x.narrow(1, j * p.in_group, p.in_group), weight.select(0, j));
+    cpu_gemm::mm_out(y_j, x.narrow(1, j * p.in_group, p.in_group), weight.select(0, j));
   }
 }
 
@@ -427,11 +429,8 @@ struct CpuStep {
       for (int64_t j = 0; j < p.groups; ++j) {
         auto out_j = out.narrow(1, j * p.out_group, p.out_group);
         auto x_j = x_c.narrow(1, j * p.in_group, p.in_group);
-        if (p.bias) {
-          at::addmm_out(out_j, t.bias->narrow(0, j * p.out_group, p.out_group), x_j, t.weight.select(0, j));
-        } else {
-          at::mm_out(out_j, x_j, t.weight.select(0, j));
-        }
+        const auto bias_j = p.bias ? std::optional(t.bias->narrow(0, j * p.out_group, p.out_group)) : std::nullopt;
+        cpu_gemm::mm_out(out_j, x_j, t.weight.select(0, j), bias_j);
       }
       return;
     }
@@ -511,9 +510,9 @@ struct CpuStep {
     for (int64_t j = 0; j < p.groups; ++j) {
       const auto dy_j = dy.narrow(1, j * p.out_group, p.out_group);
       auto dx_j = g.grad_x.narrow(1, j * p.in_group, p.in_group);
-      at::mm_out(dx_j, dy_j, t.weight.select(0, j).t());
+      cpu_gemm::mm_out(dx_j, dy_j, t.weight.select(0, j).t());
       auto dw_j = g.grad_weight.select(0, j);
-      at::mm_out(dw_j, x_c.narrow(1, j * p.in_group, p.in_group).t(), dy_j);
+      cpu_gemm::mm_out(dw_j, x_c.narrow(1, j * p.in_group, p.in_group).t(), dy_j);
     }
     if (p.carry_e) {  // the e copy in the output passes its gradient straight back to e's place in x
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.x.scalar_type(), "hgt_step_e_grad_cpu", [&] {
