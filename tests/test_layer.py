@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,7 +117,7 @@ def test_float32_within_reference_error(preset, backend):
         assert_within_reference_error(g[name], g_ref[name], g64[name], floor=1e-6, what=name)
 
 
-# The CPU kernels' float16/bfloat16 GEMMs: this CPU's rule (csrc/cpu/gemm.h), ATen's own, in float32.
+# The CPU kernels' float16/bfloat16 GEMMs: this CPU's rule (csrc/cpu/gemm.cpp), ATen's own, in float32.
 @pytest.mark.parametrize("gemm_upcast", ["", "0", "1"], ids=["auto", "native", "float32"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.skipif(not HAS_CPU_KERNELS, reason="needs the compiled CPU kernels")
@@ -149,7 +150,7 @@ def test_cpu_half_precision_gemm_rule(monkeypatch):
     assert not in_float32(torch.float32) and not in_float32(torch.float64)
     if platform.machine() in ("x86_64", "AMD64") and os.path.exists("/proc/cpuinfo"):
         # the flags the rule reads through torch's cpuinfo, as the kernel reports them
-        flags = set(re.search(r"^flags\s*:(.*)$", open("/proc/cpuinfo").read(), re.M).group(1).split())
+        flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
         fast_fp16 = bool(flags & {"avx512_fp16", "amx_fp16", "avx_ne_convert"})
         avx512_core = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
         fast_bf16 = avx512_core or bool(flags & {"avx_ne_convert", "amx_bf16"})

@@ -2,7 +2,7 @@
 //
 // The grouped GEMM goes to ATen's GEMM (MKL/oneDNN) on strided views, one call per group, so no
 // input or output is ever transposed or concatenated (float16/bfloat16 in float32 where the CPU
-// lacks a fast GEMM for them: gemm.h). Everything around it (bias, shuffle,
+// lacks a fast GEMM for them: gemm.cpp). Everything around it (bias, shuffle,
 // per-group LayerNorm, activation, dropout, the write into the next layer's mix(e, h) layout and
 // the copy of e) is one pass over the GEMM output, parallel over tokens. The backward mirrors
 // it: one pass builds the GEMM-order gradient dY (and the bias/norm partial sums), then two
