@@ -6,7 +6,6 @@
 
 #include "common/cpu_buffer_pool.h"
 #include "common/step_params.h"
-#include "cpu/gemm.h"
 
 namespace define_ops {
 
@@ -155,9 +154,6 @@ TORCH_LIBRARY(define_ops, m) {
   // hits, misses), and the release of every cached block. No tensor arguments: one kernel for all keys.
   m.def("cpu_cache_stats() -> int[]", [] { return define_ops::cpu_cache_stats(); });
   m.def("empty_cpu_cache() -> ()", [] { define_ops::empty_cpu_cache(); });
-  // Whether the CPU kernels run their GEMMs in `dtype` in float32 on this machine (csrc/cpu/gemm.cpp).
-  m.def("cpu_gemm_in_float32(ScalarType dtype) -> bool",
-        [](at::ScalarType dtype) { return define_ops::cpu_gemm::in_float32(dtype); });
 }
 
 // `from define_ops import _C` loads this library so the registrations above run; the module

@@ -11,6 +11,7 @@
 
 #include <ATen/ATen.h>
 #include <cpuinfo.h>
+#include <torch/library.h>
 
 #include <cstdlib>
 #include <string>
@@ -63,4 +64,12 @@ void mm_out(at::Tensor out, const at::Tensor& a, const at::Tensor& b, const std:
 }
 
 }  // namespace cpu_gemm
+
+// Whether the CPU kernels run their GEMMs in `dtype` in float32 on this machine, for tests and
+// users' diagnostics; declared here, with the rule, rather than among the kernels' schemas.
+TORCH_LIBRARY_FRAGMENT(define_ops, m) {
+  m.def("cpu_gemm_in_float32(ScalarType dtype) -> bool",
+        [](at::ScalarType dtype) { return cpu_gemm::in_float32(dtype); });
+}
+
 }  // namespace define_ops
