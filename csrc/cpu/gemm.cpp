@@ -50,6 +50,8 @@ bool in_float32(at::ScalarType dtype) {
   return !has_fast_half_gemm(dtype);
 }
 
+at::Tensor operand(const at::Tensor& t) { return in_float32(t.scalar_type()) ? t.to(at::kFloat) : t; }
+
 void mm_out(at::Tensor out, const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias) {
   if (!in_float32(out.scalar_type())) {
     if (bias.has_value()) {

@@ -12,6 +12,10 @@ namespace cpu_gemm {
 // Whether the CPU kernels run a GEMM in `dtype` in float32 on this machine, now.
 bool in_float32(at::ScalarType dtype);
 
+// `t` as a GEMM in its dtype takes it: in float32 on the float32 route, else `t` itself. For an
+// operand that several GEMMs read (mm_out converts the others per call; a float32 one is kept as is).
+at::Tensor operand(const at::Tensor& t);
+
 // out [M, N] (any strides, e.g. a group's columns of a wider output) = a [M, K] @ b [K, N]
 // (+ bias [N] on every row).
 void mm_out(at::Tensor out, const at::Tensor& a, const at::Tensor& b,

@@ -507,8 +507,10 @@ struct CpuStep {
       }
     }
 
+    // dY feeds two GEMMs per group: on the float32 route converted once, not once per GEMM.
+    const at::Tensor dy_operand = cpu_gemm::operand(dy);
     for (int64_t j = 0; j < p.groups; ++j) {
-      const auto dy_j = dy.narrow(1, j * p.out_group, p.out_group);
+      const auto dy_j = dy_operand.narrow(1, j * p.out_group, p.out_group);
       auto dx_j = g.grad_x.narrow(1, j * p.in_group, p.in_group);
       cpu_gemm::mm_out(dx_j, dy_j, t.weight.select(0, j).t());
       auto dw_j = g.grad_weight.select(0, j);
