@@ -10,6 +10,7 @@
 
 #include "../common/cpu_buffer_pool.h"
 #include "../common/embedding_args.h"
+#include "convert.h"
 
 namespace define_ops {
 namespace {
@@ -52,7 +53,7 @@ at::Tensor embedding_lookup_cpu(const at::Tensor& weight,  // [V, n]
             continue;
           }
           const scalar_t* from = src + static_cast<int64_t>(id[i]) * width;
-          for (int64_t c = 0; c < width; ++c) row[c] = static_cast<scalar_t>(static_cast<acc_t>(from[c]) * acc_t(scale));
+          for (int64_t c = 0; c < width; ++c) row[c] = cpu_convert::from_acc<scalar_t>(cpu_convert::to_acc(from[c]) * acc_t(scale));
         }
       });
     });
@@ -89,7 +90,7 @@ at::Tensor embedding_lookup_backward_cpu(const at::Tensor& grad,  // [numel, n]
           if (id[i] == pad) continue;
           acc_t* row = dst + static_cast<int64_t>(id[i]) * width;
           const scalar_t* from = src + i * width;
-          for (int64_t c = col_begin; c < col_end; ++c) row[c] += static_cast<acc_t>(from[c]) * acc_t(scale);
+          for (int64_t c = col_begin; c < col_end; ++c) row[c] += cpu_convert::to_acc(from[c]) * acc_t(scale);
         }
       });
     });

@@ -22,10 +22,16 @@
 #include "../common/philox.h"
 #include "../common/hgt_stack.h"
 #include "../common/step_params.h"
+#include "convert.h"
 #include "fast_math.h"
 #include "gemm.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+// The ISA levels of the x86-64 psABI (GCC 12+ takes them in target_clones): x86-64-v4 is AVX-512
+// F+BW+DQ+VL+CD, v3 AVX2+FMA+F16C. Plain "avx512f" lacks BW, without which GCC vectorized no loop
+// that reads or writes 16-bit floats (bfloat16/float16 rows ran scalar, 2-3x the float32 time).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 12
+#define DEFINE_OPS_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define DEFINE_OPS_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define DEFINE_OPS_CPU_CLONES
@@ -150,7 +156,7 @@ template <typename scalar_t, typename acc_t>
 DEFINE_OPS_INLINE void store_h(const StepParams& p, const acc_t* __restrict h, scalar_t* __restrict out_row) {
   if (!p.carry_e) {
 #pragma omp simd
-    for (int64_t f = 0; f < p.out_h; ++f) out_row[f] = static_cast<scalar_t>(h[f]);
+    for (int64_t f = 0; f < p.out_h; ++f) out_row[f] = cpu_convert::from_acc<scalar_t>(h[f]);
     return;
   }
   const int64_t alpha = p.out_layout.e_chunk, beta = p.out_layout.h_chunk;
@@ -158,7 +164,7 @@ DEFINE_OPS_INLINE void store_h(const StepParams& p, const acc_t* __restrict h, s
     scalar_t* dst = out_row + j * (alpha + beta) + alpha;
     const acc_t* src = h + j * beta;
 #pragma omp simd
-    for (int64_t r = 0; r < beta; ++r) dst[r] = static_cast<scalar_t>(src[r]);
+    for (int64_t r = 0; r < beta; ++r) dst[r] = cpu_convert::from_acc<scalar_t>(src[r]);
   }
 }
 
@@ -167,7 +173,7 @@ template <typename scalar_t, typename acc_t>
 DEFINE_OPS_INLINE void load_h(const StepParams& p, const scalar_t* __restrict row, acc_t* __restrict h) {
   if (!p.carry_e) {
 #pragma omp simd
-    for (int64_t f = 0; f < p.out_h; ++f) h[f] = static_cast<acc_t>(row[f]);
+    for (int64_t f = 0; f < p.out_h; ++f) h[f] = cpu_convert::to_acc(row[f]);
     return;
   }
   const int64_t alpha = p.out_layout.e_chunk, beta = p.out_layout.h_chunk;
@@ -175,7 +181,7 @@ DEFINE_OPS_INLINE void load_h(const StepParams& p, const scalar_t* __restrict ro
     const scalar_t* src = row + j * (alpha + beta) + alpha;
     acc_t* dst = h + j * beta;
 #pragma omp simd
-    for (int64_t r = 0; r < beta; ++r) dst[r] = static_cast<acc_t>(src[r]);
+    for (int64_t r = 0; r < beta; ++r) dst[r] = cpu_convert::to_acc(src[r]);
   }
 }
 
@@ -225,17 +231,17 @@ DEFINE_OPS_INLINE void forward_rows(const ForwardArgs<scalar_t>& A, int64_t begi
     scalar_t* __restrict y_row = A.y + t * b;
     if (A.bias) {
 #pragma omp simd
-      for (int64_t q = 0; q < b; ++q) v[q] = static_cast<acc_t>(y_row[q]) + A.bias[q];
+      for (int64_t q = 0; q < b; ++q) v[q] = cpu_convert::to_acc(y_row[q]) + A.bias[q];
     } else {
 #pragma omp simd
-      for (int64_t q = 0; q < b; ++q) v[q] = static_cast<acc_t>(y_row[q]);
+      for (int64_t q = 0; q < b; ++q) v[q] = cpu_convert::to_acc(y_row[q]);
     }
     if (A.keep_saved) {  // saved = y + bias; the backward recomputes from these (rounded) values
 #pragma omp simd
-      for (int64_t q = 0; q < b; ++q) y_row[q] = static_cast<scalar_t>(v[q]);
+      for (int64_t q = 0; q < b; ++q) y_row[q] = cpu_convert::from_acc<scalar_t>(v[q]);
       if constexpr (!std::is_same_v<scalar_t, acc_t>) {
 #pragma omp simd
-        for (int64_t q = 0; q < b; ++q) v[q] = static_cast<acc_t>(y_row[q]);
+        for (int64_t q = 0; q < b; ++q) v[q] = cpu_convert::to_acc(y_row[q]);
       }
     }
     acc_t* z = v;
@@ -306,10 +312,10 @@ DEFINE_OPS_INLINE void backward_chunks(const BackwardArgs<scalar_t>& A, int64_t 
         const scalar_t* saved_row = A.saved + t * b;
         if (p.shuffle) {
           for (int64_t i = 0; i < g; ++i)
-            for (int64_t u = 0; u < s; ++u) a[u * g + i] = static_cast<acc_t>(saved_row[i * s + u]);
+            for (int64_t u = 0; u < s; ++u) a[u * g + i] = cpu_convert::to_acc(saved_row[i * s + u]);
         } else {
 #pragma omp simd
-          for (int64_t f = 0; f < b; ++f) a[f] = static_cast<acc_t>(saved_row[f]);
+          for (int64_t f = 0; f < b; ++f) a[f] = cpu_convert::to_acc(saved_row[f]);
         }
         if (p.norm) {  // recompute x̂ and the affine output (the activation's input)
           for (int64_t i = 0; i < g; ++i) {
@@ -353,7 +359,7 @@ DEFINE_OPS_INLINE void backward_chunks(const BackwardArgs<scalar_t>& A, int64_t 
       scalar_t* __restrict dy_row = A.dy + t * b;
 #pragma omp simd
       for (int64_t q = 0; q < b; ++q) {
-        dy_row[q] = static_cast<scalar_t>(dz[q]);
+        dy_row[q] = cpu_convert::from_acc<scalar_t>(dz[q]);
         d_bias[q] += static_cast<double>(dz[q]);
       }
     }
@@ -371,7 +377,7 @@ DEFINE_OPS_INLINE void add_e_grad_rows(const StepParams& p, const scalar_t* grad
     gather_e(p.in_layout, p.e_width, grad_x + t * p.in_width, in_x.data());
 #pragma omp simd
     for (int64_t q = 0; q < p.e_width; ++q)
-      in_x[q] = static_cast<scalar_t>(static_cast<acc_t>(in_x[q]) + static_cast<acc_t>(from_out[q]));
+      in_x[q] = cpu_convert::from_acc<scalar_t>(cpu_convert::to_acc(in_x[q]) + cpu_convert::to_acc(from_out[q]));
     scatter_e(p.in_layout, p.e_width, in_x.data(), grad_x + t * p.in_width);
   }
 }
