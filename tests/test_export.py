@@ -42,6 +42,10 @@ def test_export_with_dynamic_shapes_and_save_load(backend):
     program = torch.export.export(layer, (EXAMPLE,), dynamic_shapes=DYNAMIC)
     assert bool(our_ops(program)) == (backend != "reference")  # our ops by name, not decomposed
     with torch.no_grad():
+        # The same computation at the same shapes, bit for bit: uncached. (The eval table is built
+        # over all 50 ids at once, and a GEMM of another row count may round differently: 3.6e-7
+        # for the reference's float32 GEMMs on an AVX-512/AMX Xeon.)
+        layer.cache = "off"
         expected = layer(OTHER)
     assert max_err(program.module()(OTHER), expected) == 0.0
     buffer = io.BytesIO()
