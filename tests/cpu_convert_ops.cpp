@@ -7,6 +7,9 @@
 
 #include "cpu/convert.h"
 
+#include <cmath>
+#include <vector>
+
 namespace {
 
 // values [N] float32 → [N] int16: the float16 (`half`) or bfloat16 bits of each, rounded.
@@ -39,11 +42,59 @@ at::Tensor widen_bits(const at::Tensor& bits, bool half) {
   return out;
 }
 
+// Every float32 bit pattern rounded by convert.h and by c10's scalar conversion (IEEE round to
+// nearest even, in software here: this library is built without F16C): [mismatches, the first
+// mismatching input's bits, ours, c10's] as int64 [4]. A NaN input only needs a NaN output.
+at::Tensor compare_every_float32(bool half) {
+  constexpr int64_t kBlock = int64_t{1} << 16;
+  constexpr int64_t kBlocks = (int64_t{1} << 32) / kBlock;
+  std::vector<int64_t> mismatches(kBlocks, 0), first(kBlocks, -1), ours_at(kBlocks, 0), theirs_at(kBlocks, 0);
+  at::parallel_for(0, kBlocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> values(kBlock);
+    std::vector<uint16_t> ours(kBlock);
+    for (int64_t block = begin; block < end; ++block) {
+      for (int64_t i = 0; i < kBlock; ++i) {
+        values[i] = define_ops::cpu_convert::float_of(static_cast<uint32_t>(block * kBlock + i));
+      }
+      if (half) {
+#pragma omp simd
+        for (int64_t i = 0; i < kBlock; ++i) ours[i] = define_ops::cpu_convert::float_to_float16(values[i]);
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < kBlock; ++i) ours[i] = define_ops::cpu_convert::float_to_bfloat16(values[i]);
+      }
+      for (int64_t i = 0; i < kBlock; ++i) {
+        const uint16_t theirs = half ? c10::Half(values[i]).x : c10::BFloat16(values[i]).x;
+        const bool ok = std::isnan(values[i]) ? ((ours[i] & 0x7FFF) > (half ? 0x7C00 : 0x7F80)) : ours[i] == theirs;
+        if (!ok && mismatches[block]++ == 0) {
+          first[block] = block * kBlock + i;
+          ours_at[block] = ours[i];
+          theirs_at[block] = theirs;
+        }
+      }
+    }
+  });
+  int64_t total = 0, report = -1;
+  for (int64_t block = 0; block < kBlocks; ++block) {
+    if (mismatches[block] > 0 && report < 0) report = block;
+    total += mismatches[block];
+  }
+  at::Tensor out = at::zeros({4}, at::kLong);
+  out[0] = total;
+  if (report >= 0) {
+    out[1] = first[report];
+    out[2] = ours_at[report];
+    out[3] = theirs_at[report];
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(define_ops_convert_test, m) {
   m.def("round_to_bits(Tensor values, bool half) -> Tensor");
   m.def("widen_bits(Tensor bits, bool half) -> Tensor");
+  m.def("compare_every_float32(bool half) -> Tensor", &compare_every_float32);  // no tensor inputs: catch-all
 }
 
 TORCH_LIBRARY_IMPL(define_ops_convert_test, CPU, m) {
