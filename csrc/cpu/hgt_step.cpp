@@ -27,8 +27,8 @@
 #include "gemm.h"
 
 // The ISA levels of the x86-64 psABI (GCC 12+ takes them in target_clones): x86-64-v4 is AVX-512
-// F+BW+DQ+VL+CD, v3 AVX2+FMA+F16C. Plain "avx512f" lacks BW, without which GCC vectorized no loop
-// that reads or writes 16-bit floats (bfloat16/float16 rows ran scalar, 2-3x the float32 time).
+// F+BW+DQ+VL+CD, v3 AVX2+FMA+F16C. For plain "avx512f" (no BW) GCC 12 left convert.h's 16-bit
+// conversions scalar.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 12
 #define DEFINE_OPS_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
