@@ -12,21 +12,25 @@
 
 namespace {
 
+// in [n] float32 → out [n]: the float16 (`half`) or bfloat16 bits of each, as the CPU kernels round.
+void round_into(const float* in, uint16_t* out, int64_t n, bool half) {
+  if (half) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = define_ops::cpu_convert::float_to_float16(in[i]);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = define_ops::cpu_convert::float_to_bfloat16(in[i]);
+  }
+}
+
 // values [N] float32 → [N] int16: the float16 (`half`) or bfloat16 bits of each, rounded.
 at::Tensor round_to_bits(const at::Tensor& values, bool half) {
   TORCH_CHECK(values.scalar_type() == at::kFloat && values.is_contiguous(), "float32 contiguous values expected");
   at::Tensor out = at::empty(values.sizes(), values.options().dtype(at::kShort));
   const float* in = values.const_data_ptr<float>();
   auto* bits = reinterpret_cast<uint16_t*>(out.data_ptr<int16_t>());
-  at::parallel_for(0, values.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
-    if (half) {
-#pragma omp simd
-      for (int64_t i = begin; i < end; ++i) bits[i] = define_ops::cpu_convert::float_to_float16(in[i]);
-    } else {
-#pragma omp simd
-      for (int64_t i = begin; i < end; ++i) bits[i] = define_ops::cpu_convert::float_to_bfloat16(in[i]);
-    }
-  });
+  at::parallel_for(0, values.numel(), 1 << 16,
+                   [&](int64_t begin, int64_t end) { round_into(in + begin, bits + begin, end - begin, half); });
   return out;
 }
 
@@ -37,7 +41,8 @@ at::Tensor widen_bits(const at::Tensor& bits, bool half) {
   const auto* in = reinterpret_cast<const uint16_t*>(bits.const_data_ptr<int16_t>());
   float* values = out.data_ptr<float>();
   for (int64_t i = 0; i < bits.numel(); ++i) {
-    values[i] = half ? define_ops::cpu_convert::float16_to_float(in[i]) : define_ops::cpu_convert::bfloat16_to_float(in[i]);
+    values[i] = half ? define_ops::cpu_convert::float16_to_float(in[i])
+                     : define_ops::cpu_convert::bfloat16_to_float(in[i]);
   }
   return out;
 }
@@ -54,15 +59,9 @@ at::Tensor compare_every_float32(bool half) {
     std::vector<uint16_t> ours(kBlock);
     for (int64_t block = begin; block < end; ++block) {
       for (int64_t i = 0; i < kBlock; ++i) {
-        values[i] = define_ops::cpu_convert::float_of(static_cast<uint32_t>(block * kBlock + i));
+        values[i] = c10::bit_cast<float>(static_cast<uint32_t>(block * kBlock + i));
       }
-      if (half) {
-#pragma omp simd
-        for (int64_t i = 0; i < kBlock; ++i) ours[i] = define_ops::cpu_convert::float_to_float16(values[i]);
-      } else {
-#pragma omp simd
-        for (int64_t i = 0; i < kBlock; ++i) ours[i] = define_ops::cpu_convert::float_to_bfloat16(values[i]);
-      }
+      round_into(values.data(), ours.data(), kBlock, half);
       for (int64_t i = 0; i < kBlock; ++i) {
         const uint16_t theirs = half ? c10::Half(values[i]).x : c10::BFloat16(values[i]).x;
         const bool ok = std::isnan(values[i]) ? ((ours[i] & 0x7FFF) > (half ? 0x7C00 : 0x7F80)) : ours[i] == theirs;

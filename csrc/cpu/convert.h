@@ -12,9 +12,9 @@
 #include <ATen/OpMathType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <c10/util/bit_cast.h>
 
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
 #include "fast_math.h"
@@ -22,23 +22,12 @@
 namespace define_ops {
 namespace cpu_convert {
 
-DEFINE_OPS_INLINE uint32_t bits_of(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u;
-}
-DEFINE_OPS_INLINE float float_of(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
 // bfloat16 is float32's upper half: widening is a shift.
-DEFINE_OPS_INLINE float bfloat16_to_float(uint16_t h) { return float_of(static_cast<uint32_t>(h) << 16); }
+DEFINE_OPS_INLINE float bfloat16_to_float(uint16_t h) { return c10::bit_cast<float>(static_cast<uint32_t>(h) << 16); }
 
 // Round to nearest even on the 16 dropped bits; any NaN becomes the quiet NaN 0x7FC0 (as c10's).
 DEFINE_OPS_INLINE uint16_t float_to_bfloat16(float f) {
-  const uint32_t u = bits_of(f);
+  const uint32_t u = c10::bit_cast<uint32_t>(f);
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
 }
@@ -49,18 +38,18 @@ DEFINE_OPS_INLINE float float16_to_float(uint16_t h) {
   // Normal numbers: re-bias the exponent (127 - 15 = 112) and widen the mantissa.
   const uint32_t normal = (magnitude << 13) + (112u << 23);
   // Subnormals (and zero): mantissa · 2^-24, exact in float.
-  const uint32_t subnormal = bits_of(static_cast<float>(magnitude) * 0x1p-24f);
+  const uint32_t subnormal = c10::bit_cast<uint32_t>(static_cast<float>(magnitude) * 0x1p-24f);
   // Infinity, and NaN with its payload, made quiet (as a float conversion does).
   const uint32_t special = 0x7F800000u | ((magnitude & 0x3FFu) << 13) | (magnitude > 0x7C00u ? 0x400000u : 0u);
   uint32_t out = magnitude < 0x400u ? subnormal : normal;
   out = magnitude >= 0x7C00u ? special : out;
-  return float_of(out | (static_cast<uint32_t>(h & 0x8000u) << 16));
+  return c10::bit_cast<float>(out | (static_cast<uint32_t>(h & 0x8000u) << 16));
 }
 
 // Round to nearest even, to a float16 subnormal below 2^-14 and to infinity from 65520 up; a NaN
 // becomes the quiet NaN 0x7E00 with the input's sign.
 DEFINE_OPS_INLINE uint16_t float_to_float16(float f) {
-  const uint32_t u = bits_of(f);
+  const uint32_t u = c10::bit_cast<uint32_t>(f);
   const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t magnitude = u & 0x7FFFFFFFu;
   // Normal results: drop 13 mantissa bits rounding to even (a carry moves into the exponent),
@@ -68,7 +57,7 @@ DEFINE_OPS_INLINE uint16_t float_to_float16(float f) {
   const uint32_t normal = ((magnitude + 0xFFFu + ((magnitude >> 13) & 1u)) >> 13) - (112u << 10);
   // Below 2^-14: adding 0.5 (whose ulp is 2^-24, a float16 subnormal's step) rounds |f| to a
   // multiple of 2^-24 in the FPU's round-to-nearest-even; the low bits are then the mantissa.
-  const uint32_t subnormal = bits_of(float_of(magnitude) + 0.5f) - 0x3F000000u;
+  const uint32_t subnormal = c10::bit_cast<uint32_t>(c10::bit_cast<float>(magnitude) + 0.5f) - 0x3F000000u;
   uint32_t out = magnitude < 0x38800000u ? subnormal : normal;
   out = magnitude >= 0x477FF000u ? 0x7C00u : out;  // 65520 and up (and infinity) round to infinity
   out = magnitude > 0x7F800000u ? 0x7E00u : out;

@@ -53,7 +53,9 @@ at::Tensor embedding_lookup_cpu(const at::Tensor& weight,  // [V, n]
             continue;
           }
           const scalar_t* from = src + static_cast<int64_t>(id[i]) * width;
-          for (int64_t c = 0; c < width; ++c) row[c] = cpu_convert::from_acc<scalar_t>(cpu_convert::to_acc(from[c]) * acc_t(scale));
+          for (int64_t c = 0; c < width; ++c) {
+            row[c] = cpu_convert::from_acc<scalar_t>(cpu_convert::to_acc(from[c]) * acc_t(scale));
+          }
         }
       });
     });
