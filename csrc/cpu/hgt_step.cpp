@@ -102,7 +102,8 @@ DEFINE_OPS_INLINE void activation_backward(Activation act, const acc_t* __restri
 // Σ term(u) over u < n in kSumLanes interleaved partial sums, added in lane order at the end.
 // GCC vectorizes the fixed-width lane loop at every ISA level (an `omp simd reduction` over two
 // sums stayed scalar in the x86-64-v4 clone: a serial FMA chain, a third of the backward's row
-// time), and the order of additions, hence the rounding, is the same on every clone.
+// time). The order of additions is the same on every clone; only FMA contraction of a product
+// term (v3/v4 clones, not baseline) can still change the last bit.
 constexpr int kSumLanes = 16;
 template <typename acc_t, typename Term>
 DEFINE_OPS_INLINE acc_t lane_sum(int64_t n, Term term) {
