@@ -346,10 +346,10 @@ DEFINE_OPS_INLINE void backward_chunks(const BackwardArgs<scalar_t>& A, int64_t 
         activation_backward(p.activation, a, d, b);
       }
       if (p.norm) {
+        const acc_t* __restrict gamma = A.gamma;
         for (int64_t i = 0; i < g; ++i) {
           acc_t* __restrict dg = d + i * s;
           const acc_t* __restrict xg = xh + i * s;
-          const acc_t* __restrict gamma = A.gamma;
           const acc_t sum_dxh = lane_sum<acc_t>(s, [&](int64_t u) { return dg[u] * gamma[u]; });
           const acc_t sum_dxh_xh = lane_sum<acc_t>(s, [&](int64_t u) { return dg[u] * gamma[u] * xg[u]; });
 #pragma omp simd
@@ -360,7 +360,7 @@ DEFINE_OPS_INLINE void backward_chunks(const BackwardArgs<scalar_t>& A, int64_t 
           const acc_t rs = A.rstd[t * g + i];
           const acc_t mean_dxh = sum_dxh / acc_t(s), mean_dxh_xh = sum_dxh_xh / acc_t(s);
 #pragma omp simd
-          for (int64_t u = 0; u < s; ++u) dg[u] = rs * (dg[u] * A.gamma[u] - mean_dxh - xg[u] * mean_dxh_xh);
+          for (int64_t u = 0; u < s; ++u) dg[u] = rs * (dg[u] * gamma[u] - mean_dxh - xg[u] * mean_dxh_xh);
         }
       }
       acc_t* dz = d;
